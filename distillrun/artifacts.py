@@ -1,0 +1,198 @@
+"""Run folders, the contract between stages.
+
+A run folder holds Hydra's `.hydra/`, `metrics.jsonl`, checkpoints and `manifest.json`. Every
+file appears atomically (written under a temporary name, then renamed), and the manifest is
+written last: a folder whose manifest does not say "complete" is unfinished and never consumed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distillrun.errors import UserError
+
+MANIFEST = "manifest.json"
+LIBRARIES = ("torch", "torchvision", "numpy", "hydra-core", "omegaconf", "scikit-learn", "rich")
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def now() -> str:
+    return dt.datetime.now().astimezone().isoformat(timespec="microseconds")
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), "w")
+
+
+def save_tensors(path: Path, obj: Any) -> None:
+    """torch.save of tensors and plain containers only, so `load_tensors` can read it safely."""
+    _atomic_write(path, lambda f: torch.save(obj, f), "wb")
+
+
+def load_tensors(path: Path, map_location: str | torch.device = "cpu") -> Any:
+    """Load a checkpoint or cache without executing anything it contains (weights_only)."""
+    if not path.is_file():
+        raise UserError(f"missing file {path}: the run folder is incomplete; re-run its stage")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated, random bytes, or a pickle that wants to run code
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"cannot load {path} ({reason[:120]}): the file is corrupt or not a distillrun "
+            "checkpoint; re-run the stage that wrote it"
+        ) from e
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def code_version() -> str:
+    """The package version, plus the git commit when running from a clone."""
+    from distillrun import __version__
+
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        if out.returncode == 0 and out.stdout.strip():
+            return f"{__version__}+{out.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return __version__
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for lib in LIBRARIES:
+        try:
+            versions[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def write_manifest(run_dir: Path, **fields: Any) -> dict[str, Any]:
+    manifest = {"run_dir": str(run_dir.resolve()), **fields}
+    write_json(run_dir / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(run_dir: Path) -> dict[str, Any] | None:
+    """The run's manifest, or None when the run is unfinished (no manifest yet)."""
+    path = run_dir / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"corrupt manifest {path} ({e}): re-run the stage that wrote it") from e
+    if not isinstance(manifest, dict):
+        raise UserError(f"corrupt manifest {path}: not a JSON object; re-run its stage")
+    return manifest
+
+
+def is_complete(manifest: dict[str, Any] | None, stage: str) -> bool:
+    return (
+        bool(manifest) and manifest.get("status") == "complete" and manifest.get("stage") == stage
+    )
+
+
+def run_folders(output_root: Path, stage: str) -> list[Path]:
+    """Every run folder of a stage: single runs and the jobs of its sweeps."""
+    base = output_root / stage
+    if not base.is_dir():
+        return []
+    singles = [p for p in base.iterdir() if p.is_dir() and p.name != "multirun"]
+    jobs = [p for p in base.glob("multirun/*/*") if p.is_dir()]
+    return singles + jobs
+
+
+def newest_complete_run(
+    output_root: Path,
+    stage: str,
+    accept: Callable[[dict[str, Any]], str | None],
+    say: Callable[[str], None],
+) -> tuple[Path, dict[str, Any]]:
+    """The newest complete run of `stage` that `accept` takes (it returns None or why not)."""
+    candidates, skipped, refused = [], 0, []
+    for folder in run_folders(output_root, stage):
+        try:
+            manifest = read_manifest(folder)
+        except UserError:
+            manifest = None
+        if not is_complete(manifest, stage):
+            skipped += 1
+            continue
+        why_not = accept(manifest)
+        if why_not:
+            refused.append(why_not)
+            continue
+        candidates.append((manifest.get("started", ""), folder, manifest))
+    if skipped:
+        say(f"skipped {skipped} unfinished or failed {stage} run(s) under {output_root / stage}")
+    if not candidates:
+        detail = f" ({refused[0]})" if refused else ""
+        raise UserError(
+            f"no complete {stage} run under {output_root / stage}{detail}: "
+            f"run `distillrun {stage}` first, or pass the run folder explicitly"
+        )
+    _, folder, manifest = max(candidates, key=lambda c: c[0])
+    return folder, manifest
+
+
+def complete_run(folder: Path, stage: str) -> dict[str, Any]:
+    """The manifest of an explicitly named run folder, which must be a complete `stage` run."""
+    if not folder.is_dir():
+        raise UserError(f"run folder {folder} does not exist: pass the path of a {stage} run")
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise UserError(
+            f"{folder} is not a finished run (no {MANIFEST}): it was interrupted or is still "
+            f"running; finish it or pass another {stage} run"
+        )
+    if manifest.get("stage") != stage:
+        raise UserError(
+            f"{folder} is a {manifest.get('stage')} run, not a {stage} run: "
+            f"pass the folder of a {stage} run"
+        )
+    if manifest.get("status") != "complete":
+        raise UserError(
+            f"{folder} is a {manifest.get('status')} {stage} run, not a complete one: "
+            "re-run it or pass another run"
+        )
+    return manifest

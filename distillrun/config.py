@@ -1,0 +1,200 @@
+"""Checks on the command line and the composed config, before any work starts.
+
+Nothing here imports torch: these checks run in the dispatcher, so bad input is refused in a
+fraction of a second with one line that names the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from importlib import resources
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from distillrun.errors import UserError
+
+# stage -> (module, primary config, one-line description)
+STAGES: dict[str, tuple[str, str, str]] = {
+    "train-teachers": (
+        "distillrun.train_teachers",
+        "train_teachers",
+        "train an ensemble of teachers with different seeds",
+    ),
+    "distill": (
+        "distillrun.distill",
+        "distill",
+        "distill a teachers run into a small student with soft targets at temperature T",
+    ),
+}
+GROUPS = ("dataset", "model", "optim", "experiment")
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def group_choices(group: str) -> list[str]:
+    folder = resources.files("distillrun.conf") / group
+    if not folder.is_dir():
+        return []
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def check_group_choices(overrides: list[Any]) -> None:
+    """Refuse `dataset=foo` and the like with a suggestion (Hydra would print a trace, exit 1)."""
+    for override in overrides:
+        group = override.key_or_group
+        if group not in GROUPS or override.is_delete():
+            continue
+        values = (
+            list(override.sweep_string_iterator())
+            if override.is_sweep_override()
+            else [override.value()]
+        )
+        choices = group_choices(group)
+        for value in values:
+            if isinstance(value, str) and value not in choices:
+                raise UserError(
+                    f"unknown {group} '{value}'{did_you_mean(value, choices)}: "
+                    f"choose one of {', '.join(choices)}"
+                )
+
+
+class _Problems(list):
+    def need(self, ok: bool, message: str) -> None:
+        if not ok:
+            self.append(message)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _in(v: Any, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> bool:
+    if not _is_num(v):
+        return False
+    above = v > lo if lo_open else v >= lo
+    below = v < hi if hi_open else v <= hi
+    return above and below
+
+
+def _common(cfg: DictConfig, p: _Problems) -> None:
+    p.need(_is_int(cfg.seed) and cfg.seed >= 0, f"seed={cfg.seed} must be an integer >= 0")
+    p.need(
+        isinstance(cfg.device, str) and bool(DEVICE.match(cfg.device)),
+        f"device={cfg.device} is not one of auto, cpu, cuda, cuda:N, mps",
+    )
+    p.need(
+        cfg.progress in ("auto", True, False), f"progress={cfg.progress}: use auto, true or false"
+    )
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        v = cfg.train[key]
+        p.need(_is_int(v) and v >= 1, f"train.{key}={v} must be an integer >= 1")
+
+    d = cfg.dataset
+    p.need(
+        _in(d.val_fraction, 0, 1, hi_open=True),
+        f"dataset.val_fraction={d.val_fraction} must be in [0, 1)",
+    )
+    if "test_fraction" in d:
+        p.need(
+            _in(d.test_fraction, 0, 1, lo_open=True, hi_open=True),
+            f"dataset.test_fraction={d.test_fraction} must be in (0, 1)",
+        )
+    if "path" in d and OmegaConf.is_missing(d, "path"):
+        p.append(f"dataset={d.name} needs a file: add dataset.path=/path/to/data.npz")
+
+    m = cfg.model
+    for key in ("dropout", "input_dropout"):
+        if key in m:
+            p.need(_in(m[key], 0, 1, hi_open=True), f"model.{key}={m[key]} must be in [0, 1)")
+    if m.get("max_norm") is not None:
+        p.need(_in(m.max_norm, 0, float("inf"), lo_open=True), "model.max_norm must be > 0 or null")
+    for key in ("hidden", "channels"):
+        if key in m:
+            sizes = list(m[key]) if OmegaConf.is_list(m[key]) else [m[key]]
+            p.need(
+                all(_is_int(s) and s >= 1 for s in sizes),
+                f"model.{key}={m[key]} must hold integers >= 1",
+            )
+
+    o = cfg.optim
+    p.need(_in(o.lr, 0, float("inf"), lo_open=True), f"optim.lr={o.lr} must be > 0")
+    p.need(
+        _in(o.weight_decay, 0, float("inf")), f"optim.weight_decay={o.weight_decay} must be >= 0"
+    )
+    if "momentum" in o:
+        p.need(
+            _in(o.momentum, 0, 1, hi_open=True), f"optim.momentum={o.momentum} must be in [0, 1)"
+        )
+    if "betas" in o:
+        p.need(
+            len(o.betas) == 2 and all(_in(b, 0, 1, hi_open=True) for b in o.betas),
+            f"optim.betas={list(o.betas)} must be two numbers in [0, 1)",
+        )
+    p.need(
+        o.schedule in ("cosine", "step", "constant"),
+        f"optim.schedule={o.schedule}: use cosine, step or constant",
+    )
+    if o.schedule == "step":
+        p.need(_is_int(o.step_size) and o.step_size >= 1, "optim.step_size must be an integer >= 1")
+        p.need(_in(o.gamma, 0, 1, lo_open=True), f"optim.gamma={o.gamma} must be in (0, 1]")
+
+
+def _train_teachers(cfg: DictConfig, p: _Problems) -> None:
+    t = cfg.teachers
+    p.need(_is_int(t.n) and t.n >= 1, f"teachers.n={t.n} must be an integer >= 1")
+    p.need(
+        _is_int(t.jitter) and t.jitter >= 0, f"teachers.jitter={t.jitter} must be an integer >= 0"
+    )
+
+
+def _distill(cfg: DictConfig, p: _Problems) -> None:
+    p.need(
+        _in(cfg.T, 0, float("inf"), lo_open=True),
+        f"T={cfg.T} must be a number > 0 (the paper used 1 to 20)",
+    )
+    p.need(
+        _in(cfg.alpha, 0, 1), f"alpha={cfg.alpha} must be in [0, 1] (the weight of the soft term)"
+    )
+    p.need(
+        cfg.ensemble in ("arithmetic", "geometric"),
+        f"ensemble={cfg.ensemble}: use arithmetic or geometric",
+    )
+    p.need(cfg.loss in ("kd", "logit_mse"), f"loss={cfg.loss}: use kd or logit_mse")
+    p.need(isinstance(cfg.baseline, bool), f"baseline={cfg.baseline}: use true or false")
+    t = cfg.transfer
+    p.need(
+        _in(t.fraction, 0, 1, lo_open=True),
+        f"transfer.fraction={t.fraction} must be in (0, 1]",
+    )
+    p.need(isinstance(t.labels, bool), f"transfer.labels={t.labels}: use true or false")
+    omit = list(t.omit_classes) if OmegaConf.is_list(t.omit_classes) else None
+    p.need(
+        omit is not None and all(_is_int(c) and c >= 0 for c in omit),
+        f"transfer.omit_classes={t.omit_classes} must be a list of class ids, e.g. [3]",
+    )
+    p.need(_is_num(t.omit_bias), f"transfer.omit_bias={t.omit_bias} must be a number")
+    p.need(isinstance(t.fit_omit_bias, bool), "transfer.fit_omit_bias: use true or false")
+    if t.fit_omit_bias and cfg.dataset.val_fraction == 0:
+        p.append(
+            "transfer.fit_omit_bias=true needs a validation split: set dataset.val_fraction > 0"
+        )
+
+
+def validate(stage: str, cfg: DictConfig) -> None:
+    """Check every value of a composed stage config; raise one UserError listing all problems."""
+    p = _Problems()
+    _common(cfg, p)
+    {"train-teachers": _train_teachers, "distill": _distill}[stage](cfg, p)
+    if p:
+        fix = "" if len(p) == 1 else f" ({len(p)} problems)"
+        raise UserError("; ".join(p) + fix)

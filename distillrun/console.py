@@ -1,0 +1,95 @@
+"""Terminal output: rich progress bars while training, rich tables for results.
+
+Progress bars only draw on a terminal (`progress=auto`), so CI logs get the result lines and
+tables, not thousands of refreshes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+# Logs and pipes get 120 columns, so the result tables do not wrap at rich's default of 80.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+err_console = Console(stderr=True, highlight=False)
+
+
+def say(message: str) -> None:
+    console.print(message)
+
+
+class Bars:
+    """An epoch bar and a batch bar for one model's training."""
+
+    def __init__(self, progress: Progress | None, label: str, epochs: int, batches: int) -> None:
+        self.progress = progress
+        if progress is not None:
+            self.epoch_task = progress.add_task(f"{label} epochs", total=epochs)
+            self.batch_task = progress.add_task("  batches", total=batches)
+
+    def batch(self) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.batch_task)
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.epoch_task)
+            self.progress.reset(self.batch_task)
+            if "val_accuracy" in record:
+                self.progress.update(
+                    self.epoch_task, description=f"val acc {record['val_accuracy']:.4f}"
+                )
+
+
+@contextlib.contextmanager
+def training_bars(setting: Any, label: str, epochs: int, batches: int) -> Iterator[Bars]:
+    show = console.is_terminal if setting in ("auto", None) else bool(setting)
+    if not show:
+        yield Bars(None, label, epochs, batches)
+        return
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+    with progress:
+        yield Bars(progress, label, epochs, batches)
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def results_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    table = Table(title=title, title_justify="left")
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*[fmt(v) for v in row])
+    console.print(table)
+
+
+def error_line(stage: str, message: str) -> None:
+    err_console.print(f"distillrun {stage}: error: {message}", markup=False, soft_wrap=True)
+    sys.stderr.flush()

@@ -1,0 +1,383 @@
+"""Datasets as in-memory CPU tensors: load, hold out a validation split, standardise, fingerprint.
+
+Each dataset has one small loader that returns raw arrays; `_finish` does the rest the same way
+for all of them: label checks, the stratified validation split, standardisation with statistics
+of the training split only, and a sha256 fingerprint of the exact result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from sklearn.model_selection import train_test_split
+
+from distillrun.errors import UserError
+
+_TENSORS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
+_IDX_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+_CIFAR_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")
+
+
+@dataclass(eq=False)
+class Data:
+    """A dataset split into train / validation / test tensors, ready for training."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    image_shape: tuple[int, int, int] | None
+    fingerprint: str
+
+    def to(self, device: torch.device | str) -> Data:
+        """A new Data with every tensor moved to `device`."""
+        return replace(self, **{k: getattr(self, k).to(device) for k in _TENSORS})
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one example: (C, H, W) for images, (D,) for vectors."""
+        return tuple(self.x_train.shape[1:])
+
+    def __repr__(self) -> str:
+        return (
+            f"Data(name={self.name!r}, train={len(self.y_train)}, val={len(self.y_val)}, "
+            f"test={len(self.y_test)}, input_shape={self.input_shape}, "
+            f"num_classes={self.num_classes}, fingerprint={self.fingerprint[:12]!r})"
+        )
+
+
+def load_dataset(cfg: Any) -> Data:
+    """Load the dataset described by the `dataset` config node (see conf/dataset/*.yaml)."""
+    name = str(_get(cfg, "name"))
+    loader = _LOADERS.get(name)
+    if loader is None:
+        known = ", ".join(sorted(_LOADERS))
+        raise UserError(f"unknown dataset.name={name!r}: choose one of {known}")
+    return loader(cfg)
+
+
+# --- config access ---------------------------------------------------------------------------
+
+
+def _get(cfg: Any, key: str) -> Any:
+    """cfg.key, or a UserError naming the missing key."""
+    if isinstance(cfg, DictConfig) and key in cfg.keys() and OmegaConf.is_missing(cfg, key):
+        value = None
+    elif isinstance(cfg, Mapping):
+        value = cfg.get(key)
+    else:
+        value = getattr(cfg, key, None)
+    if value is None:
+        hint = "/path/to/data.npz" if key == "path" else "<value>"
+        raise UserError(f"dataset.{key} is not set: add dataset.{key}={hint}")
+    return value
+
+
+def _fraction(cfg: Any, key: str, allow_zero: bool) -> float:
+    value = _get(cfg, key)
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not is_number or value < 0 or (value == 0 and not allow_zero) or value >= 1:
+        low = "[0" if allow_zero else "(0"
+        raise UserError(
+            f"dataset.{key}={value!r} is not a fraction in {low}, 1): set e.g. dataset.{key}=0.1"
+        )
+    return float(value)
+
+
+def _int(cfg: Any, key: str) -> int:
+    value = _get(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"dataset.{key}={value!r} is not an integer: set e.g. dataset.{key}=0")
+    return value
+
+
+# --- shared helpers ----------------------------------------------------------------------------
+
+
+def _split(y: np.ndarray, fraction: float, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted row indices (kept, held out) holding out `fraction`, stratified when possible."""
+    rows = np.arange(len(y))
+    if fraction == 0:
+        return rows, rows[:0]
+    try:
+        kept, held = train_test_split(rows, test_size=fraction, stratify=y, random_state=seed)
+    except ValueError:  # a class too rare, or too few held-out rows for one per class
+        try:
+            kept, held = train_test_split(rows, test_size=fraction, random_state=seed)
+        except ValueError as exc:
+            raise UserError(
+                f"cannot hold out {what} of {len(y)} rows ({exc}): "
+                "lower the fraction or use more data"
+            ) from exc
+    return np.sort(kept), np.sort(held)
+
+
+def _standardize(train: torch.Tensor, others: tuple[torch.Tensor, ...]) -> None:
+    """In place: per channel for images (N, C, H, W), per feature for vectors, train statistics."""
+    dims = (0, 2, 3) if train.ndim == 4 else (0,)
+    std, mean = torch.std_mean(train, dim=dims, keepdim=True, correction=0)
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))  # constant features: only centre
+    for t in (train, *others):
+        t.sub_(mean).div_(std)
+
+
+def _fingerprint(name: str, tensors: list[torch.Tensor]) -> str:
+    h = hashlib.sha256(name.encode())
+    for key, t in zip(_TENSORS, tensors, strict=True):
+        h.update(f"|{key}:{t.dtype}:{tuple(t.shape)}|".encode())
+        h.update(t.contiguous().numpy().data)
+    return h.hexdigest()
+
+
+def _finish(
+    name: str,
+    cfg: Any,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    num_classes: int | None = None,
+    standardize: bool = True,
+) -> Data:
+    """Check labels, split off validation, standardise and fingerprint: the common tail."""
+    val_fraction = _fraction(cfg, "val_fraction", allow_zero=True)
+    seed = _int(cfg, "split_seed")
+    y_train = np.asarray(y_train, dtype=np.int64)
+    y_test = np.asarray(y_test, dtype=np.int64)
+    if num_classes is None:
+        num_classes = int(max(y_train.max(), y_test.max())) + 1
+    for split, y in (("train", y_train), ("test", y_test)):
+        bad = y[(y < 0) | (y >= num_classes)]
+        if len(bad):
+            raise UserError(
+                f"{name}: {split} label {int(bad[0])} is outside 0..{num_classes - 1}: "
+                "fix the labels in the data files"
+            )
+
+    kept, held = _split(y_train, val_fraction, seed, f"dataset.val_fraction={val_fraction}")
+    if len(kept) == 0:
+        raise UserError(f"{name}: the training split is empty: lower dataset.val_fraction")
+    x_all = torch.from_numpy(np.asarray(x_train, dtype=np.float32))
+    y_all = torch.from_numpy(y_train)
+    kept_t, held_t = torch.from_numpy(kept), torch.from_numpy(held)
+    xs = [x_all[kept_t], x_all[held_t], torch.from_numpy(np.array(x_test, dtype=np.float32))]
+    if standardize:
+        _standardize(xs[0], (xs[1], xs[2]))
+    tensors = [xs[0], y_all[kept_t], xs[1], y_all[held_t], xs[2], torch.from_numpy(y_test)]
+    tensors = [t.contiguous() for t in tensors]
+    image_shape = tuple(xs[0].shape[1:]) if xs[0].ndim == 4 else None
+    return Data(
+        name,
+        *tensors,
+        num_classes=num_classes,
+        image_shape=image_shape,
+        fingerprint=_fingerprint(name, tensors),
+    )
+
+
+# --- loaders -----------------------------------------------------------------------------------
+
+
+def _load_digits(cfg: Any) -> Data:
+    """scikit-learn's 8x8 digits, with a stratified test split drawn by split_seed."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.data / 16.0).reshape(-1, 1, 8, 8)
+    y = digits.target
+    test_fraction = _fraction(cfg, "test_fraction", allow_zero=False)
+    train, test = _split(y, test_fraction, _int(cfg, "split_seed"), "dataset.test_fraction")
+    return _finish("digits", cfg, x[train], y[train], x[test], y[test])
+
+
+def _root(cfg: Any) -> Path:
+    return Path(os.path.expanduser(str(_get(cfg, "root")))).resolve()
+
+
+def _torchvision(
+    cls: type, label: str, root: Path, folder: Path, files: tuple[str, ...], cfg: Any
+) -> list[Any]:
+    """[train, test] datasets of torchvision class `cls`, every failure turned into a UserError."""
+    download = bool(_get(cfg, "download"))
+    try:
+        return [cls(str(root), train=train, download=download) for train in (True, False)]
+    # torchvision raises RuntimeError, URLError, ValueError, AssertionError, pickle errors... for
+    # missing, corrupt or undownloadable files: all of them are the user's to fix.
+    except Exception as exc:
+        missing = [folder / f for f in files if not (folder / f).is_file()]
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        if missing and not download:
+            raise UserError(
+                f"{label} not found under {root} (looked for {missing[0]}): set dataset.root=... "
+                "(or the DISTILLRUN_DATA environment variable) to the folder holding it, "
+                "or add dataset.download=true to fetch it"
+            ) from exc
+        if missing:
+            raise UserError(
+                f"could not download {label} into {root} ({reason}): check the internet "
+                f"connection, or put the files in {folder} yourself and use dataset.download=false"
+            ) from exc
+        raise UserError(
+            f"{label} files in {folder} are unreadable or corrupt ({reason}): delete them and add "
+            "dataset.download=true to fetch fresh copies, or point dataset.root=... at good ones"
+        ) from exc
+
+
+def _load_idx(cfg: Any, name: str, class_name: str) -> Data:
+    """MNIST and Fashion-MNIST: uint8 (N, 28, 28) images straight from torchvision's .data."""
+    import torchvision.datasets
+
+    root = _root(cfg)
+    folder = root / class_name / "raw"
+    cls = getattr(torchvision.datasets, class_name)
+    train, test = _torchvision(cls, class_name, root, folder, _IDX_FILES, cfg)
+
+    def images(ds: Any) -> np.ndarray:
+        return ds.data.numpy()[:, None].astype(np.float32) / 255.0
+
+    return _finish(
+        name, cfg, images(train), train.targets.numpy(), images(test), test.targets.numpy(), 10
+    )
+
+
+def _load_mnist(cfg: Any) -> Data:
+    return _load_idx(cfg, "mnist", "MNIST")
+
+
+def _load_fashion_mnist(cfg: Any) -> Data:
+    return _load_idx(cfg, "fashion_mnist", "FashionMNIST")
+
+
+def _load_cifar10(cfg: Any) -> Data:
+    """CIFAR-10: torchvision's .data is uint8 (N, 32, 32, 3), turned into (N, 3, 32, 32)."""
+    from torchvision.datasets import CIFAR10
+
+    root = _root(cfg)
+    folder = root / CIFAR10.base_folder
+    train, test = _torchvision(CIFAR10, "CIFAR-10", root, folder, _CIFAR_FILES, cfg)
+
+    def images(ds: Any) -> np.ndarray:
+        return ds.data.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+
+    return _finish(
+        "cifar10", cfg, images(train), np.array(train.targets), images(test), test.targets, 10
+    )
+
+
+def _load_mnist1d(cfg: Any) -> Data:
+    """MNIST-1D generated in memory by mnist1d.data.make_dataset (which writes no files)."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    num_samples = _int(cfg, "num_samples")
+    if num_samples < 20:
+        raise UserError(f"dataset.num_samples={num_samples} is too small: use at least 20")
+    args = get_dataset_args()
+    args.num_samples = num_samples
+    args.train_split = _fraction(cfg, "train_split", allow_zero=False)
+    args.seed = _int(cfg, "template_seed")
+    # make_dataset seeds the global `random` and numpy generators: put them back afterwards.
+    states = random.getstate(), np.random.get_state()
+    try:
+        d = make_dataset(args)
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+    if len(d["y"]) == 0 or len(d["y_test"]) == 0:
+        raise UserError(f"dataset.train_split={args.train_split} leaves a split empty: use 0.8")
+    return _finish("mnist1d", cfg, d["x"], d["y"], d["x_test"], d["y_test"])
+
+
+def _load_npz(cfg: Any) -> Data:
+    """The user's own .npz file with x_train, y_train, x_test, y_test."""
+    path = Path(os.path.expanduser(str(_get(cfg, "path")))).resolve()
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise UserError(f"dataset.path={path} {what}: set dataset.path to your .npz file")
+    arrays = {}
+    try:
+        with open(path, "rb") as fh:
+            loaded = np.load(fh, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                raise ValueError("it holds a single array (.npy), not named arrays")
+            with loaded:
+                missing = sorted({"x_train", "y_train", "x_test", "y_test"} - set(loaded.files))
+                if missing:
+                    raise UserError(
+                        f"{path} lacks array(s) {', '.join(missing)}: save it with "
+                        "np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)"
+                    )
+                for key in ("x_train", "y_train", "x_test", "y_test"):
+                    arrays[key] = loaded[key]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise UserError(
+            f"{path} is not a readable .npz file ({reason}): write it with "
+            "np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)"
+        ) from exc
+
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool) or x.ndim not in (2, 3, 4):
+            raise UserError(
+                f"x_{split} in {path} has shape {x.shape} and dtype {x.dtype}: it must be numeric, "
+                "shaped (N, D), (N, H, W) or (N, C, H, W)"
+            )
+        if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
+            raise UserError(
+                f"y_{split} in {path} has shape {y.shape} and dtype {y.dtype}: it must be a 1-D "
+                "array of integer class ids (use y.astype(np.int64))"
+            )
+        if len(x) != len(y) or len(x) == 0:
+            raise UserError(
+                f"x_{split} has {len(x)} rows but y_{split} has {len(y)} in {path}: "
+                "give every example exactly one label (and at least one example)"
+            )
+        if (y < 0).any():
+            raise UserError(f"y_{split} in {path} holds negative labels: use class ids 0..C-1")
+        if not np.isfinite(x).all():
+            raise UserError(f"x_{split} in {path} holds NaN or infinite values: clean them first")
+        if x.ndim == 3:
+            arrays[f"x_{split}"] = x[:, None]
+    if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
+        raise UserError(
+            f"x_train rows are {arrays['x_train'].shape[1:]} but x_test rows are "
+            f"{arrays['x_test'].shape[1:]} in {path}: both splits need the same shape"
+        )
+    return _finish(
+        "npz",
+        cfg,
+        arrays["x_train"],
+        arrays["y_train"],
+        arrays["x_test"],
+        arrays["y_test"],
+        standardize=bool(_get(cfg, "standardize")),
+    )
+
+
+_LOADERS: dict[str, Callable[[Any], Data]] = {
+    "digits": _load_digits,
+    "mnist": _load_mnist,
+    "fashion_mnist": _load_fashion_mnist,
+    "cifar10": _load_cifar10,
+    "mnist1d": _load_mnist1d,
+    "npz": _load_npz,
+}

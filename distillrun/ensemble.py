@@ -1,0 +1,25 @@
+"""Combining ensemble members' outputs into one distribution.
+
+arithmetic: the mean of the members' probabilities, softmax(v_m / T) averaged over m.
+geometric: the mean of the members' log-probabilities, renormalised; at temperature T this
+           equals softmax(mean_m v_m / T), so it is the one combination that averages logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+COMBINATIONS = ("arithmetic", "geometric")
+
+
+def combine(member_logits: torch.Tensor, method: str, T: float = 1.0) -> torch.Tensor:
+    """Log-probabilities [N, C] of the ensemble at temperature T, from logits [M, N, C]."""
+    log_p = F.log_softmax(member_logits.float() / T, dim=-1)
+    if method == "arithmetic":
+        return torch.logsumexp(log_p, dim=0) - math.log(member_logits.shape[0])
+    if method == "geometric":
+        return F.log_softmax(log_p.mean(dim=0), dim=-1)
+    raise ValueError(f"unknown ensemble combination '{method}': use one of {COMBINATIONS}")

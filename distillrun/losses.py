@@ -1,0 +1,64 @@
+"""The distillation objective of Hinton, Vinyals and Dean (2015), and logit matching.
+
+`alpha` weights the soft term, as in the paper:
+    loss = alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE(y, q_1)
+KL and the soft cross-entropy differ by the teacher's entropy, a constant, so their gradients
+agree: d loss / d z_i = alpha * T * (q_T,i - p_T,i) + (1 - alpha) * (q_1,i - y_i).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def soft_loss(
+    student_logits: torch.Tensor, teacher_log_probs: torch.Tensor, T: float
+) -> torch.Tensor:
+    """T^2 * KL(p_T || q_T), summed over classes and averaged over examples.
+
+    `teacher_log_probs` are the teacher's log-probabilities already at temperature T.
+    """
+    log_q = F.log_softmax(student_logits / T, dim=1)
+    # "batchmean", not "mean": "mean" would also divide by the number of classes.
+    kl = F.kl_div(log_q, teacher_log_probs, log_target=True, reduction="batchmean")
+    return T * T * kl
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    labels: torch.Tensor | None,
+    T: float,
+    alpha: float,
+) -> torch.Tensor:
+    """The paper's loss. `labels=None` (an unlabeled transfer set) keeps the soft term only."""
+    soft = soft_loss(student_logits, teacher_log_probs, T)
+    if labels is None:
+        return soft
+    hard = F.cross_entropy(student_logits, labels)
+    return alpha * soft + (1 - alpha) * hard
+
+
+def logit_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Squared error between zero-meaned logits, 1/(2N) sum over the N classes, mean over examples.
+
+    This is the high-temperature limit of `soft_loss` (Caruana et al.'s logit matching), so the
+    two losses are on the same scale.
+    """
+    z = student_logits - student_logits.mean(dim=1, keepdim=True)
+    v = teacher_logits - teacher_logits.mean(dim=1, keepdim=True)
+    return (z - v).pow(2).sum(dim=1).mean() / (2 * z.shape[1])
+
+
+def logit_matching_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    alpha: float,
+) -> torch.Tensor:
+    """Logit matching in place of the soft term, mixed with the hard term by alpha."""
+    soft = logit_mse(student_logits, teacher_logits)
+    if labels is None:
+        return soft
+    return alpha * soft + (1 - alpha) * F.cross_entropy(student_logits, labels)

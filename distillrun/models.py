@@ -1,0 +1,157 @@
+"""The networks: an MLP, a small CNN, and torchvision's ResNet-18 adapted to small images."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from distillrun.errors import UserError
+
+MODEL_NAMES = ("mlp", "cnn", "resnet18")
+
+
+class MLP(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        hidden: list[int],
+        dropout: float = 0.0,
+        input_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        if input_dropout > 0:
+            layers.append(nn.Dropout(input_dropout))
+        width = in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = h
+        layers.append(nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CNN(nn.Module):
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int],
+        num_classes: int,
+        channels: list[int],
+        hidden: int,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        c, h, w = image_shape
+        blocks: list[nn.Module] = []
+        for out in channels:
+            blocks += [nn.Conv2d(c, out, 3, padding=1), nn.ReLU()]
+            if min(h, w) >= 2:  # stop pooling once the map is 1 pixel wide (8x8 digits)
+                blocks.append(nn.MaxPool2d(2))
+                h, w = h // 2, w // 2
+            c = out
+        self.features = nn.Sequential(*blocks)
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(c * h * w, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def resnet18(image_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """torchvision's ResNet-18 with a 3x3 stride-1 stem and no max-pool, for 32x32-scale images."""
+    from torchvision.models import resnet18 as tv_resnet18
+
+    net = tv_resnet18(weights=None, num_classes=num_classes)
+    net.conv1 = nn.Conv2d(image_shape[0], 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    return net
+
+
+def build_model(
+    cfg: Mapping[str, Any], input_shape: tuple[int, ...], num_classes: int
+) -> nn.Module:
+    """Build the model named by `cfg.name` for inputs of `input_shape` (without the batch)."""
+    name = cfg["name"]
+    is_image = len(input_shape) == 3
+    if name == "mlp":
+        return MLP(
+            math.prod(input_shape),
+            num_classes,
+            list(cfg["hidden"]),
+            cfg.get("dropout", 0.0),
+            cfg.get("input_dropout", 0.0),
+        )
+    if name in ("cnn", "resnet18") and not is_image:
+        raise UserError(
+            f"model={name} needs images, but this dataset holds vectors of shape "
+            f"{tuple(input_shape)}: use model=mlp"
+        )
+    if name == "cnn":
+        return CNN(input_shape, num_classes, list(cfg["channels"]), cfg["hidden"], cfg["dropout"])
+    if name == "resnet18":
+        return resnet18(input_shape, num_classes)
+    raise UserError(f"unknown model.name '{name}': use one of {', '.join(MODEL_NAMES)}")
+
+
+def output_layer(model: nn.Module) -> nn.Linear:
+    """The final linear layer, whose bias holds each class's prior."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+
+
+@torch.no_grad()
+def apply_max_norm(model: nn.Module, max_norm: float) -> None:
+    """Rescale each unit's incoming weight vector to an L2 norm of at most `max_norm`."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            m.weight.copy_(torch.renorm(m.weight, p=2, dim=0, maxnorm=max_norm))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def checkpoint(
+    model: nn.Module, cfg: Mapping[str, Any], input_shape: tuple[int, ...], num_classes: int
+) -> dict[str, Any]:
+    """A self-describing checkpoint of plain containers and tensors (loadable weights_only)."""
+    return {
+        "model": dict(cfg),
+        "input_shape": list(input_shape),
+        "num_classes": num_classes,
+        "state_dict": model.state_dict(),
+    }
+
+
+def load_model(path: Any, device: torch.device | str = "cpu") -> nn.Module:
+    """Rebuild and load a model saved with `checkpoint`; a bad file is a one-line UserError."""
+    from distillrun.artifacts import load_tensors
+
+    ckpt = load_tensors(path, map_location=device)
+    keys = ("model", "input_shape", "num_classes", "state_dict")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in keys):
+        raise UserError(
+            f"{path} is not a distillrun model checkpoint: re-run the stage that wrote it"
+        )
+    model = build_model(ckpt["model"], tuple(ckpt["input_shape"]), ckpt["num_classes"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise UserError(
+            f"{path} does not match its own architecture ({str(e).splitlines()[0][:100]}): "
+            "the file is corrupt; re-run the stage that wrote it"
+        ) from e
+    return model.to(device).eval()

@@ -1,0 +1,204 @@
+"""The training loop and the metrics, shared by every stage.
+
+Data lives on the device as tensors; a batch is an index slice of a random permutation, never a
+per-sample DataLoader. The loss is a function of (logits, batch indices), so the same loop
+trains teachers on labels and students on cached teacher outputs looked up by example index.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distillrun.errors import UserError
+from distillrun.models import apply_max_norm
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name} but CUDA is not available here: use device=auto or cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device={name} but MPS is not available here: use device=auto or cpu")
+    return device
+
+
+def make_optimizer(
+    params: Any, cfg: Mapping[str, Any], epochs: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    if cfg["name"] == "adam":
+        opt = torch.optim.Adam(
+            params, lr=cfg["lr"], betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"]
+        )
+    elif cfg["name"] == "sgd":
+        opt = torch.optim.SGD(
+            params,
+            lr=cfg["lr"],
+            momentum=cfg["momentum"],
+            nesterov=cfg["nesterov"],
+            weight_decay=cfg["weight_decay"],
+        )
+    else:
+        raise UserError(f"unknown optim.name '{cfg['name']}': use adam or sgd")
+    schedule = cfg["schedule"]
+    if schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    elif schedule == "step":
+        sched = torch.optim.lr_scheduler.StepLR(opt, cfg["step_size"], cfg["gamma"])
+    else:
+        sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+    return opt, sched
+
+
+def jitter(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image by its own random offset of up to k pixels in x and y.
+
+    Borders are filled by replicating the edge (the background, for digits).
+    """
+    n, _, h, w = x.shape
+    padded = F.pad(x, (k, k, k, k), mode="replicate")
+    offsets = torch.randint(0, 2 * k + 1, (2, n), generator=generator).to(x.device)
+    rows = offsets[0][:, None] + torch.arange(h, device=x.device)  # [N, H]
+    cols = offsets[1][:, None] + torch.arange(w, device=x.device)  # [N, W]
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    # Advanced indices around a slice put their dimensions first: [N, H, W, C].
+    return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Logits of `model` in eval mode, batch by batch."""
+    was_training = model.training
+    model.eval()
+    out = torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    model.train(was_training)
+    return out.float()
+
+
+def expected_calibration_error(log_probs: torch.Tensor, y: torch.Tensor, bins: int = 15) -> float:
+    conf, pred = log_probs.exp().max(dim=1)
+    correct = (pred == y).float()
+    edges = torch.linspace(0, 1, bins + 1, device=conf.device)
+    which = torch.bucketize(conf, edges[1:-1], right=True)
+    ece = torch.zeros((), device=conf.device)
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            ece += mask.float().mean() * (conf[mask].mean() - correct[mask].mean()).abs()
+    return float(ece)
+
+
+def classification_metrics(
+    log_probs: torch.Tensor, y: torch.Tensor, prefix: str = "test"
+) -> dict[str, Any]:
+    """Accuracy, errors, NLL and ECE of predicted log-probabilities (or logits) against labels."""
+    if len(y) == 0:
+        return {}
+    log_probs = F.log_softmax(log_probs.float(), dim=1)
+    errors = int((log_probs.argmax(dim=1) != y).sum())
+    return {
+        f"{prefix}_accuracy": 1 - errors / len(y),
+        f"{prefix}_errors": errors,
+        f"{prefix}_nll": float(F.nll_loss(log_probs, y)),
+        f"{prefix}_ece": expected_calibration_error(log_probs, y),
+    }
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Share of examples on which two models predict the same class."""
+    return float((a.argmax(dim=1) == b.argmax(dim=1)).float().mean())
+
+
+@dataclass
+class Fit:
+    """What a training run ended with: the model at its selected epoch and the history."""
+
+    model: nn.Module
+    best_epoch: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def fit(
+    model: nn.Module,
+    x: torch.Tensor,
+    loss_fn: LossFn,
+    *,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    optim: Mapping[str, Any],
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    jitter_pixels: int = 0,
+    max_norm: float | None = None,
+    eval_batch_size: int = 1024,
+    on_epoch: Callable[[dict[str, Any]], None] = lambda record: None,
+    on_batch: Callable[[], None] = lambda: None,
+) -> Fit:
+    """Train `model` on the examples `x` with `loss_fn(logits, batch_indices)`.
+
+    After each epoch the model is scored on the validation split; the epoch with the fewest
+    validation errors (then the lowest validation NLL) is kept. With no validation split the
+    last epoch is kept. The test set is never looked at here.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    opt, sched = make_optimizer(model.parameters(), optim, epochs)
+    n = len(x)
+    best: tuple[float, float] = (math.inf, math.inf)
+    best_state, best_epoch, history = None, epochs, []
+    start = time.perf_counter()
+    model.train()
+    for epoch in range(1, epochs + 1):
+        t0 = time.perf_counter()
+        perm = torch.randperm(n, generator=generator).to(x.device)
+        total = torch.zeros((), device=x.device)
+        for i in range(0, n, batch_size):
+            idx = perm[i : i + batch_size]
+            xb = x[idx]
+            if jitter_pixels:
+                xb = jitter(xb, jitter_pixels, generator)
+            loss = loss_fn(model(xb), idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if max_norm:
+                apply_max_norm(model, max_norm)
+            total += loss.detach() * len(idx)  # no .item(): no device sync per batch
+            on_batch()
+        lr = opt.param_groups[0]["lr"]
+        sched.step()
+        train_loss = float(total) / n
+        if not math.isfinite(train_loss):
+            raise UserError(
+                f"the training loss became {train_loss} in epoch {epoch}: lower optim.lr "
+                "(or the temperature T) and run again"
+            )
+        record: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": lr}
+        if len(y_val):
+            record.update(
+                classification_metrics(predict(model, x_val, eval_batch_size), y_val, "val")
+            )
+            key = (record["val_errors"], record["val_nll"])
+            if key < best:
+                best, best_epoch = key, epoch
+                best_state = copy.deepcopy(model.state_dict())
+        record["seconds"] = time.perf_counter() - t0
+        history.append(record)
+        on_epoch(record)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return Fit(model, best_epoch, history, time.perf_counter() - start)

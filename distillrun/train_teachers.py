@@ -1,0 +1,132 @@
+"""`distillrun train-teachers`: an ensemble of teachers, each member with its own seed.
+
+Writes to its run folder: member_<i>.pt (checkpoints), logits.pt (every member's logits on the
+train, val and test splits; the train split is the transfer set distill reads), metrics.jsonl,
+and manifest.json last.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hydra
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from distillrun.artifacts import save_tensors
+from distillrun.console import results_table, say
+from distillrun.data import Data, load_dataset
+from distillrun.ensemble import COMBINATIONS, combine
+from distillrun.errors import UserError
+from distillrun.models import build_model, checkpoint, count_parameters
+from distillrun.stage import Run, run_stage, train_one
+from distillrun.train import classification_metrics, predict
+
+SPLITS = ("train", "val", "test")
+
+
+@hydra.main(version_base="1.3", config_path="pkg://distillrun.conf", config_name="train_teachers")
+def main(cfg: DictConfig) -> float | None:
+    return run_stage("train-teachers", cfg, train_teachers)
+
+
+def dataset_info(data: Data, cfg: DictConfig) -> dict[str, Any]:
+    """What the manifest records of the data, so a consumer can check it sees the same splits."""
+    return {
+        "name": data.name,
+        "fingerprint": data.fingerprint,
+        "num_classes": data.num_classes,
+        "sizes": {s: len(getattr(data, f"y_{s}")) for s in SPLITS},
+        "config": OmegaConf.to_container(cfg.dataset, resolve=True),
+    }
+
+
+def train_teachers(cfg: DictConfig, run: Run) -> dict[str, Any]:
+    data = load_dataset(cfg.dataset)
+    jitter = cfg.teachers.jitter
+    if jitter and data.image_shape is None:
+        raise UserError(
+            f"teachers.jitter={jitter} translates images, but dataset={data.name} holds vectors: "
+            "set teachers.jitter=0"
+        )
+    run.info["dataset"] = dataset_info(data, cfg)
+    data = data.to(run.device)
+    n = cfg.teachers.n
+    say(
+        f"train-teachers: {n} x {cfg.model.name} on {data.name} "
+        f"({len(data.y_train)} train / {len(data.y_val)} val / {len(data.y_test)} test) "
+        f"on {run.device} -> {run.dir}"
+    )
+
+    y = data.y_train
+    members: list[dict[str, Any]] = []
+    logits: dict[str, list[torch.Tensor]] = {s: [] for s in SPLITS}
+    for i in range(n):
+        seed = cfg.seed + i
+        torch.manual_seed(seed)
+        model = build_model(cfg.model, data.input_shape, data.num_classes).to(run.device)
+        fitted = train_one(
+            run,
+            cfg,
+            f"teacher {i}",
+            model,
+            data.x_train,
+            lambda out, idx: F.cross_entropy(out, y[idx]),
+            data.x_val,
+            data.y_val,
+            seed,
+            jitter,
+        )
+        for split in SPLITS:
+            logits[split].append(predict(model, getattr(data, f"x_{split}")).cpu())
+        save_tensors(
+            run.dir / f"member_{i}.pt",
+            checkpoint(model, cfg.model, data.input_shape, data.num_classes),
+        )
+        member = {
+            "seed": seed,
+            "best_epoch": fitted.best_epoch,
+            "minutes": fitted.seconds / 60,
+            **classification_metrics(logits["val"][-1], data.y_val.cpu(), "val"),
+            **classification_metrics(logits["test"][-1], data.y_test.cpu(), "test"),
+        }
+        members.append(member)
+        say(
+            f"  teacher {i} (seed {seed}): {member['test_errors']} test errors, "
+            f"accuracy {member['test_accuracy']:.4f}, epoch {fitted.best_epoch} of "
+            f"{cfg.train.epochs}, {fitted.seconds:.1f}s"
+        )
+
+    stacked = {split: torch.stack(v) for split, v in logits.items()}
+    save_tensors(run.dir / "logits.pt", {"fingerprint": data.fingerprint, **stacked})
+
+    y_val, y_test = data.y_val.cpu(), data.y_test.cpu()
+    ensemble = {
+        method: {
+            **classification_metrics(combine(stacked["val"], method), y_val, "val"),
+            **classification_metrics(combine(stacked["test"], method), y_test, "test"),
+        }
+        for method in COMBINATIONS
+    }
+    rows = [
+        [f"teacher {i} (seed {m['seed']})", m["test_accuracy"], m["test_errors"], m["test_nll"]]
+        for i, m in enumerate(members)
+    ]
+    rows += [
+        [f"ensemble, {method} mean", e["test_accuracy"], e["test_errors"], e["test_nll"]]
+        for method, e in ensemble.items()
+    ]
+    results_table(
+        f"train-teachers on {data.name}: {len(y_test)} test examples",
+        ["model", "test accuracy", "test errors", "test NLL"],
+        rows,
+    )
+    say(f"run folder: {run.dir}")
+    main_metrics = ensemble["arithmetic"]
+    return {
+        **main_metrics,
+        "teacher_params": count_parameters(model) * n,
+        "ensemble": ensemble,
+        "members": members,
+    }
