@@ -109,7 +109,7 @@ def _common(cfg: DictConfig, p: _Problems) -> None:
             _in(d.test_fraction, 0, 1, lo_open=True, hi_open=True),
             f"dataset.test_fraction={d.test_fraction} must be in (0, 1)",
         )
-    if "path" in d and OmegaConf.is_missing(d, "path"):
+    if OmegaConf.is_missing(d, "path"):
         p.append(f"dataset={d.name} needs a file: add dataset.path=/path/to/data.npz")
 
     m = cfg.model

@@ -46,7 +46,7 @@ def find_teachers(cfg: DictConfig, data: Data) -> tuple[Path, dict[str, Any]]:
             return None
         return (
             f"{manifest.get('run_dir')} was trained on dataset={theirs.get('name')} with other "
-            f"splits than this run's dataset={data.name}"
+            f"data or splits than this run's dataset={data.name} (the dataset fingerprint differs)"
         )
 
     if cfg.teachers is None:

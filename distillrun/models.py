@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from distillrun.errors import UserError
@@ -128,6 +129,8 @@ def checkpoint(
     model: nn.Module, cfg: Mapping[str, Any], input_shape: tuple[int, ...], num_classes: int
 ) -> dict[str, Any]:
     """A self-describing checkpoint of plain containers and tensors (loadable weights_only)."""
+    if OmegaConf.is_config(cfg):
+        cfg = OmegaConf.to_container(cfg, resolve=True)  # plain types: no omegaconf in the pickle
     return {
         "model": dict(cfg),
         "input_shape": list(input_shape),

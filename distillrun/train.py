@@ -106,7 +106,7 @@ def classification_metrics(
     """Accuracy, errors, NLL and ECE of predicted log-probabilities (or logits) against labels."""
     if len(y) == 0:
         return {}
-    log_probs = F.log_softmax(log_probs.float(), dim=1)
+    log_probs = F.log_softmax(log_probs.detach().float(), dim=1)
     errors = int((log_probs.argmax(dim=1) != y).sum())
     return {
         f"{prefix}_accuracy": 1 - errors / len(y),

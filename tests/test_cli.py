@@ -1,0 +1,340 @@
+"""The installed `distillrun` command, run in a subprocess as a user would, on `digits`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import torch
+
+DISTILLRUN = str(Path(sys.executable).parent / "distillrun")
+TINY_TEACHERS = ["teachers.n=2", "train.epochs=2", "model.hidden=[32]", "progress=false"]
+TINY_STUDENT = ["train.epochs=2", "model.hidden=[16]", "progress=false"]
+
+
+def distillrun(cwd: Path, *args: str, env: dict[str, str] | None = None, check: int | None = 0):
+    result = subprocess.run(
+        [DISTILLRUN, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})},
+        timeout=300,
+    )
+    if check is not None:
+        assert result.returncode == check, result.stdout + result.stderr
+    return result
+
+
+def manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def runs(root: Path, stage: str) -> list[Path]:
+    base = root / "outputs" / stage
+    return sorted(p for p in base.iterdir() if p.name != "multirun") if base.is_dir() else []
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny complete train-teachers run, shared by the distill tests (which copy nothing)."""
+    cwd = tmp_path_factory.mktemp("teachers")
+    distillrun(cwd, "train-teachers", *TINY_TEACHERS)
+    (folder,) = runs(cwd, "train-teachers")
+    return folder
+
+
+# --- the dispatcher -------------------------------------------------------------------------
+
+
+def test_help_lists_the_stages_without_importing_torch(tmp_path: Path) -> None:
+    result = distillrun(tmp_path, "--help")
+    for stage in ("train-teachers", "distill"):
+        assert stage in result.stdout
+    probe = (
+        "import sys; from distillrun import cli; sys.argv = ['distillrun', '--help']; cli.main(); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True)
+
+
+def test_unknown_stage_suggests_the_closest(tmp_path: Path) -> None:
+    assert_one_line_error(distillrun(tmp_path, "distil", check=None), "'distil'", "'distill'")
+
+
+def test_stage_help_and_cfg_show_config_groups_and_values(tmp_path: Path) -> None:
+    helped = distillrun(tmp_path, "distill", "--help").stdout
+    assert "dataset: " in helped and "digits" in helped and "mnist1d" in helped
+    assert "model: " in helped and "hinton_big" in helped
+    cfg = distillrun(tmp_path, "distill", "T=20", "alpha=0.5", "--cfg", "job").stdout
+    assert "T: 20" in cfg and "alpha: 0.5" in cfg and "teachers: null" in cfg
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_shell_completion_offers_stages_then_the_stage_options(tmp_path: Path) -> None:
+    stages = distillrun(tmp_path, "-sc", "query=bash", env={"COMP_LINE": "distillrun dis"})
+    assert stages.stdout.split() == ["distill"]
+    options = distillrun(
+        tmp_path, "-sc", "query=bash", env={"COMP_LINE": "distillrun distill data"}
+    )
+    assert "dataset=" in options.stdout.split()
+    choices = distillrun(
+        tmp_path, "-sc", "query=bash", env={"COMP_LINE": "distillrun train-teachers model="}
+    )
+    assert {"model=cnn", "model=mlp", "model=resnet18"} <= set(choices.stdout.split())
+
+
+# --- train-teachers then distill ------------------------------------------------------------
+
+
+def test_train_teachers_writes_a_complete_run_folder(teachers: Path) -> None:
+    m = manifest(teachers)
+    assert m["stage"] == "train-teachers" and m["status"] == "complete"
+    assert m["run_dir"] == str(teachers.resolve())
+    assert m["seed"] == 0 and m["started"] < m["ended"]
+    assert m["libraries"]["torch"] == metadata.version("torch")
+    assert m["code_version"]
+    assert m["dataset"]["name"] == "digits" and m["dataset"]["num_classes"] == 10
+    metrics = m["metrics"]
+    assert 0 <= metrics["test_errors"] <= m["dataset"]["sizes"]["test"]
+    assert metrics["test_accuracy"] == 1 - metrics["test_errors"] / m["dataset"]["sizes"]["test"]
+    assert set(metrics["ensemble"]) == {"arithmetic", "geometric"}
+    assert [t["seed"] for t in metrics["members"]] == [0, 1]
+    assert (teachers / ".hydra" / "config.yaml").is_file()
+    records = [json.loads(line) for line in (teachers / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["model"], r["epoch"]) for r in records] == [
+        ("teacher 0", 1),
+        ("teacher 0", 2),
+        ("teacher 1", 1),
+        ("teacher 1", 2),
+    ]
+    logits = torch.load(teachers / "logits.pt", weights_only=True)
+    sizes = m["dataset"]["sizes"]
+    for split in ("train", "val", "test"):
+        assert logits[split].shape == (2, sizes[split], 10)
+    for i in range(2):
+        assert "state_dict" in torch.load(teachers / f"member_{i}.pt", weights_only=True)
+
+
+def test_distill_consumes_the_newest_complete_teachers_run(teachers: Path, tmp_path: Path) -> None:
+    root = teachers.parent.parent.parent  # the fixture's working directory
+    # A newer unfinished run (no manifest) and a newer failed one: both must be skipped.
+    (root / "outputs/train-teachers/9999-12-31_23-59-59-000000").mkdir()
+    failed = root / "outputs/train-teachers/9999-12-31_23-59-59-000001"
+    failed.mkdir()
+    (failed / "manifest.json").write_text(
+        json.dumps({"stage": "train-teachers", "status": "failed", "started": "9999"})
+    )
+    try:
+        result = distillrun(root, "distill", "T=2", "alpha=0.5", *TINY_STUDENT)
+    finally:
+        (failed / "manifest.json").unlink()
+        failed.rmdir()
+        (root / "outputs/train-teachers/9999-12-31_23-59-59-000000").rmdir()
+    out = result.stdout
+    assert f"teachers {teachers.resolve()}" in out.replace("\n", "")
+    assert "skipped 2 unfinished or failed train-teachers run(s)" in out
+    for row in ("teacher 0", "teacher ensemble", "hard labels (alpha=0)", "distilled (T=2"):
+        assert row in out
+    (folder,) = runs(root, "distill")
+    m = manifest(folder)
+    assert m["stage"] == "distill" and m["status"] == "complete"
+    assert m["inputs"] == {"teachers": str(teachers.resolve())}
+    assert m["config"]["T"] == 2 and m["config"]["alpha"] == 0.5
+    metrics = m["metrics"]
+    for key in (
+        "test_accuracy",
+        "test_errors",
+        "test_nll",
+        "test_ece",
+        "teacher_agreement",
+        "baseline_test_errors",
+        "teacher_test_errors",
+        "student_params",
+    ):
+        assert key in metrics, key
+    assert 0 <= metrics["teacher_agreement"] <= 1
+    assert metrics["teacher_test_errors"] == manifest(teachers)["metrics"]["test_errors"]
+    models = {json.loads(line)["model"] for line in (folder / "metrics.jsonl").open()}
+    assert models == {"baseline", "student"}
+    student = torch.load(folder / "student.pt", weights_only=True)
+    assert student["num_classes"] == 10
+
+
+def test_distill_sweep_writes_one_complete_run_per_job(teachers: Path, tmp_path: Path) -> None:
+    distillrun(
+        tmp_path,
+        "distill",
+        "-m",
+        "alpha=0,0.7",
+        f"teachers={teachers}",
+        "baseline=false",
+        *TINY_STUDENT,
+    )
+    (sweep,) = (tmp_path / "outputs/distill/multirun").iterdir()
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [j.name for j in jobs] == ["0", "1"]
+    alphas = [manifest(j)["config"]["alpha"] for j in jobs]
+    assert alphas == [0, 0.7]
+    assert all(manifest(j)["status"] == "complete" for j in jobs)
+
+
+def test_logit_matching_and_unlabeled_transfer_set(teachers: Path, tmp_path: Path) -> None:
+    distillrun(
+        tmp_path,
+        "distill",
+        f"teachers={teachers}",
+        "loss=logit_mse",
+        "transfer.labels=false",
+        "transfer.fraction=0.5",
+        "ensemble=geometric",
+        *TINY_STUDENT,
+    )
+    (folder,) = runs(tmp_path, "distill")
+    m = manifest(folder)
+    assert m["status"] == "complete"
+    assert m["transfer_size"] == round(0.5 * m["dataset"]["sizes"]["train"])
+
+
+def test_omitted_class_with_a_fitted_bias(teachers: Path, tmp_path: Path) -> None:
+    distillrun(
+        tmp_path,
+        "distill",
+        f"teachers={teachers}",
+        "transfer.omit_classes=[3]",
+        "transfer.fit_omit_bias=true",
+        "baseline=false",
+        *TINY_STUDENT,
+    )
+    (folder,) = runs(tmp_path, "distill")
+    metrics = manifest(folder)["metrics"]
+    assert 0 <= metrics["omit_bias"] <= 20
+    assert "test_errors_on_omitted" in metrics and "uncorrected_test_errors" in metrics
+
+
+def test_concurrent_runs_get_distinct_folders(tmp_path: Path) -> None:
+    args = [DISTILLRUN, "train-teachers", "teachers.n=1", "train.epochs=1", "progress=false"]
+    procs = [subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL) for _ in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    folders = runs(tmp_path, "train-teachers")
+    assert len(folders) == 2
+    assert all(manifest(f)["status"] == "complete" for f in folders)
+
+
+# --- bad input: one line, exit 2, nothing written ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["distill", "dataset=digitz"], ["unknown dataset 'digitz'", "did you mean 'digits'"]),
+        (["train-teachers", "model=mpl"], ["unknown model 'mpl'", "did you mean 'mlp'"]),
+        (["distill", "optim=adamw"], ["unknown optim 'adamw'", "adam, sgd"]),
+        (["distill", "T=0"], ["T=0", "> 0"]),
+        (["distill", "T=-3"], ["T=-3", "> 0"]),
+        (["distill", "T=hot"], ["T=hot"]),
+        (["distill", "alpha=1.5"], ["alpha=1.5", "[0, 1]"]),
+        (["distill", "alpha=-0.1"], ["alpha=-0.1"]),
+        (["distill", "T=0", "alpha=2"], ["T=0", "alpha=2", "2 problems"]),
+        (["distill", "-m", "T=1,0"], ["T=0"]),
+        (["distill", "foo=1"], ["foo", "--cfg job"]),
+        (["distill", "transfer.fraction=0"], ["transfer.fraction=0", "(0, 1]"]),
+        (["distill", "transfer.omit_classes=3"], ["omit_classes", "[3]"]),
+        (["distill", "ensemble=harmonic"], ["ensemble=harmonic", "arithmetic or geometric"]),
+        (["distill", "loss=l2"], ["loss=l2", "kd or logit_mse"]),
+        (["train-teachers", "teachers.n=0"], ["teachers.n=0", ">= 1"]),
+        (["train-teachers", "train.epochs=0"], ["train.epochs=0", ">= 1"]),
+        (["train-teachers", "optim.lr=-1"], ["optim.lr=-1", "> 0"]),
+        (["train-teachers", "model.dropout=1.2"], ["model.dropout=1.2", "[0, 1)"]),
+        (["train-teachers", "dataset=npz"], ["dataset.path="]),
+        (["train-teachers", "device=tpu"], ["device=tpu"]),
+    ],
+)
+def test_bad_values_are_refused_before_any_run_folder(
+    tmp_path: Path, args: list[str], fragments: list[str]
+) -> None:
+    assert_one_line_error(distillrun(tmp_path, *args, check=None), *fragments)
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_full_error_shows_the_traceback(tmp_path: Path) -> None:
+    result = distillrun(tmp_path, "distill", "T=0", env={"HYDRA_FULL_ERROR": "1"}, check=None)
+    assert result.returncode != 0 and "Traceback" in result.stderr and "T=0" in result.stderr
+
+
+def missing_teachers(tmp_path: Path, teachers: Path) -> tuple[list[str], list[str]]:
+    return ["teachers=/no/such/run"], ["/no/such/run does not exist"]
+
+
+def unfinished_teachers(tmp_path: Path, teachers: Path) -> tuple[list[str], list[str]]:
+    (tmp_path / "half").mkdir()
+    return [f"teachers={tmp_path / 'half'}"], ["not a finished run", "interrupted"]
+
+
+def wrong_stage(tmp_path: Path, teachers: Path) -> tuple[list[str], list[str]]:
+    folder = tmp_path / "other"
+    folder.mkdir()
+    (folder / "manifest.json").write_text('{"stage": "distill", "status": "complete"}')
+    return [f"teachers={folder}"], ["is a distill run, not a train-teachers run"]
+
+
+def corrupt_manifest(tmp_path: Path, teachers: Path) -> tuple[list[str], list[str]]:
+    folder = tmp_path / "corrupt"
+    folder.mkdir()
+    (folder / "manifest.json").write_text('{"stage": "train-tea')
+    return [f"teachers={folder}"], ["corrupt manifest"]
+
+
+def no_teachers_at_all(tmp_path: Path, teachers: Path) -> tuple[list[str], list[str]]:
+    return [], ["no complete train-teachers run", "run `distillrun train-teachers` first"]
+
+
+def other_splits(tmp_path: Path, teachers: Path) -> tuple[list[str], list[str]]:
+    return [f"teachers={teachers}", "dataset.split_seed=7"], ["the dataset fingerprint differs"]
+
+
+def class_out_of_range(tmp_path: Path, teachers: Path) -> tuple[list[str], list[str]]:
+    return [f"teachers={teachers}", "transfer.omit_classes=[12]"], ["[12] out of range", "0..9"]
+
+
+def no_cuda(tmp_path: Path, teachers: Path) -> tuple[list[str], list[str]]:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    return [f"teachers={teachers}", "device=cuda"], ["CUDA is not available", "device=auto"]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        missing_teachers,
+        unfinished_teachers,
+        wrong_stage,
+        corrupt_manifest,
+        no_teachers_at_all,
+        other_splits,
+        class_out_of_range,
+        no_cuda,
+    ],
+)
+def test_bad_teachers_and_data_are_one_line_errors(case, teachers: Path, tmp_path: Path) -> None:
+    args, fragments = case(tmp_path, teachers)
+    before = sorted(p.name for p in teachers.iterdir())
+    result = distillrun(tmp_path, "distill", *args, *TINY_STUDENT, check=None)
+    assert_one_line_error(result, *fragments)
+    assert sorted(p.name for p in teachers.iterdir()) == before  # the input is left alone
+    (folder,) = runs(tmp_path, "distill")
+    assert manifest(folder)["status"] == "failed"  # never mistaken for a complete run
