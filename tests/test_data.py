@@ -498,3 +498,25 @@ def test_npz_bad_inputs_are_user_errors(tmp_path: Path, case: str, match: str) -
     with pytest.raises(UserError, match=match) as excinfo:
         load_dataset(cfg)
     one_line_error(excinfo)
+
+
+# --- the real MNIST beside the repository (../shared/data/mnist), where this machine has it -----
+
+SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+
+
+@pytest.mark.skipif(not (SHARED_MNIST / "MNIST" / "raw").is_dir(), reason="no ../shared MNIST")
+def test_real_mnist_from_the_shared_folder() -> None:
+    cfg = OmegaConf.create(
+        {
+            "name": "mnist",
+            "root": str(SHARED_MNIST),
+            "download": False,
+            "val_fraction": 0.1,
+            "split_seed": 0,
+        }
+    )
+    data = load_dataset(cfg)
+    assert (len(data.y_train), len(data.y_val), len(data.y_test)) == (54000, 6000, 10000)
+    assert data.x_train.shape[1:] == (1, 28, 28) and data.num_classes == 10
+    assert torch.bincount(data.y_test).tolist()[:2] == [980, 1135]  # MNIST's known test counts

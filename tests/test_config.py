@@ -1,0 +1,72 @@
+"""The shipped configs, composed with Hydra's compose API as the stages compose them."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig
+
+from distillrun.config import STAGES, group_choices, validate
+from distillrun.errors import UserError
+
+
+def composed(stage: str, *overrides: str) -> DictConfig:
+    with initialize_config_module(config_module="distillrun.conf", version_base="1.3"):
+        return compose(config_name=STAGES[stage][1], overrides=list(overrides))
+
+
+def test_every_group_choice_is_shipped_in_the_package() -> None:
+    assert {"digits", "mnist", "mnist1d", "npz", "fashion_mnist", "cifar10"} <= set(
+        group_choices("dataset")
+    )
+    assert {"mlp", "cnn", "resnet18", "hinton_big", "hinton_small"} <= set(group_choices("model"))
+    assert group_choices("optim") == ["adam", "sgd"]
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("dataset", [d for d in group_choices("dataset") if d != "npz"])
+@pytest.mark.parametrize("model", group_choices("model"))
+@pytest.mark.parametrize("optim", group_choices("optim"))
+def test_every_combination_of_shipped_choices_is_valid(
+    stage: str, dataset: str, model: str, optim: str
+) -> None:
+    cfg = composed(stage, f"dataset={dataset}", f"model={model}", f"optim={optim}")
+    validate(stage, cfg)
+    assert cfg.dataset.name == dataset and cfg.optim.name == optim
+    assert cfg.paths.output_root == "outputs" and cfg.device == "auto"
+
+
+def test_paper_presets_are_the_papers_nets() -> None:
+    big = composed("train-teachers", "model=hinton_big").model
+    assert list(big.hidden) == [1200, 1200] and big.dropout == 0.5 and big.input_dropout == 0.2
+    small = composed("distill", "model=hinton_small").model
+    assert list(small.hidden) == [800, 800] and small.dropout == 0 and small.input_dropout == 0
+
+
+def test_distill_defaults_follow_the_papers_alpha_convention() -> None:
+    cfg = composed("distill")
+    assert cfg.teachers is None and cfg.T > 0 and 0 <= cfg.alpha <= 1
+    assert cfg.loss == "kd" and cfg.ensemble == "arithmetic" and cfg.baseline is True
+
+
+def test_npz_needs_a_path() -> None:
+    with pytest.raises(UserError, match="dataset.path="):
+        validate("train-teachers", composed("train-teachers", "dataset=npz"))
+    validate("train-teachers", composed("train-teachers", "dataset=npz", "dataset.path=x.npz"))
+
+
+def test_validation_lists_every_problem_at_once() -> None:
+    cfg = composed("distill", "T=0", "alpha=3", "train.batch_size=0", "optim.lr=0")
+    with pytest.raises(UserError) as excinfo:
+        validate("distill", cfg)
+    message = str(excinfo.value)
+    for part in ("T=0", "alpha=3", "train.batch_size=0", "optim.lr=0", "(4 problems)"):
+        assert part in message
+    assert "\n" not in message
+
+
+def test_data_root_defaults_to_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISTILLRUN_DATA", "/somewhere/data")
+    assert composed("train-teachers", "dataset=mnist").dataset.root == "/somewhere/data"
+    monkeypatch.delenv("DISTILLRUN_DATA")
+    assert composed("train-teachers", "dataset=mnist").dataset.root == "data"
