@@ -139,7 +139,11 @@ def main() -> None:
         hint = f"did you mean '{close[0]}'? " if close else ""
         fail(f"unknown stage '{stage}': {hint}stages are {', '.join(STAGES)}")
     precheck(stage, args)
-    run_stage(stage, args)
+    try:
+        run_stage(stage, args)
+    except BrokenPipeError:  # `distillrun distill --help | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ err_console = Console(stderr=True, highlight=False)
 
 
 def say(message: str) -> None:
-    console.print(message)
+    console.print(message, markup=False, soft_wrap=True)  # paths stay whole and literal
 
 
 class Bars:

@@ -80,6 +80,7 @@ def test_stage_help_and_cfg_show_config_groups_and_values(tmp_path: Path) -> Non
     helped = distillrun(tmp_path, "distill", "--help").stdout
     assert "dataset: " in helped and "digits" in helped and "mnist1d" in helped
     assert "model: " in helped and "hinton_big" in helped
+    assert "alpha weights the SOFT term" in helped and "distillrun distill -m" in helped
     cfg = distillrun(tmp_path, "distill", "T=20", "alpha=0.5", "--cfg", "job").stdout
     assert "T: 20" in cfg and "alpha: 0.5" in cfg and "teachers: null" in cfg
     assert not (tmp_path / "outputs").exists()
