@@ -10,7 +10,6 @@ the hard labels alone (alpha = 0), so every run shows what distillation bought.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -113,16 +112,6 @@ def fit_omit_bias(logits: torch.Tensor, y: torch.Tensor, omit: list[int]) -> flo
 def errors_on(logits: torch.Tensor, y: torch.Tensor, classes: list[int]) -> int:
     mask = torch.isin(y, torch.tensor(classes, device=y.device))
     return int((logits[mask].argmax(dim=1) != y[mask]).sum())
-
-
-def throughput(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> float:
-    """Examples per second of `predict` over x (after a warm-up batch)."""
-    predict(model, x[:batch_size], batch_size)
-    t0 = time.perf_counter()
-    predict(model, x, batch_size)
-    if x.device.type == "cuda":
-        torch.cuda.synchronize()
-    return len(x) / max(time.perf_counter() - t0, 1e-9)
 
 
 def distill(cfg: DictConfig, run: Run) -> dict[str, Any]:
