@@ -12,6 +12,9 @@ import importlib
 import itertools
 import os
 import sys
+import tempfile
+from pathlib import Path
+from typing import Any
 
 from distillrun.config import STAGES
 
@@ -71,13 +74,21 @@ def precheck(stage: str, args: list[str]) -> None:
     parsed = get_args_parser().parse_args(args)
     if parsed.config_path or parsed.config_name or parsed.config_dir or parsed.experimental_rerun:
         return  # the user brings their own configs: leave it all to Hydra
+    if parsed.help or parsed.hydra_help or parsed.shell_completion:
+        return
     try:
         overrides = OverridesParser.create().parse_overrides(parsed.overrides)
         check_group_choices(overrides)
-        if parsed.help or parsed.hydra_help or parsed.cfg or parsed.info or parsed.shell_completion:
+        combos = _combinations(overrides)
+        if parsed.cfg or parsed.info:
+            if parsed.multirun and len(combos) > 1:
+                raise UserError(f"--{'cfg' if parsed.cfg else 'info'} shows one config: drop -m")
+            _compose(stage, combos[0])  # unknown keys still get one line, not Hydra's trace
             return
-        for combo in _combinations(overrides):
-            _compose_and_validate(stage, combo, validate)
+        cfgs = [_compose(stage, combo) for combo in combos]
+        for cfg in cfgs:
+            validate(stage, cfg)
+        _check_output_root(cfgs[0].paths.output_root)
     except (UserError, HydraException, OmegaConfBaseException) as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -111,12 +122,26 @@ def _combinations(overrides: list) -> list[list[str]]:
     return [list(c) for c, _ in itertools.groupby(combos)]
 
 
-def _compose_and_validate(stage: str, overrides: list[str], validate) -> None:
+def _compose(stage: str, overrides: list[str]) -> Any:
     from hydra import compose, initialize_config_module
 
     with initialize_config_module(config_module="distillrun.conf", version_base="1.3"):
-        cfg = compose(config_name=STAGES[stage][1], overrides=overrides)
-    validate(stage, cfg)
+        return compose(config_name=STAGES[stage][1], overrides=overrides)
+
+
+def _check_output_root(output_root: str) -> None:
+    """Create the output root now, so an unwritable one is one line instead of Hydra's trace."""
+    from distillrun.errors import UserError
+
+    try:
+        Path(output_root).mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=output_root, prefix=".write-test-")
+        probe.close()
+    except OSError as e:
+        raise UserError(
+            f"paths.output_root={output_root} cannot be written ({e.strerror or e}): "
+            "choose a writable folder with paths.output_root=..."
+        ) from e
 
 
 def run_stage(stage: str, args: list[str]) -> None:

@@ -7,6 +7,7 @@ fraction of a second with one line that names the problem and the fix.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from importlib import resources
 from typing import Any
@@ -28,7 +29,7 @@ STAGES: dict[str, tuple[str, str, str]] = {
         "distill a teachers run into a small student with soft targets at temperature T",
     ),
 }
-GROUPS = ("dataset", "model", "optim", "experiment")
+GROUPS = ("dataset", "model", "optim")
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -50,11 +51,14 @@ def check_group_choices(overrides: list[Any]) -> None:
         group = override.key_or_group
         if group not in GROUPS or override.is_delete():
             continue
-        values = (
-            list(override.sweep_string_iterator())
-            if override.is_sweep_override()
-            else [override.value()]
-        )
+        try:
+            values = (
+                list(override.sweep_string_iterator())
+                if override.is_sweep_override()
+                else [override.value()]
+            )
+        except Exception:  # glob(...) and other sweeps Hydra expands itself: its own checks apply
+            continue
         choices = group_choices(group)
         for value in values:
             if isinstance(value, str) and value not in choices:
@@ -79,7 +83,7 @@ def _is_num(v: Any) -> bool:
 
 
 def _in(v: Any, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> bool:
-    if not _is_num(v):
+    if not _is_num(v) or not math.isfinite(v):
         return False
     above = v > lo if lo_open else v >= lo
     below = v < hi if hi_open else v <= hi
@@ -87,7 +91,10 @@ def _in(v: Any, lo: float, hi: float, lo_open: bool = False, hi_open: bool = Fal
 
 
 def _common(cfg: DictConfig, p: _Problems) -> None:
-    p.need(_is_int(cfg.seed) and cfg.seed >= 0, f"seed={cfg.seed} must be an integer >= 0")
+    p.need(
+        _is_int(cfg.seed) and 0 <= cfg.seed < 2**31,
+        f"seed={cfg.seed} must be an integer in [0, 2^31)",
+    )
     p.need(
         isinstance(cfg.device, str) and bool(DEVICE.match(cfg.device)),
         f"device={cfg.device} is not one of auto, cpu, cuda, cuda:N, mps",
@@ -109,6 +116,11 @@ def _common(cfg: DictConfig, p: _Problems) -> None:
             _in(d.test_fraction, 0, 1, lo_open=True, hi_open=True),
             f"dataset.test_fraction={d.test_fraction} must be in (0, 1)",
         )
+    if "split_seed" in d:
+        p.need(
+            _is_int(d.split_seed) and 0 <= d.split_seed < 2**31,
+            f"dataset.split_seed={d.split_seed} must be an integer in [0, 2^31)",
+        )
     if OmegaConf.is_missing(d, "path"):
         p.append(f"dataset={d.name} needs a file: add dataset.path=/path/to/data.npz")
 
@@ -117,28 +129,39 @@ def _common(cfg: DictConfig, p: _Problems) -> None:
         if key in m:
             p.need(_in(m[key], 0, 1, hi_open=True), f"model.{key}={m[key]} must be in [0, 1)")
     if m.get("max_norm") is not None:
-        p.need(_in(m.max_norm, 0, float("inf"), lo_open=True), "model.max_norm must be > 0 or null")
-    for key in ("hidden", "channels"):
-        if key in m:
-            sizes = list(m[key]) if OmegaConf.is_list(m[key]) else [m[key]]
-            p.need(
-                all(_is_int(s) and s >= 1 for s in sizes),
-                f"model.{key}={m[key]} must hold integers >= 1",
-            )
+        p.need(_in(m.max_norm, 0, math.inf, lo_open=True), "model.max_norm must be > 0 or null")
+    # mlp: hidden is a list of layer sizes; cnn: channels is a list, hidden one size.
+    lists = ("hidden",) if m.name == "mlp" else ("channels",) if m.name == "cnn" else ()
+    for key in lists:
+        p.need(
+            OmegaConf.is_list(m[key]) and all(_is_int(s) and s >= 1 for s in m[key]),
+            f"model.{key}={m[key]} must be a list of integers >= 1, e.g. [64]",
+        )
+    if m.name == "cnn":
+        p.need(
+            _is_int(m.hidden) and m.hidden >= 1, f"model.hidden={m.hidden} must be an integer >= 1"
+        )
+        p.need(
+            OmegaConf.is_list(m.channels) and len(m.channels) >= 1,
+            "model.channels needs at least one convolution, e.g. [32, 64]",
+        )
 
     o = cfg.optim
-    p.need(_in(o.lr, 0, float("inf"), lo_open=True), f"optim.lr={o.lr} must be > 0")
-    p.need(
-        _in(o.weight_decay, 0, float("inf")), f"optim.weight_decay={o.weight_decay} must be >= 0"
-    )
+    p.need(_in(o.lr, 0, math.inf, lo_open=True), f"optim.lr={o.lr} must be a number > 0")
+    p.need(_in(o.weight_decay, 0, math.inf), f"optim.weight_decay={o.weight_decay} must be >= 0")
     if "momentum" in o:
         p.need(
             _in(o.momentum, 0, 1, hi_open=True), f"optim.momentum={o.momentum} must be in [0, 1)"
         )
+        p.need(isinstance(o.nesterov, bool), f"optim.nesterov={o.nesterov}: use true or false")
+        if o.nesterov is True and o.momentum == 0:
+            p.append("optim.nesterov=true needs optim.momentum > 0")
     if "betas" in o:
         p.need(
-            len(o.betas) == 2 and all(_in(b, 0, 1, hi_open=True) for b in o.betas),
-            f"optim.betas={list(o.betas)} must be two numbers in [0, 1)",
+            OmegaConf.is_list(o.betas)
+            and len(o.betas) == 2
+            and all(_in(b, 0, 1, hi_open=True) for b in o.betas),
+            f"optim.betas={o.betas} must be two numbers in [0, 1), e.g. [0.9, 0.999]",
         )
     p.need(
         o.schedule in ("cosine", "step", "constant"),
@@ -159,8 +182,8 @@ def _train_teachers(cfg: DictConfig, p: _Problems) -> None:
 
 def _distill(cfg: DictConfig, p: _Problems) -> None:
     p.need(
-        _in(cfg.T, 0, float("inf"), lo_open=True),
-        f"T={cfg.T} must be a number > 0 (the paper used 1 to 20)",
+        _in(cfg.T, 0, math.inf, lo_open=True),
+        f"T={cfg.T} must be a finite number > 0 (the paper used 1 to 20)",
     )
     p.need(
         _in(cfg.alpha, 0, 1), f"alpha={cfg.alpha} must be in [0, 1] (the weight of the soft term)"

@@ -143,7 +143,9 @@ def distill(cfg: DictConfig, run: Run) -> dict[str, Any]:
                 out, targets[b], None if y_hard is None else y_hard[b], T, alpha
             )
     else:
-        targets = combine(teacher_train, cfg.ensemble, 1.0)  # log-probs: logits up to a shift
+        # The ensemble's log-probabilities are logits of its distribution (any other logits
+        # differ by a per-example shift, which logit matching removes by zero-meaning).
+        targets = combine(teacher_train, cfg.ensemble, 1.0)
 
         def loss_fn(out: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return logit_matching_loss(
@@ -251,8 +253,11 @@ def _print_table(
             1.0,
         ]
     )
+    hard = "student, hard labels (alpha=0)"
+    if not cfg.transfer.labels:
+        hard = "student, hard labels (the labels distill did not use)"
     for label, m in (
-        ("student, hard labels (alpha=0)", baseline),
+        (hard, baseline),
         (f"student, distilled (T={cfg.T:g}, alpha={alpha:g})", student),
     ):
         if m:

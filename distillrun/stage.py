@@ -41,7 +41,8 @@ class Run:
 def run_stage(
     stage: str, cfg: DictConfig, body: Callable[[DictConfig, Run], dict[str, Any]]
 ) -> float | None:
-    """Run `body` in the Hydra run folder; return the validation accuracy for sweepers."""
+    """Run `body` in the Hydra run folder; return the validation accuracy (None without a
+    validation split) for Hydra's optimising sweepers."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     record: dict[str, Any] = {
@@ -74,7 +75,7 @@ def run_stage(
         **run.info,
         metrics=metrics,
     )
-    return metrics.get("val_accuracy", metrics.get("test_accuracy"))
+    return metrics.get("val_accuracy")  # for sweepers; never the test set
 
 
 def _write_failed(run: Run, record: dict[str, Any], status: str, error: BaseException) -> None:
@@ -103,9 +104,9 @@ def train_one(
 ) -> Any:
     """Train one model with progress bars, logging each epoch to metrics.jsonl as `label`."""
     from distillrun.console import training_bars
-    from distillrun.train import fit
+    from distillrun.train import batch_bounds, fit
 
-    batches = -(-len(x) // cfg.train.batch_size)
+    batches = len(batch_bounds(len(x), cfg.train.batch_size))
     with training_bars(cfg.progress, label, cfg.train.epochs, batches) as bars:
 
         def on_epoch(record: dict[str, Any]) -> None:

@@ -121,6 +121,15 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.argmax(dim=1) == b.argmax(dim=1)).float().mean())
 
 
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, stop) of each batch of an epoch. A last batch of a single example is folded into
+    the one before it: BatchNorm cannot train on one example."""
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return list(zip(starts, [*starts[1:], n], strict=True))
+
+
 @dataclass
 class Fit:
     """What a training run ended with: the model at its selected epoch and the history."""
@@ -165,8 +174,8 @@ def fit(
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=generator).to(x.device)
         total = torch.zeros((), device=x.device)
-        for i in range(0, n, batch_size):
-            idx = perm[i : i + batch_size]
+        for start, stop in batch_bounds(n, batch_size):
+            idx = perm[start:stop]
             xb = x[idx]
             if jitter_pixels:
                 xb = jitter(xb, jitter_pixels, generator)

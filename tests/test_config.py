@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
@@ -70,3 +72,27 @@ def test_data_root_defaults_to_the_environment(monkeypatch: pytest.MonkeyPatch) 
     assert composed("train-teachers", "dataset=mnist").dataset.root == "/somewhere/data"
     monkeypatch.delenv("DISTILLRUN_DATA")
     assert composed("train-teachers", "dataset=mnist").dataset.root == "data"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["model.hidden=64"], "model.hidden=64 must be a list"),
+        (["model=cnn", "model.channels=5"], "model.channels=5 must be a list"),
+        (["model=cnn", "model.channels=[]"], "at least one convolution"),
+        (["model=cnn", "model.hidden=[8]"], "model.hidden=[8] must be an integer"),
+        (["optim.betas=5"], "optim.betas=5"),
+        (["optim=sgd", "optim.nesterov=true", "optim.momentum=0"], "needs optim.momentum > 0"),
+        (["seed=4294967296"], "seed=4294967296"),
+        (["dataset.split_seed=-1"], "dataset.split_seed=-1"),
+        (["optim.lr=inf"], "optim.lr=inf"),
+    ],
+)
+def test_values_that_would_crash_later_are_refused(overrides: list[str], fragment: str) -> None:
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        validate("train-teachers", composed("train-teachers", *overrides))
+
+
+def test_infinite_temperature_is_refused() -> None:
+    with pytest.raises(UserError, match="T=inf must be a finite number"):
+        validate("distill", composed("distill", "T=inf"))

@@ -11,7 +11,7 @@ from distillrun import artifacts
 from distillrun.distill import fit_omit_bias, transfer_indices
 from distillrun.errors import UserError
 from distillrun.models import apply_max_norm, build_model, checkpoint, load_model, output_layer
-from distillrun.train import classification_metrics, fit, jitter
+from distillrun.train import batch_bounds, classification_metrics, fit, jitter
 
 OPTIM = {
     "name": "sgd",
@@ -213,3 +213,27 @@ def test_newest_complete_run_skips_unfinished_failed_and_refused(tmp_path):
         artifacts.newest_complete_run(root, "train-teachers", lambda m: "other data", said.append)
     with pytest.raises(UserError, match="run `distillrun distill` first"):
         artifacts.newest_complete_run(root, "distill", lambda m: None, said.append)
+
+
+@pytest.mark.parametrize(("n", "batch_size"), [(10, 3), (10, 5), (9, 4), (5, 4), (1, 4), (3, 1)])
+def test_batches_cover_every_example_once_and_never_leave_one_alone(n, batch_size):
+    bounds = batch_bounds(n, batch_size)
+    assert [i for start, stop in bounds for i in range(start, stop)] == list(range(n))
+    assert bounds[-1][1] - bounds[-1][0] > 1 or n == 1  # the last batch is never alone
+
+
+def test_batchnorm_model_trains_when_the_last_batch_would_hold_one_example():
+    x, y = torch.randn(5, 3, 8, 8), torch.tensor([0, 1, 0, 1, 0])
+    model = build_model({"name": "resnet18"}, (3, 8, 8), 2)
+    result = fit(
+        model,
+        x,
+        lambda out, idx: F.cross_entropy(out, y[idx]),
+        x_val=x[:0],
+        y_val=y[:0],
+        optim=OPTIM,
+        epochs=1,
+        batch_size=4,
+        seed=0,
+    )
+    assert result.best_epoch == 1
