@@ -109,7 +109,7 @@ def _combinations(overrides: list) -> list[list[str]]:
         if o.is_sweep_override():
             try:
                 values = list(o.sweep_string_iterator())
-            except Exception:  # interval sweeps (for optimising sweepers) have no list of values
+            except Exception:  # glob() and interval sweeps: Hydra expands them; each job validates
                 continue
             sweeps.append([f"{key}={v}" for v in values])
         else:
