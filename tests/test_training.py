@@ -25,6 +25,21 @@ OPTIM = {
 }
 
 
+def fit_with_sgd(model, x, loss_fn, x_val, y_val, epochs, batch_size, **kwargs):
+    return fit(
+        model,
+        x,
+        loss_fn,
+        x_val=x_val,
+        y_val=y_val,
+        optim=OPTIM,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=0,
+        **kwargs,
+    )
+
+
 def test_jitter_translates_each_image_by_at_most_k_pixels():
     x = torch.zeros(64, 1, 9, 9)
     x[:, 0, 4, 4] = 1.0  # one bright pixel in the middle, background 0 everywhere
@@ -45,17 +60,15 @@ def test_fit_keeps_the_epoch_with_fewest_validation_errors():
     torch.manual_seed(0)
     model = build_model({"name": "mlp", "hidden": [8]}, (5,), 2)
     states = []
-    result = fit(
+    result = fit_with_sgd(
         model,
         x,
         lambda out, idx: F.cross_entropy(out, y[idx]),
-        x_val=x[:50],
-        y_val=y[:50],
-        optim=OPTIM,
+        x[:50],
+        y[:50],
         epochs=6,
         batch_size=32,
-        seed=0,
-        on_epoch=lambda r: states.append(r),
+        on_epoch=states.append,
     )
     best = min(states, key=lambda r: (r["val_errors"], r["val_nll"]))
     assert result.best_epoch == best["epoch"]
@@ -67,16 +80,14 @@ def test_fit_stops_on_a_nan_loss_naming_the_epoch():
     x, y = torch.randn(20, 3), torch.zeros(20, dtype=torch.long)
     model = build_model({"name": "mlp", "hidden": [4]}, (3,), 2)
     with pytest.raises(UserError, match="epoch 1.*optim.lr"):
-        fit(
+        fit_with_sgd(
             model,
             x,
             lambda out, idx: out.sum() * float("nan"),
-            x_val=x[:0],
-            y_val=y[:0],
-            optim=OPTIM,
+            x[:0],
+            y[:0],
             epochs=3,
             batch_size=8,
-            seed=0,
         )
 
 
@@ -225,15 +236,13 @@ def test_batches_cover_every_example_once_and_never_leave_one_alone(n, batch_siz
 def test_batchnorm_model_trains_when_the_last_batch_would_hold_one_example():
     x, y = torch.randn(5, 3, 8, 8), torch.tensor([0, 1, 0, 1, 0])
     model = build_model({"name": "resnet18"}, (3, 8, 8), 2)
-    result = fit(
+    result = fit_with_sgd(
         model,
         x,
         lambda out, idx: F.cross_entropy(out, y[idx]),
-        x_val=x[:0],
-        y_val=y[:0],
-        optim=OPTIM,
+        x[:0],
+        y[:0],
         epochs=1,
         batch_size=4,
-        seed=0,
     )
     assert result.best_epoch == 1
