@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from distillrun.config import STAGES
+from distillrun.config import STAGES, sweep_values
 
 USAGE = "usage: distillrun <stage> [hydra overrides]   (distillrun <stage> --help for its options)"
 
@@ -107,9 +107,8 @@ def _combinations(overrides: list) -> list[list[str]]:
         prefix = "++" if o.is_force_add() else "+" if o.is_add() else "~" if o.is_delete() else ""
         key = f"{prefix}{o.get_key_element()}"
         if o.is_sweep_override():
-            try:
-                values = list(o.sweep_string_iterator())
-            except Exception:  # glob() and interval sweeps: Hydra expands them; each job validates
+            values = sweep_values(o)
+            if values is None:
                 continue
             sweeps.append([f"{key}={v}" for v in values])
         else:

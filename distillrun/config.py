@@ -45,19 +45,23 @@ def did_you_mean(word: str, choices: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def sweep_values(override: Any) -> list[str] | None:
+    """The values of a sweep override; None for glob() and interval sweeps, which Hydra expands
+    itself (each of their jobs is still validated when it starts)."""
+    try:
+        return list(override.sweep_string_iterator())
+    except Exception:
+        return None
+
+
 def check_group_choices(overrides: list[Any]) -> None:
     """Refuse `dataset=foo` and the like with a suggestion (Hydra would print a trace, exit 1)."""
     for override in overrides:
         group = override.key_or_group
         if group not in GROUPS or override.is_delete():
             continue
-        try:
-            values = (
-                list(override.sweep_string_iterator())
-                if override.is_sweep_override()
-                else [override.value()]
-            )
-        except Exception:  # glob(...) and other sweeps Hydra expands itself: its own checks apply
+        values = sweep_values(override) if override.is_sweep_override() else [override.value()]
+        if values is None:
             continue
         choices = group_choices(group)
         for value in values:
@@ -78,6 +82,10 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_seed(v: Any) -> bool:
+    return _is_int(v) and 0 <= v < 2**31
+
+
 def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -91,10 +99,7 @@ def _in(v: Any, lo: float, hi: float, lo_open: bool = False, hi_open: bool = Fal
 
 
 def _common(cfg: DictConfig, p: _Problems) -> None:
-    p.need(
-        _is_int(cfg.seed) and 0 <= cfg.seed < 2**31,
-        f"seed={cfg.seed} must be an integer in [0, 2^31)",
-    )
+    p.need(_is_seed(cfg.seed), f"seed={cfg.seed} must be an integer in [0, 2^31)")
     p.need(
         isinstance(cfg.device, str) and bool(DEVICE.match(cfg.device)),
         f"device={cfg.device} is not one of auto, cpu, cuda, cuda:N, mps",
@@ -118,7 +123,7 @@ def _common(cfg: DictConfig, p: _Problems) -> None:
         )
     if "split_seed" in d:
         p.need(
-            _is_int(d.split_seed) and 0 <= d.split_seed < 2**31,
+            _is_seed(d.split_seed),
             f"dataset.split_seed={d.split_seed} must be an integer in [0, 2^31)",
         )
     if OmegaConf.is_missing(d, "path"):

@@ -145,7 +145,7 @@ def test_train_teachers_writes_a_complete_run_folder(teachers: Path) -> None:
         assert "state_dict" in torch.load(teachers / f"member_{i}.pt", weights_only=True)
 
 
-def test_distill_consumes_the_newest_complete_teachers_run(teachers: Path, tmp_path: Path) -> None:
+def test_distill_consumes_the_newest_complete_teachers_run(teachers: Path) -> None:
     root = teachers.parent.parent.parent  # the fixture's working directory
     # A newer unfinished run (no manifest) and a newer failed one: both must be skipped.
     (root / "outputs/train-teachers/9999-12-31_23-59-59-000000").mkdir()
