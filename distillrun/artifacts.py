@@ -18,12 +18,19 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from distillrun.errors import UserError
 
 MANIFEST = "manifest.json"
-LIBRARIES = ("torch", "torchvision", "numpy", "hydra-core", "omegaconf", "scikit-learn", "rich")
+LIBRARIES = (
+    "torch",
+    "torchvision",
+    "numpy",
+    "hydra-core",
+    "omegaconf",
+    "scikit-learn",
+    "rich",
+    "matplotlib",
+)
 
 
 _UMASK = os.umask(0)
@@ -34,7 +41,8 @@ def now() -> str:
     return dt.datetime.now().astimezone().isoformat(timespec="microseconds")
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
+def atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
+    """Write through `write(file)` under a temporary name, then rename: all or nothing."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -50,16 +58,20 @@ def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), "w")
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), "w")
 
 
 def save_tensors(path: Path, obj: Any) -> None:
     """torch.save of tensors and plain containers only, so `load_tensors` can read it safely."""
-    _atomic_write(path, lambda f: torch.save(obj, f), "wb")
+    import torch  # here, so that sweep summaries and reports do not pay for importing torch
+
+    atomic_write(path, lambda f: torch.save(obj, f), "wb")
 
 
-def load_tensors(path: Path, map_location: str | torch.device = "cpu") -> Any:
+def load_tensors(path: Path, map_location: Any = "cpu") -> Any:
     """Load a checkpoint or cache without executing anything it contains (weights_only)."""
+    import torch
+
     if not path.is_file():
         raise UserError(f"missing file {path}: the run folder is incomplete; re-run its stage")
     try:
@@ -130,6 +142,16 @@ def is_complete(manifest: dict[str, Any] | None, stage: str) -> bool:
     return (
         bool(manifest) and manifest.get("status") == "complete" and manifest.get("stage") == stage
     )
+
+
+def is_sweep(folder: Path) -> bool:
+    """A Hydra multirun folder: no manifest of its own, its jobs in subfolders."""
+    return (folder / "multirun.yaml").is_file() and not (folder / MANIFEST).exists()
+
+
+def sweep_jobs(folder: Path) -> list[Path]:
+    jobs = [p for p in folder.iterdir() if p.is_dir() and (p / ".hydra").is_dir()]
+    return sorted(jobs, key=lambda p: (len(p.name), p.name))  # 0, 1, ..., 10
 
 
 def run_folders(output_root: Path, stage: str) -> list[Path]:

@@ -31,6 +31,7 @@ def print_help() -> None:
         "  distillrun train-teachers teachers.n=5\n"
         "  distillrun distill T=20 alpha=0.9\n"
         "  distillrun distill -m T=1,2,4,8 alpha=0.5,0.9\n"
+        "  distillrun report outputs/distill/multirun/<timestamp>\n"
         '\nshell completion: eval "$(distillrun -sc install=bash)"'
     )
 
@@ -143,6 +144,30 @@ def _check_output_root(output_root: str) -> None:
         ) from e
 
 
+# Hydra options followed by a value, which is not a folder for `report`.
+_VALUE_OPTIONS = {"--cfg", "-c", "--package", "-p", "--info", "-i", "--config-path", "-cp"}
+_VALUE_OPTIONS |= {"--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"}
+_OPTIONAL_VALUES = {"job", "hydra", "all", "config", "defaults", "defaults-tree", "plugins"}
+
+
+def folders_to_override(args: list[str]) -> list[str]:
+    """`distillrun report A B` -> `runs=['A','B']`: Hydra takes no positional arguments."""
+    folders, rest, after_option = [], [], None
+    for a in args:
+        takes_value = after_option in _VALUE_OPTIONS and (
+            after_option not in ("--cfg", "-c", "--info", "-i") or a in _OPTIONAL_VALUES
+        )
+        if takes_value or "=" in a or a.startswith("-"):
+            rest.append(a)
+        else:
+            folders.append(a)
+        after_option = a
+    if not folders:
+        return args
+    quoted = ",".join("'" + f.replace("\\", "\\\\").replace("'", "\\'") + "'" for f in folders)
+    return [*rest, f"runs=[{quoted}]"]
+
+
 def run_stage(stage: str, args: list[str]) -> None:
     module = importlib.import_module(STAGES[stage][0])
     sys.argv = [sys.argv[0], *args]
@@ -162,6 +187,8 @@ def main() -> None:
         close = difflib.get_close_matches(stage, STAGES, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         fail(f"unknown stage '{stage}': {hint}stages are {', '.join(STAGES)}")
+    if stage == "report":
+        args = folders_to_override(args)
     precheck(stage, args)
     try:
         run_stage(stage, args)

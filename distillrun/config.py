@@ -28,8 +28,13 @@ STAGES: dict[str, tuple[str, str, str]] = {
         "distill",
         "distill a teachers run into a small student with soft targets at temperature T",
     ),
+    "report": (
+        "distillrun.report",
+        "report",
+        "a table, plots and a Markdown report of run and sweep folders",
+    ),
 }
-GROUPS = ("dataset", "model", "optim")
+GROUPS = ("dataset", "model", "optim", "experiment")
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -107,6 +112,13 @@ def _common(cfg: DictConfig, p: _Problems) -> None:
     p.need(
         cfg.progress in ("auto", True, False), f"progress={cfg.progress}: use auto, true or false"
     )
+    p.need(
+        cfg.threads == "auto" or (_is_int(cfg.threads) and cfg.threads >= 1),
+        f"threads={cfg.threads}: use auto or an integer >= 1",
+    )
+
+
+def _training(cfg: DictConfig, p: _Problems) -> None:
     for key in ("epochs", "batch_size", "eval_batch_size"):
         v = cfg.train[key]
         p.need(_is_int(v) and v >= 1, f"train.{key}={v} must be an integer >= 1")
@@ -185,7 +197,17 @@ def _train_teachers(cfg: DictConfig, p: _Problems) -> None:
     )
 
 
+def _paths(value: Any) -> list[Any] | None:
+    """The folders a `teachers=`/`runs=` value names, or None when it is not a path or a list."""
+    values = list(value) if OmegaConf.is_list(value) else [value]
+    return values if all(isinstance(v, str) and v for v in values) else None
+
+
 def _distill(cfg: DictConfig, p: _Problems) -> None:
+    p.need(
+        cfg.teachers is None or _paths(cfg.teachers) is not None,
+        f"teachers={cfg.teachers} must be a run or sweep folder, or a list of them",
+    )
     p.need(
         _in(cfg.T, 0, math.inf, lo_open=True),
         f"T={cfg.T} must be a finite number > 0 (the paper used 1 to 20)",
@@ -218,11 +240,33 @@ def _distill(cfg: DictConfig, p: _Problems) -> None:
         )
 
 
+def _report(cfg: DictConfig, p: _Problems) -> None:
+    runs = _paths(cfg.runs)
+    p.need(
+        bool(runs),
+        "name the run or sweep folders to report: distillrun report outputs/distill/multirun/<ts>",
+    )
+    p.need(cfg.title is None or isinstance(cfg.title, str), "title must be text")
+
+
+def _experiment(stage: str, cfg: DictConfig, p: _Problems) -> None:
+    """A preset for one stage used with another (presets set stage-specific keys)."""
+    preset = cfg.get("experiment")
+    if preset is None or preset.stage == stage:
+        return
+    other = preset.get("companion")
+    fix = f"use +experiment={other}" if other else "drop it"
+    p.append(f"experiment={preset.name} is a preset for `distillrun {preset.stage}`: {fix}")
+
+
 def validate(stage: str, cfg: DictConfig) -> None:
     """Check every value of a composed stage config; raise one UserError listing all problems."""
     p = _Problems()
     _common(cfg, p)
-    {"train-teachers": _train_teachers, "distill": _distill}[stage](cfg, p)
+    _experiment(stage, cfg, p)
+    if stage != "report":
+        _training(cfg, p)
+    {"train-teachers": _train_teachers, "distill": _distill, "report": _report}[stage](cfg, p)
     if p:
         fix = "" if len(p) == 1 else f" ({len(p)} problems)"
         raise UserError("; ".join(p) + fix)

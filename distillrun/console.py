@@ -81,10 +81,14 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
-def results_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+def results_table(
+    title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], text_columns: int = 1
+) -> None:
+    """A table whose first `text_columns` columns are left-aligned text, the rest numbers."""
     table = Table(title=title, title_justify="left")
     for i, col in enumerate(columns):
-        table.add_column(col, justify="left" if i == 0 else "right")
+        text = i < text_columns
+        table.add_column(col, justify="left" if text else "right", no_wrap=text)
     for row in rows:
         table.add_row(*[fmt(v) for v in row])
     console.print(table)

@@ -2,7 +2,7 @@
 
     loss = alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE(y, q_1)      (alpha weights soft)
 
-The teachers' logits on the transfer set come from the teachers run's cache (logits.pt), looked
+The teachers' logits on the transfer set come from the teachers' cache (see teachers.py), looked
 up by example index: no teacher forward pass here. The student is evaluated at T = 1. With
 `baseline=true` the same student (same initialisation, same transfer set) is also trained on
 the hard labels alone (alpha = 0), so every run shows what distillation bought.
@@ -26,57 +26,13 @@ from distillrun.errors import UserError
 from distillrun.losses import distillation_loss, logit_matching_loss
 from distillrun.models import build_model, checkpoint, count_parameters, output_layer
 from distillrun.stage import Run, run_stage, train_one
+from distillrun.teachers import Teachers, find_teachers, teacher_logits
 from distillrun.train import agreement, classification_metrics, predict
-
-TEACHERS_STAGE = "train-teachers"
 
 
 @hydra.main(version_base="1.3", config_path="pkg://distillrun.conf", config_name="distill")
 def main(cfg: DictConfig) -> float | None:
     return run_stage("distill", cfg, distill)
-
-
-def find_teachers(cfg: DictConfig, data: Data) -> tuple[Path, dict[str, Any]]:
-    """The teachers run named by `teachers=`, or the newest complete one on the same data."""
-
-    def same_data(manifest: dict[str, Any]) -> str | None:
-        theirs = manifest.get("dataset", {})
-        if theirs.get("fingerprint") == data.fingerprint:
-            return None
-        return (
-            f"{manifest.get('run_dir')} was trained on dataset={theirs.get('name')} with other "
-            f"data or splits than this run's dataset={data.name} (the dataset fingerprint differs)"
-        )
-
-    if cfg.teachers is None:
-        folder, manifest = artifacts.newest_complete_run(
-            Path(cfg.paths.output_root), TEACHERS_STAGE, same_data, say
-        )
-    else:
-        folder = Path(str(cfg.teachers))
-        manifest = artifacts.complete_run(folder, TEACHERS_STAGE)
-        why_not = same_data(manifest)
-        if why_not:
-            raise UserError(
-                f"{why_not}: pass the dataset settings the teachers used, or a teachers run "
-                "trained on this dataset"
-            )
-    return folder.resolve(), manifest
-
-
-def load_teacher_logits(folder: Path, data: Data) -> dict[str, torch.Tensor]:
-    cache = artifacts.load_tensors(folder / "logits.pt")
-    ok = isinstance(cache, dict) and cache.get("fingerprint") == data.fingerprint
-    for split in ("train", "val", "test"):
-        t = cache.get(split) if ok else None
-        ok = ok and isinstance(t, torch.Tensor) and t.dim() == 3
-        ok = ok and t.shape[1:] == (len(getattr(data, f"y_{split}")), data.num_classes)
-    if not ok:
-        raise UserError(
-            f"{folder / 'logits.pt'} does not hold teacher logits for this dataset's splits: "
-            "the teachers run is damaged; re-run `distillrun train-teachers`"
-        )
-    return cache
 
 
 def transfer_indices(y_train: torch.Tensor, cfg: DictConfig, seed: int) -> torch.Tensor:
@@ -123,9 +79,10 @@ def distill(cfg: DictConfig, run: Run) -> dict[str, Any]:
             f"transfer.omit_classes has class ids {bad} out of range: dataset={data.name} has "
             f"classes 0..{data.num_classes - 1}"
         )
-    folder, teachers = find_teachers(cfg, data)
-    run.inputs["teachers"] = str(folder)
-    cache = load_teacher_logits(folder, data)
+    teachers = find_teachers(cfg.teachers, Path(cfg.paths.output_root), data, say)
+    run.inputs["teachers"] = teachers.source
+    cache, cache_path, built = teacher_logits(teachers, data)
+    run.info["teacher_cache"] = {"path": str(cache_path), "built_by_this_run": built}
     data = data.to(run.device)
     device = run.device
 
@@ -152,15 +109,17 @@ def distill(cfg: DictConfig, run: Run) -> dict[str, Any]:
                 out, targets[b], None if y_hard is None else y_hard[b], alpha
             )
 
+    members = cache["train"].shape[0]
     say(
-        f"distill: teachers {folder}\n"
+        f"distill: teachers {teachers.source} ({members} member{'s' * (members > 1)}; "
+        f"{'stacked their logits into' if built else 'logits from'} {cache_path or 'memory'})\n"
         f"  student {cfg.model.name} on {len(idx)} transfer examples of {data.name}, "
         f"loss={cfg.loss} T={T:g} alpha={alpha:g} ensemble={cfg.ensemble}"
         + ("" if labels else " (unlabeled transfer set: soft term only)")
         + (f", without classes {omit}" if omit else "")
         + f", on {device} -> {run.dir}"
     )
-    run.info["dataset"] = teachers.get("dataset", {})
+    run.info["dataset"] = teachers.dataset
     run.info["transfer_size"] = len(idx)
 
     teacher_test = combine(cache["test"], cfg.ensemble).to(device)
@@ -218,7 +177,7 @@ def distill(cfg: DictConfig, run: Run) -> dict[str, Any]:
 
     teacher_metrics = classification_metrics(teacher_test, y_test, "test")
     student_params = count_parameters(student)
-    teacher_params = teachers.get("metrics", {}).get("teacher_params")
+    teacher_params = teachers.params
     metrics.update(
         teacher_test_accuracy=teacher_metrics["test_accuracy"],
         teacher_test_errors=teacher_metrics["test_errors"],
@@ -233,7 +192,7 @@ def distill(cfg: DictConfig, run: Run) -> dict[str, Any]:
 def _print_table(
     cfg: DictConfig,
     data: Data,
-    teachers: dict[str, Any],
+    teachers: Teachers,
     teacher_metrics: dict[str, Any],
     baseline: dict[str, Any],
     student: dict[str, Any],
@@ -242,7 +201,7 @@ def _print_table(
     rows: list[list[Any]] = [
         [f"teacher {i} (seed {m.get('seed')})", m.get("test_accuracy"), m.get("test_errors")]
         + [m.get("test_nll"), m.get("test_ece"), None]
-        for i, m in enumerate(teachers.get("metrics", {}).get("members", []))
+        for i, m in enumerate(teachers.members)
     ]
     rows.append(
         [f"teacher ensemble ({cfg.ensemble})", teacher_metrics["test_accuracy"]]

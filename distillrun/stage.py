@@ -58,6 +58,10 @@ def run_stage(
     run = Run(stage, run_dir, torch.device("cpu"))
     try:
         validate(stage, cfg)
+        threads = job_threads(cfg.threads, hydra_cfg.launcher, _cores())
+        if threads is not None:
+            torch.set_num_threads(threads)
+        record["threads"] = torch.get_num_threads()
         run.device = pick_device(cfg.device)
         metrics = body(cfg, run)
     except BaseException as e:
@@ -76,6 +80,29 @@ def run_stage(
         metrics=metrics,
     )
     return metrics.get("val_accuracy")  # for sweepers; never the test set
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # what this process may use (containers, taskset)
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def job_threads(setting: Any, launcher: DictConfig, cores: int) -> int | None:
+    """torch threads for this job: `threads=N`, or the cores shared fairly among the jobs a
+    parallel launcher runs at once, so jobs x threads does not oversubscribe the machine.
+    None: one job at a time, torch's own default (one thread per physical core)."""
+    if setting != "auto":
+        return int(setting)
+    target = str(launcher.get("_target_", ""))
+    if "joblib_launcher" in target:
+        n_jobs = launcher.get("n_jobs") or -1
+        parallel = n_jobs if n_jobs > 0 else cores + 1 + n_jobs  # joblib: -1 is every core
+        return max(1, cores // max(1, parallel))
+    if "submitit_launcher" in target and launcher.get("cpus_per_task"):
+        return int(launcher.cpus_per_task)  # what SLURM (or submitit_local) gives each job
+    return None
 
 
 def _write_failed(run: Run, record: dict[str, Any], status: str, error: BaseException) -> None:

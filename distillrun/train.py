@@ -168,7 +168,7 @@ def fit(
     n = len(x)
     best: tuple[float, float] = (math.inf, math.inf)
     best_state, best_epoch, history = None, epochs, []
-    start = time.perf_counter()
+    began = time.perf_counter()
     model.train()
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
@@ -210,4 +210,4 @@ def fit(
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    return Fit(model, best_epoch, history, time.perf_counter() - start)
+    return Fit(model, best_epoch, history, time.perf_counter() - began)

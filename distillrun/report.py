@@ -1,0 +1,52 @@
+"""`distillrun report <folders>`: the sweep summary for any run and sweep folders, plus a
+Markdown report (report.md) that links the plots and gives the command behind each folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from distillrun import artifacts
+from distillrun.console import fmt, say
+from distillrun.stage import Run, run_stage
+from distillrun.summary import Row, collect, command, source_labels, summarise, table_rows
+
+
+@hydra.main(version_base="1.3", config_path="pkg://distillrun.conf", config_name="report")
+def main(cfg: DictConfig) -> float | None:
+    return run_stage("report", cfg, report)
+
+
+def report(cfg: DictConfig, run: Run) -> dict[str, Any]:
+    folders = [Path(str(f)) for f in cfg.runs]
+    rows = [row for folder in folders for row in collect(folder)]
+    for folder in folders:
+        run.inputs[folder.name] = str(folder.resolve())
+    title = cfg.title or "distillrun report"
+    files = summarise(rows, run.dir, title)
+    markdown(title, folders, rows, files, run.dir / "report.md")
+    say(f"report: {run.dir / 'report.md'} ({len(rows)} runs from {len(folders)} folders)")
+    return {"runs": len(rows), "complete": sum(r.status == "complete" for r in rows)}
+
+
+def markdown(
+    title: str, folders: list[Path], rows: list[Row], files: list[Path], path: Path
+) -> None:
+    columns, cells = table_rows(rows)
+    lines = [f"# {title}", "", f"{artifacts.now()[:16].replace('T', ' ')}, {len(rows)} runs.", ""]
+    lines += ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(fmt(c).replace("|", "\\|") for c in row) + " |" for row in cells]
+    plots = [f"![{f.stem}]({f.name})" for f in files if f.suffix == ".png"]
+    lines += ["", "## Plots", "", *(plots or ["(nothing to plot)"])]
+    lines += ["", "## Where the numbers come from", ""]
+    labels = source_labels(rows)
+    for folder in folders:
+        label = labels.get(str(folder))
+        lines.append(f"- {label + ': ' if label else ''}`{folder.resolve()}`")
+        how = command(folder)
+        if how:
+            lines.append(f"  `{how}`")
+    artifacts.atomic_write(path, lambda f: f.write("\n".join(lines) + "\n"), "w")

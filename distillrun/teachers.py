@@ -1,0 +1,226 @@
+"""Where a student's teachers come from, and their cached outputs.
+
+A teachers source is one train-teachers run, a sweep folder of train-teachers jobs (e.g.
+`train-teachers -m seed=0,1,2,3,4`, one member per job, any launcher), or a list of such
+folders: every member of every run joins one ensemble.
+
+The teachers' logits on the train/val/test splits are computed once, by train-teachers, and
+saved with each run (logits.pt). A source of several runs stacks them once into
+`teacher_logits.pt` beside them (in the sweep folder, or under the output root for a list),
+under a file lock, so the parallel jobs of a distill sweep build it once and share it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distillrun import artifacts
+from distillrun.data import Data
+from distillrun.errors import UserError
+
+STAGE = "train-teachers"
+CACHE = "teacher_logits.pt"
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Teachers:
+    """The runs of one ensemble: their folders (resolved), manifests, and where to cache."""
+
+    source: str  # what to print and record: a run folder, a sweep folder, or a list
+    runs: list[Path]
+    manifests: list[dict[str, Any]]
+    cache_dir: Path
+
+    @property
+    def members(self) -> list[dict[str, Any]]:
+        return [m for manifest in self.manifests for m in manifest["metrics"].get("members", [])]
+
+    @property
+    def params(self) -> int | None:
+        counts = [m["metrics"].get("teacher_params") for m in self.manifests]
+        return None if None in counts else sum(counts)
+
+    @property
+    def dataset(self) -> dict[str, Any]:
+        return self.manifests[0].get("dataset", {})
+
+
+def _check_data(manifest: dict[str, Any], data: Data) -> str | None:
+    theirs = manifest.get("dataset", {})
+    if theirs.get("fingerprint") == data.fingerprint:
+        return None
+    return (
+        f"{manifest.get('run_dir')} was trained on dataset={theirs.get('name')} with other "
+        f"data or splits than this run's dataset={data.name} (the dataset fingerprint differs)"
+    )
+
+
+def _complete_sweep(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
+    jobs = artifacts.sweep_jobs(folder)
+    if not jobs:
+        raise UserError(f"sweep folder {folder} holds no jobs: pass a sweep that ran")
+    found = []
+    unfinished = []
+    for job in jobs:
+        manifest = artifacts.read_manifest(job)
+        if not artifacts.is_complete(manifest, STAGE):
+            unfinished.append(job.name)
+            continue
+        found.append((job, manifest))
+    if unfinished:
+        raise UserError(
+            f"sweep {folder} has {len(unfinished)} of {len(jobs)} jobs that are not complete "
+            f"train-teachers runs (jobs {', '.join(unfinished)}): finish them, or pass the "
+            "complete ones as teachers=[run,run,...]"
+        )
+    return found
+
+
+def _runs_of(folder: Path, data: Data) -> list[tuple[Path, dict[str, Any]]]:
+    """The complete runs a named folder stands for: itself, or every job of a sweep."""
+    if artifacts.is_sweep(folder):
+        found = _complete_sweep(folder)
+    else:
+        found = [(folder, artifacts.complete_run(folder, STAGE))]
+    for _, manifest in found:
+        why_not = _check_data(manifest, data)
+        if why_not:
+            raise UserError(
+                f"{why_not}: pass the dataset settings the teachers used, or teachers trained "
+                "on this dataset"
+            )
+    return found
+
+
+def find_teachers(
+    teachers: Any, output_root: Path, data: Data, say: Callable[[str], None]
+) -> Teachers:
+    """`teachers=` (a folder or a list of folders), or by default the newest complete run or
+    sweep of train-teachers on the same data."""
+    if teachers is None:
+        folder = _newest_source(output_root, data, say)
+        names = [folder]
+    else:
+        names = [Path(str(t)) for t in ([teachers] if isinstance(teachers, str) else teachers)]
+        if not names:
+            raise UserError("teachers=[] names no runs: pass a run or sweep folder, or leave it")
+    found = [run for name in names for run in _runs_of(name, data)]
+    runs = [folder.resolve() for folder, _ in found]
+    if len(set(runs)) != len(runs):
+        raise UserError("teachers= names the same run twice: list each run once")
+    if len(names) == 1:
+        source, cache_dir = str(names[0].resolve()), names[0].resolve()
+    else:
+        source = "[" + ", ".join(str(n.resolve()) for n in names) + "]"
+        key = hashlib.sha256("\n".join(map(str, runs)).encode()).hexdigest()[:16]
+        cache_dir = output_root.resolve() / "teacher-cache" / key
+    return Teachers(source, runs, [m for _, m in found], cache_dir)
+
+
+def _newest_source(output_root: Path, data: Data, say: Callable[[str], None]) -> Path:
+    """The newest complete train-teachers run or whole sweep on this data."""
+    base = output_root / STAGE
+    sweeps = sorted(base.glob("multirun/*")) if base.is_dir() else []
+    candidates, skipped = [], 0
+    for folder in artifacts.run_folders(output_root, STAGE):
+        if folder.parent.parent.name == "multirun":
+            continue  # a sweep's jobs are considered together, below
+        try:
+            manifest = artifacts.read_manifest(folder)
+        except UserError:
+            manifest = None
+        if not artifacts.is_complete(manifest, STAGE):
+            skipped += 1
+        elif _check_data(manifest, data) is None:
+            candidates.append((manifest.get("started", ""), folder))
+    for sweep in sweeps:
+        try:
+            found = _complete_sweep(sweep) if artifacts.is_sweep(sweep) else []
+        except UserError:
+            found = []
+        if not found:
+            skipped += 1
+        elif all(_check_data(m, data) is None for _, m in found):
+            candidates.append((max(m.get("started", "") for _, m in found), sweep))
+    if skipped:
+        say(f"skipped {skipped} unfinished or failed {STAGE} run(s) or sweep(s) under {base}")
+    if not candidates:
+        raise UserError(
+            f"no complete {STAGE} run on dataset={data.name} under {base}: run "
+            f"`distillrun {STAGE}` first, or pass teachers=<run or sweep folder>"
+        )
+    return max(candidates)[1]
+
+
+def _holds_logits(cache: Any, data: Data) -> bool:
+    """Logits [M, N, C] of this dataset's splits, tagged with its fingerprint."""
+    ok = isinstance(cache, dict) and cache.get("fingerprint") == data.fingerprint
+    for split in SPLITS:
+        t = cache.get(split) if ok else None
+        ok = ok and isinstance(t, torch.Tensor) and t.dim() == 3
+        ok = ok and t.shape[1:] == (len(getattr(data, f"y_{split}")), data.num_classes)
+    return ok
+
+
+def _load_run_logits(folder: Path, data: Data) -> dict[str, torch.Tensor]:
+    cache = artifacts.load_tensors(folder / "logits.pt")
+    if not _holds_logits(cache, data):
+        raise UserError(
+            f"{folder / 'logits.pt'} does not hold teacher logits for this dataset's splits: "
+            "the teachers run is damaged; re-run `distillrun train-teachers`"
+        )
+    return cache
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    """The stacked cache, or {} when it is missing or damaged (then it is rebuilt)."""
+    try:
+        cache = artifacts.load_tensors(path) if path.is_file() else {}
+    except UserError:
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def teacher_logits(
+    teachers: Teachers, data: Data
+) -> tuple[dict[str, torch.Tensor], Path | None, bool]:
+    """Every member's logits [M, N, C] per split, the file they came from (None: stacked in
+    memory, the cache folder being read-only), and whether this call wrote that file (True
+    once per source, however many jobs ask at the same time)."""
+    if len(teachers.runs) == 1:
+        path = teachers.runs[0] / "logits.pt"
+        return _load_run_logits(teachers.runs[0], data), path, False
+    path = teachers.cache_dir / CACHE
+    sources = [str(r) for r in teachers.runs]
+    try:
+        teachers.cache_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(teachers.cache_dir / f".{CACHE}.lock", "a")
+    except OSError:
+        lock = None  # a read-only teachers folder: stack in memory, cache nothing
+    try:
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # the other jobs wait here while one builds it
+            cache = _read_cache(path)
+            if cache.get("sources") == sources and _holds_logits(cache, data):
+                return cache, path, False
+        parts = [_load_run_logits(run, data) for run in teachers.runs]
+        cache = {
+            "fingerprint": data.fingerprint,
+            "sources": sources,
+            **{s: torch.cat([p[s] for p in parts]) for s in SPLITS},
+        }
+        if lock is None:
+            return cache, None, False
+        artifacts.save_tensors(path, cache)
+        return cache, path, True
+    finally:
+        if lock is not None:
+            lock.close()  # releases the lock
