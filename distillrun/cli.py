@@ -11,6 +11,7 @@ import difflib
 import importlib
 import itertools
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -96,6 +97,9 @@ def precheck(stage: str, args: list[str]) -> None:
         if isinstance(e, UserError):
             fail(str(e), stage)
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        if "Available options" in str(e):  # a Hydra group choice, e.g. hydra/launcher=joblb
+            text = " ".join(lines).split(" Config search path")[0]
+            fail(re.sub(r"\s*Available options in '[^']+':", ": choose one of", text), stage)
         fail(f"{' '.join(lines[:3])} (see `distillrun {stage} --cfg job` for the keys)", stage)
 
 
@@ -103,7 +107,7 @@ def _combinations(overrides: list) -> list[list[str]]:
     """The first value of every sweep, then each sweep value once: enough to check every value."""
     fixed, sweeps = [], []
     for o in overrides:
-        if o.key_or_group.startswith("hydra"):
+        if o.key_or_group.startswith("hydra.") or o.key_or_group == "hydra":
             continue  # launcher and output settings: Hydra's own business
         prefix = "++" if o.is_force_add() else "+" if o.is_add() else "~" if o.is_delete() else ""
         key = f"{prefix}{o.get_key_element()}"

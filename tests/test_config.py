@@ -99,3 +99,22 @@ def test_values_that_would_crash_later_are_refused(overrides: list[str], fragmen
 def test_infinite_temperature_is_refused() -> None:
     with pytest.raises(UserError, match="T=inf must be a finite number"):
         validate("distill", composed("distill", "T=inf"))
+
+
+def test_the_paper_presets() -> None:
+    teachers = composed("train-teachers", "+experiment=hinton_mnist_teachers")
+    assert teachers.dataset.name == "mnist" and list(teachers.model.hidden) == [1200, 1200]
+    assert teachers.teachers.jitter == 2 and teachers.model.max_norm == 3.5
+    student = composed("distill", "+experiment=hinton_mnist")
+    assert list(student.model.hidden) == [800, 800] and student.T == 20
+    assert student.model.dropout == 0 and student.dataset.name == "mnist"
+    assert list(composed("distill", "+experiment=small_student").model.hidden) == [30, 30]
+    omit3 = composed("distill", "+experiment=omit3")
+    assert list(omit3.transfer.omit_classes) == [3] and omit3.transfer.fit_omit_bias
+    assert composed("distill", "+experiment=soft_targets_3pct").transfer.fraction == 0.03
+    assert composed("distill", "+experiment=hinton_mnist", "T=8").T == 8  # still overridable
+    for name in group_choices("experiment"):  # each preset is valid for the stage it names
+        stage = "train-teachers" if name.endswith("_teachers") else "distill"
+        cfg = composed(stage, f"+experiment={name}")
+        assert cfg.experiment.stage == stage
+        validate(stage, cfg)
