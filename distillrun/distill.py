@@ -10,6 +10,8 @@ the hard labels alone (alpha = 0), so every run shows what distillation bought.
 
 from __future__ import annotations
 
+import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from distillrun.data import Data, load_dataset
 from distillrun.ensemble import combine
 from distillrun.errors import UserError
 from distillrun.losses import distillation_loss, logit_matching_loss
-from distillrun.models import build_model, checkpoint, count_parameters, output_layer
+from distillrun.models import build_model, checkpoint, count_parameters, load_model, output_layer
 from distillrun.stage import Run, run_stage, train_one
 from distillrun.teachers import Teachers, find_teachers, teacher_logits
 from distillrun.train import agreement, classification_metrics, predict
@@ -176,17 +178,61 @@ def distill(cfg: DictConfig, run: Run) -> dict[str, Any]:
         metrics.update(uncorrected, omit_bias=bias)
 
     teacher_metrics = classification_metrics(teacher_test, y_test, "test")
-    student_params = count_parameters(student)
-    teacher_params = teachers.params
     metrics.update(
         teacher_test_accuracy=teacher_metrics["test_accuracy"],
         teacher_test_errors=teacher_metrics["test_errors"],
-        student_params=student_params,
-        teacher_params=teacher_params,
+        student_params=count_parameters(student),
+        teacher_params=teachers.params,
+        **inference_cost(teachers, student, data.x_test, cfg.train.eval_batch_size, device),
         **{f"baseline_{k}": v for k, v in baseline.items()},
     )
     _print_table(cfg, data, teachers, teacher_metrics, baseline, metrics, alpha)
+    say(savings(metrics))
     return metrics
+
+
+def inference_cost(
+    teachers: Teachers,
+    student: torch.nn.Module,
+    x: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+) -> dict[str, float | None]:
+    """Examples per second of the teacher ensemble and of the student on `x` (same device,
+    same batch size; best of 3 each, in alternation), and the ratio: `inference_speedup`.
+    None when the members' checkpoints are gone."""
+    files = teachers.member_files
+    if not files:
+        return dict.fromkeys(
+            ("inference_speedup", "teacher_examples_per_s", "student_examples_per_s")
+        )
+    members = [load_model(f, device) for f in files]
+    best = {"teachers": math.inf, "student": math.inf}
+    for _ in range(3):
+        for side, models in (("teachers", members), ("student", [student])):
+            start = time.perf_counter()
+            for model in models:
+                predict(model, x, batch_size)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best[side] = min(best[side], time.perf_counter() - start)
+    return {
+        "inference_speedup": best["teachers"] / best["student"],
+        "teacher_examples_per_s": len(x) / best["teachers"],
+        "student_examples_per_s": len(x) / best["student"],
+    }
+
+
+def savings(m: dict[str, Any]) -> str:
+    """What distillation bought, in the sentence users want."""
+    kept = m["test_accuracy"] / m["teacher_test_accuracy"] if m["teacher_test_accuracy"] else 0
+    parts = []
+    if m.get("teacher_params"):
+        parts.append(f"1/{m['teacher_params'] / m['student_params']:.1f} of its parameters")
+    if m.get("inference_speedup"):
+        parts.append(f"1/{m['inference_speedup']:.1f} of its inference time")
+    cost = f" with {' and '.join(parts)}" if parts else ""
+    return f"the student keeps {100 * kept:.1f}% of the teacher ensemble's test accuracy{cost}"
 
 
 def _print_table(
@@ -198,45 +244,38 @@ def _print_table(
     student: dict[str, Any],
     alpha: float,
 ) -> None:
-    rows: list[list[Any]] = [
-        [f"teacher {i} (seed {m.get('seed')})", m.get("test_accuracy"), m.get("test_errors")]
-        + [m.get("test_nll"), m.get("test_ece"), None]
-        for i, m in enumerate(teachers.members)
-    ]
+    def row(label: str, m: dict[str, Any], prefix: str = "", *cost: Any) -> list[Any]:
+        keys = ("test_accuracy", "test_errors", "test_nll", "test_ece", "teacher_agreement")
+        return [label, *(m.get(prefix + k) for k in keys), *(cost or (None, None))]
+
+    def speed(examples_per_s: float | None) -> int | None:
+        return None if examples_per_s is None else round(examples_per_s)
+
+    student_cost = (student["student_params"], speed(student["student_examples_per_s"]))
+    rows = [row(f"teacher {i} (seed {m.get('seed')})", m) for i, m in enumerate(teachers.members)]
     rows.append(
-        [f"teacher ensemble ({cfg.ensemble})", teacher_metrics["test_accuracy"]]
-        + [
-            teacher_metrics["test_errors"],
-            teacher_metrics["test_nll"],
-            teacher_metrics["test_ece"],
-            1.0,
-        ]
-    )
-    hard = "student, hard labels (alpha=0)"
-    if not cfg.transfer.labels:
-        hard = "student, hard labels (the labels distill did not use)"
-    for label, m in (
-        (hard, baseline),
-        (f"student, distilled (T={cfg.T:g}, alpha={alpha:g})", student),
-    ):
-        if m:
-            rows.append(
-                [label, m["test_accuracy"], m["test_errors"], m["test_nll"], m["test_ece"]]
-                + [m["teacher_agreement"]]
-            )
-    if "omit_bias" in student:
-        rows.append(
-            [
-                f"  before the bias correction (+{student['omit_bias']:g})",
-                student["uncorrected_test_accuracy"],
-                student["uncorrected_test_errors"],
-                student["uncorrected_test_nll"],
-                student["uncorrected_test_ece"],
-                None,
-            ]
+        row(
+            f"teacher ensemble ({cfg.ensemble})",
+            {**teacher_metrics, "teacher_agreement": 1.0},
+            "",
+            student["teacher_params"],
+            speed(student["teacher_examples_per_s"]),
         )
+    )
+    if baseline:
+        hard = "student, hard labels (alpha=0)"
+        if not cfg.transfer.labels:
+            hard = "student, hard labels (the labels distill did not use)"
+        rows.append(row(hard, baseline, "", *student_cost))
+    rows.append(
+        row(f"student, distilled (T={cfg.T:g}, alpha={alpha:g})", student, "", *student_cost)
+    )
+    if "omit_bias" in student:
+        label = f"  before the bias correction (+{student['omit_bias']:g})"
+        rows.append(row(label, {**student, "uncorrected_teacher_agreement": None}, "uncorrected_"))
     results_table(
         f"distill on {data.name}: {len(data.y_test)} test examples",
-        ["model", "test accuracy", "test errors", "test NLL", "ECE", "agrees with teachers"],
+        ["model", "test accuracy", "test errors", "test NLL", "ECE", "agrees with teachers"]
+        + ["parameters", "inference examples/s"],
         rows,
     )

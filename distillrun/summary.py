@@ -30,6 +30,7 @@ TABLE = (
     ("ECE", "test_ece"),
     ("agrees with teachers", "teacher_agreement"),
     ("hard-label errors", "baseline_test_errors"),
+    ("inference speedup", "inference_speedup"),
 )
 # Horizontal reference lines on the plots: (label, manifest metric).
 REFERENCES = (

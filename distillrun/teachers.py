@@ -49,6 +49,19 @@ class Teachers:
         return None if None in counts else sum(counts)
 
     @property
+    def member_files(self) -> list[Path]:
+        """Every member's checkpoint, or [] when any run lacks them (e.g. deleted to save
+        space: distill needs only the logits)."""
+        files = []
+        for run, manifest in zip(self.runs, self.manifests, strict=True):
+            count = len(manifest["metrics"].get("members", []))
+            found = [run / f"member_{i}.pt" for i in range(count)]
+            if not count or not all(f.is_file() for f in found):
+                return []
+            files += found
+        return files
+
+    @property
     def dataset(self) -> dict[str, Any]:
         return self.manifests[0].get("dataset", {})
 
