@@ -126,12 +126,12 @@ def varying(rows: list[Row]) -> list[str]:
 
 def command(folder: Path) -> str | None:
     """The command line that made a run or sweep, from Hydra's records."""
-    if artifacts.is_sweep(folder):
-        hydra_cfg = OmegaConf.load(folder / "multirun.yaml").hydra
-        return f"distillrun {hydra_cfg.job.name} -m " + " ".join(hydra_cfg.overrides.task)
     try:
+        if artifacts.is_sweep(folder):
+            hydra_cfg = OmegaConf.load(folder / "multirun.yaml").hydra
+            return f"distillrun {hydra_cfg.job.name} -m " + " ".join(hydra_cfg.overrides.task)
         manifest = artifacts.read_manifest(folder)
-    except UserError:
+    except Exception:  # a damaged record: the report still shows the numbers
         return None
     if not manifest:
         return None
