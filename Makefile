@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint clean-outputs
+.PHONY: venv demo test bench lint clean-outputs
 
 venv: $(STAMP)
 
@@ -28,6 +28,12 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# Benchmarks against plain PyTorch loops in the same process (not part of `make test`):
+# a table on the terminal and the figures in outputs/bench.json. MNIST from DISTILLRUN_DATA
+# (default ../shared/data/mnist); without it the throughput figures use random data of its shape.
+bench: venv
+	$(BIN)/python -m distillrun.bench --out outputs/bench.json
 
 lint: venv
 	$(BIN)/ruff check .
