@@ -30,6 +30,8 @@ STAGES: dict[str, tuple[str, str, str]] = {
     ),
 }
 GROUPS = ("dataset", "model", "optim")
+# Set by the dispatcher for `resume=<folder>`: the run folder the stage continues.
+RESUME_ENV = "DISTILLRUN_RESUME"
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 

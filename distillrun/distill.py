@@ -36,8 +36,9 @@ def main(cfg: DictConfig) -> float | None:
     return run_stage("distill", cfg, distill)
 
 
-def find_teachers(cfg: DictConfig, data: Data) -> tuple[Path, dict[str, Any]]:
-    """The teachers run named by `teachers=`, or the newest complete one on the same data."""
+def find_teachers(cfg: DictConfig, data: Data, run: Run) -> tuple[Path, dict[str, Any]]:
+    """The teachers run named by `teachers=`, or the newest complete one on the same data (a
+    resumed run keeps the teachers it started with)."""
 
     def same_data(manifest: dict[str, Any]) -> str | None:
         theirs = manifest.get("dataset", {})
@@ -48,12 +49,13 @@ def find_teachers(cfg: DictConfig, data: Data) -> tuple[Path, dict[str, Any]]:
             f"data or splits than this run's dataset={data.name} (the dataset fingerprint differs)"
         )
 
-    if cfg.teachers is None:
+    pinned = run.inputs.get("teachers") if run.resuming else None
+    if cfg.teachers is None and pinned is None:
         folder, manifest = artifacts.newest_complete_run(
             Path(cfg.paths.output_root), TEACHERS_STAGE, same_data, say
         )
     else:
-        folder = Path(str(cfg.teachers))
+        folder = Path(str(cfg.teachers if cfg.teachers is not None else pinned))
         manifest = artifacts.complete_run(folder, TEACHERS_STAGE)
         why_not = same_data(manifest)
         if why_not:
@@ -123,8 +125,8 @@ def distill(cfg: DictConfig, run: Run) -> dict[str, Any]:
             f"transfer.omit_classes has class ids {bad} out of range: dataset={data.name} has "
             f"classes 0..{data.num_classes - 1}"
         )
-    folder, teachers = find_teachers(cfg, data)
-    run.inputs["teachers"] = str(folder)
+    folder, teachers = find_teachers(cfg, data, run)
+    run.add_input("teachers", folder)
     cache = load_teacher_logits(folder, data)
     data = data.to(run.device)
     device = run.device
