@@ -205,7 +205,7 @@ def resume_args(stage: str, args: list[str]) -> list[str]:
         raise UserError(
             f"resume={folder} is a {job} run: resume it with `distillrun {job} resume={folder}`"
         )
-    status = manifest.get("status") if manifest else None
+    status = manifest.get("status") if isinstance(manifest, dict) else None
     if status == "complete":
         print(f"distillrun {stage}: {folder} is already complete; nothing to resume")
         sys.exit(0)

@@ -170,6 +170,8 @@ def _fail(run: Run, record: dict[str, Any], error: BaseException) -> None:
     if (run.manifest_written or not run.resuming) and not isinstance(error, SystemExit):
         status = "interrupted" if interrupted else "failed"
         reason = message or f"{type(error).__name__}: {error}"
+        if interrupted:
+            reason = "interrupted (Ctrl-C or SIGTERM)"
         try:
             run.write_manifest({**record, "status": status, "ended": artifacts.now()}, error=reason)
         except OSError:
@@ -177,7 +179,11 @@ def _fail(run: Run, record: dict[str, Any], error: BaseException) -> None:
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         return
     if interrupted:
-        error_line(run.stage, f"interrupted; continue with {resume_command(run.stage, run.dir)}")
+        print(
+            f"distillrun {run.stage}: interrupted; continue this run with "
+            f"{resume_command(run.stage, run.dir)}",
+            file=sys.stderr,
+        )
         sys.exit(130)
     if message:
         error_line(run.stage, message)

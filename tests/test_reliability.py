@@ -179,6 +179,14 @@ def test_resume_refuses_what_it_cannot_continue(reference: Path, tmp_path: Path)
         assert_one_line_error(cli(tmp_path, *args, check=None), *fragments)
     assert (interrupted / "manifest.json").read_text() == before  # left as it was
 
+    # Same overrides, but the defaults changed since the run began: not the same run any more.
+    m["config"]["train"]["eval_batch_size"] = 999
+    (interrupted / "manifest.json").write_text(json.dumps({**m, "status": "interrupted"}))
+    before = (interrupted / "manifest.json").read_text()
+    result = cli(tmp_path, "train-teachers", f"resume={interrupted}", check=None)
+    assert_one_line_error(result, "another config (train.eval_batch_size differ")
+    assert (interrupted / "manifest.json").read_text() == before
+
 
 # --- safe loading -------------------------------------------------------------------------------
 
