@@ -249,14 +249,10 @@ def complete_run(folder: Path, stage: str) -> dict[str, Any]:
             f"pass the folder of a {stage} run"
         )
     status = manifest.get("status")
-    if status == "running":
-        raise UserError(
-            f"{folder} is an unfinished {stage} run (status running: it was killed or is still "
-            f"running): finish it with {resume} or pass another run"
-        )
     if status != "complete":
+        why = "running: it was killed or is still running" if status == "running" else status
         raise UserError(
-            f"{folder} is a {status} {stage} run, not a complete one: "
-            f"finish it with {resume}, re-run it, or pass another run"
+            f"{folder} is an unfinished {stage} run (status {why}): finish it with {resume}, "
+            "or pass another run"
         )
     return manifest

@@ -75,6 +75,10 @@ class Run:
         return self.dir / RESUME_DIR / f"{label.replace(' ', '_')}.pt"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C."""
+
+
 def resume_command(stage: str, run_dir: Path) -> str:
     return f"`distillrun {stage} resume={run_dir}`"
 
@@ -149,7 +153,7 @@ def _sigterm_interrupts() -> Iterator[None]:
     """`kill <pid>` (a scheduler's preemption) ends the run like Ctrl-C: marked interrupted."""
 
     def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+        raise Terminated
 
     try:
         previous = signal.signal(signal.SIGTERM, interrupt)
@@ -184,7 +188,7 @@ def _fail(run: Run, record: dict[str, Any], error: BaseException) -> None:
             f"{resume_command(run.stage, run.dir)}",
             file=sys.stderr,
         )
-        sys.exit(130)
+        sys.exit(143 if isinstance(error, Terminated) else 130)  # 128 + the signal number
     if message:
         error_line(run.stage, message)
         sys.exit(2)
