@@ -314,6 +314,14 @@ def test_environment_and_config_trouble_is_one_line(
     assert_one_line_error(cli(tmp_path, "train-teachers", *args, *TEACHERS, check=None), *fragments)
 
 
+def test_an_npz_of_random_bytes_is_not_unpickled(tmp_path: Path) -> None:
+    (tmp_path / "bad.npz").write_bytes(os.urandom(500))
+    args = ["dataset=npz", f"dataset.path={tmp_path / 'bad.npz'}", *TEACHERS]
+    result = cli(tmp_path, "train-teachers", *args, check=None)
+    assert_one_line_error(result, "not a readable .npz file", "was not loaded")
+    assert "allow_pickle" not in result.stderr
+
+
 def test_a_dataset_root_with_the_wrong_files_is_one_line(tmp_path: Path) -> None:
     raw = tmp_path / "data" / "MNIST" / "raw"
     raw.mkdir(parents=True)
