@@ -282,6 +282,8 @@ def _load_state(
         )
     except (AttributeError, KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
         reason = " ".join(str(e).split())[:120] or type(e).__name__
+        if "state_dict" in reason:
+            reason = "its weights are of another architecture or class count"
         raise UserError(
             f"resumable checkpoint {path} does not fit this model or run ({reason}): delete it "
             "to train this model again from its start, then resume"

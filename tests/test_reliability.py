@@ -265,7 +265,9 @@ def test_a_resumable_checkpoint_of_another_architecture_is_refused(
     y = torch.randint(0, 10, (40,))
     fit_resumable(other, x, y, run / "resume" / "teacher_0.pt", epochs=12)
     result = cli(tmp_path, "train-teachers", f"resume={run}", check=None)
-    assert_one_line_error(result, "teacher 0: resumable checkpoint", "does not fit this model")
+    assert_one_line_error(
+        result, "teacher 0: resumable checkpoint", "another architecture or class count"
+    )
     assert manifest(run)["status"] == "failed"
 
 
