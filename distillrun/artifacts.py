@@ -10,9 +10,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import pickle
 import platform
+import shutil
+import socket
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -69,24 +73,64 @@ def save_tensors(path: Path, obj: Any) -> None:
 
 
 def load_tensors(path: Path, map_location: Any = "cpu") -> Any:
-    """Load a checkpoint or cache without executing anything it contains (weights_only)."""
-    import torch
+    """Load a checkpoint or cache without executing anything it contains (weights_only).
+
+    Every way a file can be bad (missing, empty, truncated, random bytes, a pickle that asks
+    for code or objects other than tensors) is one UserError naming the file and the fix.
+    """
+    import torch  # here, so that sweep summaries and reports do not pay for importing torch
 
     if not path.is_file():
         raise UserError(f"missing file {path}: the run folder is incomplete; re-run its stage")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated, random bytes, or a pickle that wants to run code
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols: not for users
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
         raise UserError(
-            f"cannot load {path} ({reason[:120]}): the file is corrupt or not a distillrun "
-            "checkpoint; re-run the stage that wrote it"
+            f"cannot load {path}: {_why_unloadable(e)}; nothing in it was run. The file is "
+            "damaged or not a distillrun checkpoint: re-run the stage that wrote it"
         ) from e
+
+
+def _why_unloadable(e: Exception) -> str:
+    text = str(e)
+    if isinstance(e, EOFError) or "central directory" in text or "failed reading" in text:
+        return "it is empty or truncated"
+    if "Unsupported global" in text:
+        return "it asks to build objects other than tensors (code), which was refused"
+    if isinstance(e, pickle.UnpicklingError):
+        return "it is not a tensor checkpoint (unreadable or disallowed pickle data)"
+    first = text.strip().splitlines()[0][:120] if text.strip() else type(e).__name__
+    return f"unreadable ({first})"
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file; a line cut short by a kill is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in records)), "w")
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def code_version() -> str:
@@ -106,6 +150,18 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     return __version__
+
+
+def environment() -> dict[str, Any]:
+    """Where and how the run ran: what it takes to repeat it, besides config and seed."""
+    import torch
+
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def library_versions() -> dict[str, str]:
@@ -186,7 +242,10 @@ def newest_complete_run(
             continue
         candidates.append((manifest.get("started", ""), folder, manifest))
     if skipped:
-        say(f"skipped {skipped} unfinished or failed {stage} run(s) under {output_root / stage}")
+        say(
+            f"skipped {skipped} unfinished or failed {stage} run(s) under {output_root / stage} "
+            f"(continue one with `distillrun {stage} resume=<run folder>`)"
+        )
     if not candidates:
         detail = f" ({refused[0]})" if refused else ""
         raise UserError(
@@ -202,19 +261,22 @@ def complete_run(folder: Path, stage: str) -> dict[str, Any]:
     if not folder.is_dir():
         raise UserError(f"run folder {folder} does not exist: pass the path of a {stage} run")
     manifest = read_manifest(folder)
+    resume = f"`distillrun {stage} resume={folder}`"
     if manifest is None:
         raise UserError(
             f"{folder} is not a finished run (no {MANIFEST}): it was interrupted or is still "
-            f"running; finish it or pass another {stage} run"
+            f"running; finish it with {resume} or pass another {stage} run"
         )
     if manifest.get("stage") != stage:
         raise UserError(
             f"{folder} is a {manifest.get('stage')} run, not a {stage} run: "
             f"pass the folder of a {stage} run"
         )
-    if manifest.get("status") != "complete":
+    status = manifest.get("status")
+    if status != "complete":
+        why = "running: it was killed or is still running" if status == "running" else status
         raise UserError(
-            f"{folder} is a {manifest.get('status')} {stage} run, not a complete one: "
-            "re-run it or pass another run"
+            f"{folder} is an unfinished {stage} run (status {why}): finish it with {resume}, "
+            "or pass another run"
         )
     return manifest

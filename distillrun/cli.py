@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from distillrun.config import STAGES, sweep_values
+from distillrun.config import RESUME_ENV, STAGES, sweep_values
 
 USAGE = "usage: distillrun <stage> [hydra overrides]   (distillrun <stage> --help for its options)"
 
@@ -33,6 +33,7 @@ def print_help() -> None:
         "  distillrun distill T=20 alpha=0.9\n"
         "  distillrun distill -m T=1,2,4,8 alpha=0.5,0.9\n"
         "  distillrun report outputs/distill/multirun/<timestamp>\n"
+        "  distillrun train-teachers resume=outputs/train-teachers/<run>  (a killed run)\n"
         '\nshell completion: eval "$(distillrun -sc install=bash)"'
     )
 
@@ -91,6 +92,7 @@ def precheck(stage: str, args: list[str]) -> None:
         for cfg in cfgs:
             validate(stage, cfg)
         _check_output_root(cfgs[0].paths.output_root)
+        _check_run_dir(overrides, parsed.multirun)
     except (UserError, HydraException, OmegaConfBaseException) as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -172,6 +174,106 @@ def folders_to_override(args: list[str]) -> list[str]:
     return [*rest, f"runs=[{quoted}]"]
 
 
+def _check_run_dir(overrides: list, multirun: bool) -> None:
+    """An unwritable hydra.run.dir (or hydra.sweep.dir) is one line, not Hydra's trace."""
+    from distillrun.errors import UserError
+
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    for o in overrides:
+        if o.key_or_group != key or o.is_sweep_override():
+            continue
+        value = str(o.value())
+        folder = Path(value)
+        if "${" in value:  # e.g. ${now:...}: check the folder before the first interpolation
+            literal = value.split("${", 1)[0]
+            folder = Path(literal) if literal.endswith("/") else Path(literal).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-").close()
+        except OSError as e:
+            raise UserError(
+                f"{key}={value} cannot be written ({e.strerror or e}): choose a writable folder"
+            ) from e
+
+
+# --- resume=<run folder> -------------------------------------------------------------------------
+
+
+def resume_args(stage: str, args: list[str]) -> list[str]:
+    """`resume=<folder>`: the run's own overrides plus its folder as hydra.run.dir.
+
+    A complete run is said so (exit 0). Other overrides must be the run's own: a resumed run
+    has to be the same run, or its numbers would be neither the old run's nor a new one's.
+    """
+    from omegaconf import OmegaConf
+
+    from distillrun.errors import UserError
+
+    given = [a for a in args if a.startswith("resume=")]
+    others = [a for a in args if not a.startswith("resume=")]
+    if len(given) > 1:
+        raise UserError("resume= given twice: name one run folder")
+    folder = Path(os.path.expanduser(given[0].split("=", 1)[1])).resolve()
+    flags = [a for a in others if a.startswith("-")]
+    if flags:
+        raise UserError(
+            f"resume= continues one run with its own settings: drop {' '.join(flags)} "
+            "(a sweep's jobs are resumed one by one: resume=<sweep folder>/<job number>)"
+        )
+    saved_path = folder / ".hydra" / "overrides.yaml"
+    if not folder.is_dir() or not saved_path.is_file():
+        what = "does not exist" if not folder.is_dir() else "is not a run folder (no .hydra/)"
+        raise UserError(f"resume={folder} {what}: pass the folder of an interrupted {stage} run")
+    try:
+        saved = [str(o) for o in OmegaConf.load(saved_path)]
+        job = OmegaConf.load(folder / ".hydra" / "hydra.yaml").hydra.job.name
+        manifest = _read_json(folder / "manifest.json")
+    except Exception as e:
+        raise UserError(f"resume={folder}: its .hydra/ or manifest.json is damaged ({e})") from e
+    if job != stage:
+        raise UserError(
+            f"resume={folder} is a {job} run: resume it with `distillrun {job} resume={folder}`"
+        )
+    status = manifest.get("status") if isinstance(manifest, dict) else None
+    if status == "complete":
+        print(f"distillrun {stage}: {folder} is already complete; nothing to resume")
+        sys.exit(0)
+    if status == "running" and _still_running(manifest):
+        raise UserError(
+            f"resume={folder} is still running (process {manifest['environment']['pid']}): "
+            "wait for it, or stop it first"
+        )
+    changed = [a for a in others if a not in saved]
+    if changed:
+        raise UserError(
+            f"resume={folder} must keep the run's own overrides ({' '.join(saved) or 'none'}); "
+            f"drop {' '.join(changed)}, or start a new run to change them"
+        )
+    os.environ[RESUME_ENV] = str(folder)
+    quoted = str(folder).replace("\\", "\\\\").replace("'", "\\'")
+    return [*saved, f"hydra.run.dir='{quoted}'"]
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    import json
+
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _still_running(manifest: dict[str, Any]) -> bool:
+    """Whether the process that wrote a "running" manifest is alive on this machine."""
+    import socket
+
+    env = manifest.get("environment", {})
+    if env.get("host") != socket.gethostname() or not isinstance(env.get("pid"), int):
+        return False
+    try:
+        cmdline = Path(f"/proc/{env['pid']}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"distillrun" in cmdline
+
+
 def run_stage(stage: str, args: list[str]) -> None:
     module = importlib.import_module(STAGES[stage][0])
     sys.argv = [sys.argv[0], *args]
@@ -195,10 +297,29 @@ def main() -> None:
         args = folders_to_override(args)
     precheck(stage, args)
     try:
+        if any(a.startswith("resume=") for a in args):
+            args = _user_errors(stage, resume_args, stage, args)
+        precheck(stage, args)
         run_stage(stage, args)
     except BrokenPipeError:  # `distillrun distill --help | head`: the reader left, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+    except KeyboardInterrupt:  # before the run started (a started run says how to resume)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"distillrun {stage}: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _user_errors(stage: str, step: Any, *args: Any) -> Any:
+    from distillrun.errors import UserError
+
+    try:
+        return step(*args)
+    except UserError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        fail(str(e), stage)
 
 
 if __name__ == "__main__":

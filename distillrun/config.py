@@ -35,6 +35,9 @@ STAGES: dict[str, tuple[str, str, str]] = {
     ),
 }
 GROUPS = ("dataset", "model", "optim", "experiment")
+# Set by the dispatcher for `resume=<folder>`: the run folder the stage continues.
+RESUME_ENV = "DISTILLRUN_RESUME"
+MODEL_NAMES = ("mlp", "cnn", "resnet18")  # as in models.py, which imports torch
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -116,6 +119,10 @@ def _common(cfg: DictConfig, p: _Problems) -> None:
         cfg.threads == "auto" or (_is_int(cfg.threads) and cfg.threads >= 1),
         f"threads={cfg.threads}: use auto or an integer >= 1",
     )
+    p.need(
+        isinstance(cfg.paths.output_root, str) and cfg.paths.output_root.strip() != "",
+        f"paths.output_root={cfg.paths.output_root} must be a folder path",
+    )
 
 
 def _training(cfg: DictConfig, p: _Problems) -> None:
@@ -140,8 +147,32 @@ def _training(cfg: DictConfig, p: _Problems) -> None:
         )
     if OmegaConf.is_missing(d, "path"):
         p.append(f"dataset={d.name} needs a file: add dataset.path=/path/to/data.npz")
+    for key in ("download", "standardize"):
+        if key in d:
+            p.need(isinstance(d[key], bool), f"dataset.{key}={d[key]}: use true or false")
+    if "root" in d:
+        p.need(
+            isinstance(d.root, str) and d.root.strip() != "",
+            f"dataset.root={d.root} must be a folder path",
+        )
+    if "num_samples" in d:
+        p.need(
+            _is_int(d.num_samples) and d.num_samples >= 20,
+            f"dataset.num_samples={d.num_samples} must be an integer >= 20",
+        )
+    if "train_split" in d:
+        p.need(
+            _in(d.train_split, 0, 1, lo_open=True, hi_open=True),
+            f"dataset.train_split={d.train_split} must be in (0, 1)",
+        )
+    if "template_seed" in d:
+        p.need(
+            _is_seed(d.template_seed),
+            f"dataset.template_seed={d.template_seed} must be an integer in [0, 2^31)",
+        )
 
     m = cfg.model
+    p.need(m.name in MODEL_NAMES, f"model.name={m.name}: use one of {', '.join(MODEL_NAMES)}")
     for key in ("dropout", "input_dropout"):
         if key in m:
             p.need(_in(m[key], 0, 1, hi_open=True), f"model.{key}={m[key]} must be in [0, 1)")
@@ -164,6 +195,7 @@ def _training(cfg: DictConfig, p: _Problems) -> None:
         )
 
     o = cfg.optim
+    p.need(o.name in ("adam", "sgd"), f"optim.name={o.name}: use adam or sgd")
     p.need(_in(o.lr, 0, math.inf, lo_open=True), f"optim.lr={o.lr} must be a number > 0")
     p.need(_in(o.weight_decay, 0, math.inf), f"optim.weight_decay={o.weight_decay} must be >= 0")
     if "momentum" in o:
@@ -184,9 +216,12 @@ def _training(cfg: DictConfig, p: _Problems) -> None:
         o.schedule in ("cosine", "step", "constant"),
         f"optim.schedule={o.schedule}: use cosine, step or constant",
     )
-    if o.schedule == "step":
-        p.need(_is_int(o.step_size) and o.step_size >= 1, "optim.step_size must be an integer >= 1")
-        p.need(_in(o.gamma, 0, 1, lo_open=True), f"optim.gamma={o.gamma} must be in (0, 1]")
+    # Checked whatever the schedule: a bad value waiting for schedule=step is still a mistake.
+    p.need(
+        _is_int(o.step_size) and o.step_size >= 1,
+        f"optim.step_size={o.step_size} must be an integer >= 1",
+    )
+    p.need(_in(o.gamma, 0, 1, lo_open=True), f"optim.gamma={o.gamma} must be in (0, 1]")
 
 
 def _train_teachers(cfg: DictConfig, p: _Problems) -> None:

@@ -329,6 +329,8 @@ def _load_npz(cfg: Any) -> Data:
                     arrays[key] = loaded[key]
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         reason = " ".join(str(exc).split())[:200]
+        if "pickle" in reason:  # numpy's hint is to load it unsafely: never
+            reason = "it would have to be unpickled, which could run code, so it was not loaded"
         raise UserError(
             f"{path} is not a readable .npz file ({reason}): write it with "
             "np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)"

@@ -28,7 +28,7 @@ from distillrun.errors import UserError
 from distillrun.losses import distillation_loss, logit_matching_loss
 from distillrun.models import build_model, checkpoint, count_parameters, load_model, output_layer
 from distillrun.stage import Run, run_stage, train_one
-from distillrun.teachers import Teachers, find_teachers, teacher_logits
+from distillrun.teachers import Teachers, find_teachers, parse_source, teacher_logits
 from distillrun.train import agreement, classification_metrics, predict
 
 
@@ -81,8 +81,14 @@ def distill(cfg: DictConfig, run: Run) -> dict[str, Any]:
             f"transfer.omit_classes has class ids {bad} out of range: dataset={data.name} has "
             f"classes 0..{data.num_classes - 1}"
         )
-    teachers = find_teachers(cfg.teachers, Path(cfg.paths.output_root), data, say)
-    run.inputs["teachers"] = teachers.source
+    pinned = run.inputs.get("teachers") if run.resuming else None  # keep what it started with
+    teachers = find_teachers(
+        cfg.teachers if cfg.teachers is not None else parse_source(pinned),
+        Path(cfg.paths.output_root),
+        data,
+        say,
+    )
+    run.add_input("teachers", teachers.source)
     cache, cache_path, built = teacher_logits(teachers, data)
     run.info["teacher_cache"] = {"path": str(cache_path), "built_by_this_run": built}
     data = data.to(run.device)

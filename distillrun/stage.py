@@ -1,14 +1,21 @@
-"""What every stage does around its own work: validate, pick the device, write the manifest.
+"""What every stage does around its own work: validate, pick the device, write the manifest,
+and resume.
 
-The manifest is written last, atomically: "complete" with the metrics, or "failed" with the
-error. A run killed outright leaves no manifest at all, and so is never consumed.
+The manifest says "running" from the start (with everything needed to repeat the run), and is
+rewritten atomically at the end: "complete" with the metrics, or "failed" / "interrupted" with
+the error. A run killed outright stays "running", so it is never consumed; `resume=<folder>`
+continues it from the resumable checkpoints its training loops left in `resume/`.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import shlex
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,10 +25,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from distillrun import artifacts
-from distillrun.config import validate
+from distillrun.config import RESUME_ENV, validate
 from distillrun.console import error_line
 from distillrun.errors import UserError
-from distillrun.train import pick_device
+from distillrun.train import make_deterministic, pick_device
+
+RESUME_DIR = "resume"  # resumable checkpoints of the models in training; removed once complete
+ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 @dataclass
@@ -33,9 +43,44 @@ class Run:
     device: torch.device
     inputs: dict[str, str] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    resuming: bool = False
+    record: dict[str, Any] = field(default_factory=dict)  # the manifest while running
+    manifest_written: bool = False
+
+    def write_manifest(self, record: dict[str, Any], **extra: Any) -> None:
+        artifacts.write_manifest(self.dir, **record, inputs=self.inputs, **self.info, **extra)
+        self.manifest_written = True
+
+    def add_input(self, key: str, folder: Path) -> None:
+        """Record a run folder this run consumes, at once: a resumed run uses the same one."""
+        self.inputs[key] = str(folder)
+        if self.manifest_written:
+            self.write_manifest(self.record)
 
     def log(self, record: dict[str, Any]) -> None:
         artifacts.append_jsonl(self.dir / "metrics.jsonl", record)
+
+    def restore_log(self, label: str, history: list[dict[str, Any]]) -> None:
+        """Resuming `label`: its lines in metrics.jsonl become exactly its checkpointed epochs
+        (a kill may have come between a checkpoint and its line, or after a later line)."""
+        others = [
+            r for r in artifacts.read_jsonl(self.dir / "metrics.jsonl") if r.get("model") != label
+        ]
+        artifacts.write_jsonl(
+            self.dir / "metrics.jsonl", others + [{"model": label, **r} for r in history]
+        )
+
+    def state_path(self, label: str) -> Path:
+        """Where the training loop of model `label` keeps its resumable checkpoint."""
+        return self.dir / RESUME_DIR / f"{label.replace(' ', '_')}.pt"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C."""
+
+
+def resume_command(stage: str, run_dir: Path) -> str:
+    return f"`distillrun {stage} resume={run_dir}`"
 
 
 def run_stage(
@@ -45,40 +90,41 @@ def run_stage(
     validation split) for Hydra's optimising sweepers."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    resuming = os.environ.pop(RESUME_ENV, None) == str(run_dir.resolve())
+    config = OmegaConf.to_container(cfg, resolve=True)
     record: dict[str, Any] = {
         "stage": stage,
         "status": "running",
         "started": artifacts.now(),
         "seed": cfg.seed,
         "overrides": list(hydra_cfg.overrides.task),
+        "command": shlex.join(["distillrun", stage, *hydra_cfg.overrides.task]),
         "code_version": artifacts.code_version(),
         "libraries": artifacts.library_versions(),
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "environment": artifacts.environment(),
+        "config": config,
     }
-    run = Run(stage, run_dir, torch.device("cpu"))
+    run = Run(stage, run_dir, torch.device("cpu"), resuming=resuming, record=record)
     try:
+        if resuming:
+            _continue_record(run, record, config)
         validate(stage, cfg)
         threads = job_threads(cfg.threads, hydra_cfg.launcher, _cores())
         if threads is not None:
             torch.set_num_threads(threads)
-        record["threads"] = torch.get_num_threads()
+        record["environment"]["torch_threads"] = torch.get_num_threads()
+        record["determinism"] = make_deterministic()
         run.device = pick_device(cfg.device)
-        metrics = body(cfg, run)
+        record["device"] = str(run.device)
+        run.write_manifest(record)
+        with _sigterm_interrupts():
+            metrics = body(cfg, run)
+        done = {**record, "status": "complete", "ended": artifacts.now()}
+        run.write_manifest(done, metrics=metrics)
     except BaseException as e:
-        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-        _write_failed(run, record, status, e)
-        if isinstance(e, UserError) and os.environ.get("HYDRA_FULL_ERROR") != "1":
-            error_line(stage, str(e))
-            sys.exit(2)
+        _fail(run, record, e)
         raise
-    artifacts.write_manifest(
-        run_dir,
-        **{**record, "status": "complete", "ended": artifacts.now()},
-        device=str(run.device),
-        inputs=run.inputs,
-        **run.info,
-        metrics=metrics,
-    )
+    artifacts.remove_tree(run_dir / RESUME_DIR)
     return metrics.get("val_accuracy")  # for sweepers; never the test set
 
 
@@ -105,16 +151,90 @@ def job_threads(setting: Any, launcher: DictConfig, cores: int) -> int | None:
     return None
 
 
-def _write_failed(run: Run, record: dict[str, Any], status: str, error: BaseException) -> None:
+def _continue_record(run: Run, record: dict[str, Any], config: dict[str, Any]) -> None:
+    """Resuming: keep the first start and the inputs; refuse a config that changed since."""
     try:
-        artifacts.write_manifest(
-            run.dir,
-            **{**record, "status": status, "ended": artifacts.now()},
-            error=f"{type(error).__name__}: {error}",
-            inputs=run.inputs,
+        previous = artifacts.read_manifest(run.dir) or {}
+    except UserError:
+        previous = {}
+    if previous.get("config") not in (None, config):
+        changed = _changed_keys(previous["config"], config)
+        raise UserError(
+            f"{run.dir} was run with another config ({', '.join(changed[:5])} differ: the "
+            "defaults changed since?); it cannot be resumed exactly: start a new run"
         )
-    except OSError:
-        pass  # the folder itself is the problem (unwritable, disk full): report the first error
+    record["started"] = previous.get("started", record["started"])
+    record["resumed"] = [*previous.get("resumed", []), artifacts.now()]
+    run.inputs.update(previous.get("inputs", {}))
+
+
+def _changed_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(set(a) | set(b))
+        return [k for key in keys for k in _changed_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """`kill <pid>` (a scheduler's preemption) ends the run like Ctrl-C: marked interrupted."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread (some launchers): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _fail(run: Run, record: dict[str, Any], error: BaseException) -> None:
+    """Mark the run interrupted or failed; user-fixable problems become one line and exit."""
+    interrupted = isinstance(error, KeyboardInterrupt)
+    message = _user_message(run, error)
+    # A resume refused before it started leaves the folder as it was.
+    if (run.manifest_written or not run.resuming) and not isinstance(error, SystemExit):
+        status = "interrupted" if interrupted else "failed"
+        reason = message or f"{type(error).__name__}: {error}"
+        if interrupted:
+            reason = "interrupted (Ctrl-C or SIGTERM)"
+        try:
+            run.write_manifest({**record, "status": status, "ended": artifacts.now()}, error=reason)
+        except OSError:
+            pass  # the folder itself is the problem (unwritable, disk full): report the first
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return
+    if interrupted:
+        print(
+            f"distillrun {run.stage}: interrupted; continue this run with "
+            f"{resume_command(run.stage, run.dir)}",
+            file=sys.stderr,
+        )
+        sys.exit(143 if isinstance(error, Terminated) else 130)  # 128 + the signal number
+    if message:
+        error_line(run.stage, message)
+        sys.exit(2)
+
+
+def _user_message(run: Run, error: BaseException) -> str | None:
+    """The one line for a problem the user can fix, None for a bug (which keeps its trace)."""
+    if isinstance(error, UserError):
+        return str(error)
+    if isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRORS:
+        where = error.filename or run.dir
+        resume = resume_command(run.stage, run.dir)
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"no space left writing {where}: free some disk space, then {resume}"
+        return (
+            f"cannot write {where} ({error.strerror}): make it writable and {resume}, or choose "
+            "another folder with paths.output_root=..."
+        )
+    return None
 
 
 def train_one(
@@ -129,7 +249,8 @@ def train_one(
     seed: int,
     jitter_pixels: int = 0,
 ) -> Any:
-    """Train one model with progress bars, logging each epoch to metrics.jsonl as `label`."""
+    """Train one model with progress bars, logging each epoch to metrics.jsonl as `label`, with
+    a resumable checkpoint per epoch; resuming, it continues (or just loads) that model."""
     from distillrun.console import training_bars
     from distillrun.train import batch_bounds, fit
 
@@ -140,19 +261,25 @@ def train_one(
             run.log({"model": label, **record})
             bars.epoch(record)
 
-        return fit(
-            model,
-            x,
-            loss_fn,
-            x_val=x_val,
-            y_val=y_val,
-            optim=cfg.optim,
-            epochs=cfg.train.epochs,
-            batch_size=cfg.train.batch_size,
-            seed=seed,
-            jitter_pixels=jitter_pixels,
-            max_norm=cfg.model.get("max_norm"),
-            eval_batch_size=cfg.train.eval_batch_size,
-            on_epoch=on_epoch,
-            on_batch=bars.batch,
-        )
+        try:
+            return fit(
+                model,
+                x,
+                loss_fn,
+                x_val=x_val,
+                y_val=y_val,
+                optim=cfg.optim,
+                epochs=cfg.train.epochs,
+                batch_size=cfg.train.batch_size,
+                seed=seed,
+                jitter_pixels=jitter_pixels,
+                max_norm=cfg.model.get("max_norm"),
+                eval_batch_size=cfg.train.eval_batch_size,
+                on_epoch=on_epoch,
+                on_batch=bars.batch,
+                state_path=run.state_path(label),
+                resume=run.resuming,
+                on_resume=lambda history: run.restore_log(label, history),
+            )
+        except UserError as e:
+            raise UserError(f"{label}: {e}") from e

@@ -66,6 +66,13 @@ class Teachers:
         return self.manifests[0].get("dataset", {})
 
 
+def parse_source(source: str | None) -> Any:
+    """A recorded `Teachers.source` back into a `teachers=` value (None stays None)."""
+    if source and source.startswith("[") and source.endswith("]"):
+        return [part.strip() for part in source[1:-1].split(",")]
+    return source
+
+
 def _check_data(manifest: dict[str, Any], data: Data) -> str | None:
     theirs = manifest.get("dataset", {})
     if theirs.get("fingerprint") == data.fingerprint:

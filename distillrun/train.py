@@ -3,25 +3,52 @@
 Data lives on the device as tensors; a batch is an index slice of a random permutation, never a
 per-sample DataLoader. The loss is a function of (logits, batch indices), so the same loop
 trains teachers on labels and students on cached teacher outputs looked up by example index.
+
+With a `state_path`, `fit` writes a resumable checkpoint after every epoch (model, optimiser,
+scheduler, best-so-far state, history and every random-number state) and, resuming, continues
+from it: the resumed run reaches exactly the numbers of an uninterrupted one on the CPU.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distillrun import artifacts
 from distillrun.errors import UserError
 from distillrun.models import apply_max_norm
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def make_deterministic() -> dict[str, Any]:
+    """The torch settings that make a run repeatable; returned for the manifest.
+
+    On the CPU, the same seed, thread count and library versions give identical numbers. On
+    CUDA, deterministic algorithms (cuBLAS needs its workspace setting) remove most of the
+    run-to-run noise; ops without a deterministic kernel only warn.
+    """
+    import os
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    return {
+        "deterministic_algorithms": True,
+        "cudnn_benchmark": False,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def pick_device(name: str) -> torch.device:
@@ -140,6 +167,130 @@ class Fit:
     seconds: float = 0.0
 
 
+# --- resumable checkpoints ---------------------------------------------------------------------
+# Plain containers and tensors only, so they load with weights_only=True; random-number states
+# are stored as tensors for the same reason.
+
+RESUME_FORMAT = "distillrun-resume-1"
+
+
+def rng_state(generator: torch.Generator, device: torch.device) -> dict[str, Any]:
+    """Every random-number state training consumes: torch (CPU, CUDA), numpy, python, and the
+    batch generator."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state: dict[str, Any] = {
+        "generator": generator.get_state(),
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": {
+            "version": py_state[0],
+            "state": torch.tensor(py_state[1], dtype=torch.int64),
+            "gauss_next": py_state[2],
+        },
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class _Progress:
+    """What the loop carries from epoch to epoch besides the model and optimiser."""
+
+    epoch: int = 0
+    best: tuple[float, float] = (math.inf, math.inf)
+    best_state: dict[str, torch.Tensor] | None = None
+    best_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _save_state(
+    path: Path,
+    progress: _Progress,
+    epochs: int,
+    model: nn.Module,
+    opt: torch.optim.Optimizer | None,
+    sched: torch.optim.lr_scheduler.LRScheduler | None,
+    generator: torch.Generator,
+    device: torch.device,
+) -> None:
+    """A resumable checkpoint; without `opt` it is the small final form: the selected model."""
+    artifacts.save_tensors(
+        path,
+        {
+            "format": RESUME_FORMAT,
+            "finished": opt is None,
+            "epoch": progress.epoch,
+            "epochs": epochs,
+            "model": model.state_dict(),
+            "optimizer": None if opt is None else opt.state_dict(),
+            "scheduler": None if sched is None else sched.state_dict(),
+            "best": list(progress.best),
+            "best_state": None if opt is None else progress.best_state,
+            "best_epoch": progress.best_epoch,
+            "history": progress.history,
+            "seconds": progress.seconds,
+            "rng": rng_state(generator, device),
+        },
+    )
+
+
+def _load_state(
+    path: Path,
+    epochs: int,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    generator: torch.Generator,
+) -> tuple[_Progress, bool]:
+    """Restore a resumable checkpoint into model, optimiser, scheduler and random states."""
+    ckpt = artifacts.load_tensors(path)
+    try:
+        if ckpt.get("format") != RESUME_FORMAT or ckpt["epochs"] != epochs:
+            raise ValueError(f"written for {ckpt.get('epochs')} epochs, not {epochs}")
+        model.load_state_dict(ckpt["model"])
+        if not ckpt["finished"]:
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"], generator)
+        progress = _Progress(
+            epoch=int(ckpt["epoch"]),
+            best=(float(ckpt["best"][0]), float(ckpt["best"][1])),
+            best_state=ckpt["best_state"],
+            best_epoch=int(ckpt["best_epoch"]),
+            history=list(ckpt["history"]),
+            seconds=float(ckpt["seconds"]),
+        )
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        reason = " ".join(str(e).split())[:120] or type(e).__name__
+        if "state_dict" in reason:
+            reason = "its weights are of another architecture or class count"
+        raise UserError(
+            f"resumable checkpoint {path} does not fit this model or run ({reason}): delete it "
+            "to train this model again from its start, then resume"
+        ) from e
+    return progress, bool(ckpt["finished"])
+
+
 def fit(
     model: nn.Module,
     x: torch.Tensor,
@@ -156,21 +307,32 @@ def fit(
     eval_batch_size: int = 1024,
     on_epoch: Callable[[dict[str, Any]], None] = lambda record: None,
     on_batch: Callable[[], None] = lambda: None,
+    state_path: Path | None = None,
+    resume: bool = False,
+    on_resume: Callable[[list[dict[str, Any]]], None] = lambda history: None,
 ) -> Fit:
     """Train `model` on the examples `x` with `loss_fn(logits, batch_indices)`.
 
     After each epoch the model is scored on the validation split; the epoch with the fewest
     validation errors (then the lowest validation NLL) is kept. With no validation split the
     last epoch is kept. The test set is never looked at here.
+
+    With `state_path`, a resumable checkpoint is written there after every epoch and, once
+    training ends, replaced by the selected model alone. With `resume`, training continues
+    from that file (a finished one is simply loaded); `on_resume` gets the history so far.
     """
     generator = torch.Generator().manual_seed(seed)
     opt, sched = make_optimizer(model.parameters(), optim, epochs)
+    progress = _Progress(best_epoch=epochs)
+    if resume and state_path is not None and state_path.is_file():
+        progress, finished = _load_state(state_path, epochs, model, opt, sched, generator)
+        on_resume(progress.history)
+        if finished:
+            model.eval()
+            return Fit(model, progress.best_epoch, progress.history, progress.seconds)
     n = len(x)
-    best: tuple[float, float] = (math.inf, math.inf)
-    best_state, best_epoch, history = None, epochs, []
-    began = time.perf_counter()
     model.train()
-    for epoch in range(1, epochs + 1):
+    for epoch in range(progress.epoch + 1, epochs + 1):
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=generator).to(x.device)
         total = torch.zeros((), device=x.device)
@@ -189,11 +351,12 @@ def fit(
             on_batch()
         lr = opt.param_groups[0]["lr"]
         sched.step()
-        train_loss = float(total) / n
+        train_loss = float(total) / n  # one sync per epoch, which also catches NaN and inf
         if not math.isfinite(train_loss):
+            kept = f" (the checkpoint of epoch {epoch - 1} is kept)" if epoch > 1 else ""
             raise UserError(
-                f"the training loss became {train_loss} in epoch {epoch}: lower optim.lr "
-                "(or the temperature T) and run again"
+                f"the training loss became {train_loss} in epoch {epoch}{kept}: lower optim.lr "
+                "(or raise the temperature T, if distilling) and run again"
             )
         record: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": lr}
         if len(y_val):
@@ -201,13 +364,19 @@ def fit(
                 classification_metrics(predict(model, x_val, eval_batch_size), y_val, "val")
             )
             key = (record["val_errors"], record["val_nll"])
-            if key < best:
-                best, best_epoch = key, epoch
-                best_state = copy.deepcopy(model.state_dict())
+            if key < progress.best:
+                progress.best, progress.best_epoch = key, epoch
+                progress.best_state = copy.deepcopy(model.state_dict())
         record["seconds"] = time.perf_counter() - t0
-        history.append(record)
+        progress.epoch = epoch
+        progress.history.append(record)
+        progress.seconds += record["seconds"]
+        if state_path is not None:
+            _save_state(state_path, progress, epochs, model, opt, sched, generator, x.device)
         on_epoch(record)
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    if progress.best_state is not None:
+        model.load_state_dict(progress.best_state)
     model.eval()
-    return Fit(model, best_epoch, history, time.perf_counter() - began)
+    if state_path is not None:
+        _save_state(state_path, progress, epochs, model, None, None, generator, x.device)
+    return Fit(model, progress.best_epoch, progress.history, progress.seconds)

@@ -63,7 +63,7 @@ def test_a_distill_sweep_on_joblib_shares_one_cache_and_matches_the_sequential_s
     for job in jobs:
         m = manifest(job)
         assert m["inputs"]["teachers"] == str(teacher_sweep.resolve())
-        assert m["threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
+        assert m["environment"]["torch_threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
         members = [
             manifest(j)["metrics"]["teacher_params"] for j in artifacts.sweep_jobs(teacher_sweep)
         ]
@@ -117,7 +117,9 @@ def test_submitit_local_runs_the_sweep_and_its_summary(teacher_sweep: Path) -> N
     assert "distill sweep: 2 of 2 jobs complete" in result.stdout
     folder = sweep_folder(cwd, "distill")
     assert [r["alpha"] for r in csv_rows(folder)] == ["0.5", "0.9"]
-    assert all(manifest(job)["threads"] == 1 for job in artifacts.sweep_jobs(folder))
+    assert all(
+        manifest(job)["environment"]["torch_threads"] == 1 for job in artifacts.sweep_jobs(folder)
+    )
     assert (folder / "errors_vs_alpha.png").is_file()
 
 

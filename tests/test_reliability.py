@@ -1,0 +1,427 @@
+"""Reliability through the real command: killed and interrupted runs, resume, safe loading,
+numerical and environment trouble. Each case checks what the user sees: one line, an exit code,
+and a run folder that never looks complete when it is not."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_cli import DISTILLRUN, assert_one_line_error, distillrun, manifest, runs
+
+from distillrun import artifacts
+from distillrun.errors import UserError
+from distillrun.models import build_model
+from distillrun.train import fit
+
+# Small enough for seconds, long enough to be killed in the middle of the second teacher.
+TEACHERS = [
+    "teachers.n=2",
+    "train.epochs=12",
+    "train.batch_size=16",
+    "model.hidden=[32]",
+    "progress=false",
+]
+STUDENT = ["train.epochs=12", "train.batch_size=16", "model.hidden=[16]", "progress=false"]
+# One thread: on a busy 2-core machine, two contending threads make tiny epochs 10x slower.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def cli(cwd: Path, *args: str, check: int | None = 0):
+    return distillrun(cwd, *args, env=ONE_THREAD, check=check)
+
+
+def without_timings(value):
+    """Metrics minus wall-clock times, which no two runs share."""
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if k not in ("minutes", "seconds")}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
+def metric_lines(folder: Path) -> list[dict]:
+    return [without_timings(json.loads(line)) for line in (folder / "metrics.jsonl").open()]
+
+
+def start(cwd: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [DISTILLRUN, *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0", **ONE_THREAD},
+    )
+
+
+def signal_when(proc: subprocess.Popen, pattern: str, cwd: Path, signum: int) -> None:
+    """Send `signum` to `proc` as soon as a file matching `pattern` appears under cwd."""
+    deadline = time.monotonic() + 240
+    while not list(cwd.glob(pattern)):
+        assert proc.poll() is None, "the run ended before it could be stopped: " + str(
+            proc.communicate()
+        )
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.005)
+    proc.send_signal(signum)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted teachers run: the numbers a killed-and-resumed run must reach."""
+    cwd = tmp_path_factory.mktemp("reference")
+    cli(cwd, "train-teachers", *TEACHERS)
+    (folder,) = runs(cwd, "train-teachers")
+    return folder
+
+
+def copy_run(folder: Path, cwd: Path, name: str = "2026-01-01_00-00-00-000000") -> Path:
+    target = cwd / "outputs" / "train-teachers" / name
+    shutil.copytree(folder, target)
+    return target
+
+
+# --- kill, resume, determinism ------------------------------------------------------------------
+
+
+def test_a_killed_run_is_never_consumed_and_resumes_to_the_same_numbers(
+    reference: Path, tmp_path: Path
+) -> None:
+    proc = start(tmp_path, "train-teachers", *TEACHERS)
+    signal_when(proc, "outputs/train-teachers/*/resume/teacher_1.pt", tmp_path, signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    (killed,) = runs(tmp_path, "train-teachers")
+    assert manifest(killed)["status"] == "running"  # never "complete"
+    assert not (killed / "logits.pt").exists()
+
+    consumer = cli(tmp_path, "distill", *STUDENT, check=None)
+    assert_one_line_error(consumer, "no complete train-teachers run")
+    assert "skipped 1 unfinished or failed train-teachers run" in consumer.stdout
+    assert "resume=" in consumer.stdout
+
+    cli(tmp_path, "train-teachers", f"resume={killed}")
+    resumed = manifest(killed)
+    assert resumed["status"] == "complete" and len(resumed["resumed"]) == 1
+    assert without_timings(resumed["metrics"]) == without_timings(manifest(reference)["metrics"])
+    assert metric_lines(killed) == metric_lines(reference)
+    assert not (killed / "resume").exists()  # resumable checkpoints go once a run is complete
+    for name in ("logits.pt", "member_0.pt", "member_1.pt"):
+        assert (killed / name).read_bytes() == (reference / name).read_bytes()
+
+
+def test_the_manifest_records_how_to_repeat_the_run(reference: Path) -> None:
+    m = manifest(reference)
+    assert m["command"] == shlex.join(["distillrun", "train-teachers", *TEACHERS])
+    assert m["overrides"] == TEACHERS and m["seed"] == 0 and m["device"] == "cpu"
+    assert m["determinism"]["deterministic_algorithms"] is True
+    assert m["determinism"]["torch_threads"] == m["environment"]["torch_threads"] >= 1
+    assert "+" in m["code_version"]  # the git commit (with -dirty for local changes)
+    assert {"python", "torch", "numpy", "hydra-core"} <= set(m["libraries"])
+
+
+def test_ctrl_c_marks_the_run_interrupted_and_resume_keeps_its_teachers(
+    reference: Path, tmp_path: Path
+) -> None:
+    teachers = copy_run(reference, tmp_path)
+    uninterrupted = cli(tmp_path, "distill", *STUDENT, "hydra.run.dir=outputs/whole")
+    assert "Traceback" not in uninterrupted.stderr
+    whole = tmp_path / "outputs/whole"
+
+    proc = start(tmp_path, "distill", *STUDENT)
+    signal_when(proc, "outputs/distill/*/resume/student.pt", tmp_path, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    (folder,) = runs(tmp_path, "distill")
+    assert err.strip() == (
+        f"distillrun distill: interrupted; continue this run with "
+        f"`distillrun distill resume={folder.resolve()}`"
+    )
+    assert manifest(folder)["status"] == "interrupted"
+
+    # A newer complete teachers run appears meanwhile: the resumed run keeps the one it began with.
+    newer = copy_run(reference, tmp_path, "2099-01-01_00-00-00-000000")
+    newer_manifest = manifest(newer)
+    newer_manifest["started"] = "2099"
+    (newer / "manifest.json").write_text(json.dumps(newer_manifest))
+    cli(tmp_path, "distill", f"resume={folder}")
+    m = manifest(folder)
+    assert m["status"] == "complete" and m["inputs"] == {"teachers": str(teachers.resolve())}
+    assert without_timings(m["metrics"]) == without_timings(manifest(whole)["metrics"])
+    assert metric_lines(folder) == metric_lines(whole)
+
+
+def test_resume_refuses_what_it_cannot_continue(reference: Path, tmp_path: Path) -> None:
+    done = cli(tmp_path, "train-teachers", f"resume={reference}")
+    assert "already complete; nothing to resume" in done.stdout
+
+    interrupted = copy_run(reference, tmp_path)
+    m = manifest(interrupted)
+    (interrupted / "manifest.json").write_text(json.dumps({**m, "status": "interrupted"}))
+    before = (interrupted / "manifest.json").read_text()
+    cases = [
+        (["train-teachers", f"resume={interrupted}", "teachers.n=3"], ["drop teachers.n=3"]),
+        (["train-teachers", f"resume={interrupted}", "-m"], ["drop -m"]),
+        (["distill", f"resume={interrupted}"], ["is a train-teachers run"]),
+        (["train-teachers", f"resume={tmp_path / 'nope'}"], ["does not exist"]),
+        (["train-teachers", f"resume={tmp_path}"], ["not a run folder"]),
+    ]
+    for args, fragments in cases:
+        assert_one_line_error(cli(tmp_path, *args, check=None), *fragments)
+    assert (interrupted / "manifest.json").read_text() == before  # left as it was
+
+    # Same overrides, but the defaults changed since the run began: not the same run any more.
+    m["config"]["train"]["eval_batch_size"] = 999
+    (interrupted / "manifest.json").write_text(json.dumps({**m, "status": "interrupted"}))
+    before = (interrupted / "manifest.json").read_text()
+    result = cli(tmp_path, "train-teachers", f"resume={interrupted}", check=None)
+    assert_one_line_error(result, "another config (train.eval_batch_size differ")
+    assert (interrupted / "manifest.json").read_text() == before
+
+
+# --- safe loading -------------------------------------------------------------------------------
+
+
+class CreatesAFile:
+    """Unpickling this would create `path`: proof that a loader ran code."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def truncated(logits: Path, tmp_path: Path) -> str:
+    logits.write_bytes(logits.read_bytes()[:500])
+    return "empty or truncated"
+
+
+def random_bytes(logits: Path, tmp_path: Path) -> str:
+    logits.write_bytes(os.urandom(4096))
+    return "not a tensor checkpoint"
+
+
+def pickle_with_code(logits: Path, tmp_path: Path) -> str:
+    torch.save({"train": CreatesAFile(tmp_path / "pwned")}, logits)
+    return "refused"
+
+
+def other_class_count(logits: Path, tmp_path: Path) -> str:
+    cache = torch.load(logits, weights_only=True)
+    artifacts.save_tensors(logits, {**cache, **{s: cache[s][..., :5] for s in ("train", "test")}})
+    return "does not hold teacher logits for this dataset"
+
+
+@pytest.mark.parametrize("damage", [truncated, random_bytes, pickle_with_code])
+def test_each_kind_of_bad_file_gets_its_own_reason(damage, reference: Path, tmp_path: Path) -> None:
+    path = tmp_path / "logits.pt"
+    shutil.copy(reference / "logits.pt", path)
+    fragment = damage(path, tmp_path)
+    with pytest.raises(UserError) as err:
+        artifacts.load_tensors(path)
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message and fragment in message
+    assert "nothing in it was run" in message and "weights_only" not in message
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_named_unfinished_run_says_how_to_finish_it(tmp_path: Path) -> None:
+    artifacts.write_manifest(tmp_path, stage="train-teachers", status="running")
+    with pytest.raises(UserError, match=f"killed or is still running.*resume={tmp_path}"):
+        artifacts.complete_run(tmp_path, "train-teachers")
+
+
+# Through the command: the cache a distill run reads (the other kinds are covered just above).
+@pytest.mark.parametrize("damage", [pickle_with_code, other_class_count])
+def test_bad_teacher_caches_are_one_line_errors_and_run_nothing(
+    damage, reference: Path, tmp_path: Path
+) -> None:
+    teachers = copy_run(reference, tmp_path)
+    fragment = damage(teachers / "logits.pt", tmp_path)
+    result = cli(tmp_path, "distill", *STUDENT, check=None)
+    assert_one_line_error(result, str(teachers / "logits.pt"), fragment)
+    assert not (tmp_path / "pwned").exists()
+    (folder,) = runs(tmp_path, "distill")
+    assert manifest(folder)["status"] == "failed"
+
+
+def test_a_resumable_checkpoint_of_another_architecture_is_refused(
+    reference: Path, tmp_path: Path
+) -> None:
+    run = copy_run(reference, tmp_path)
+    (run / "manifest.json").write_text(json.dumps({**manifest(run), "status": "interrupted"}))
+    other = build_model({"name": "mlp", "hidden": [16]}, (1, 8, 8), 10)
+    x = torch.randn(40, 1, 8, 8)
+    y = torch.randint(0, 10, (40,))
+    fit_resumable(other, x, y, run / "resume" / "teacher_0.pt", epochs=12)
+    result = cli(tmp_path, "train-teachers", f"resume={run}", check=None)
+    assert_one_line_error(
+        result, "teacher 0: resumable checkpoint", "another architecture or class count"
+    )
+    assert manifest(run)["status"] == "failed"
+
+
+# --- numerical and environment trouble ----------------------------------------------------------
+
+
+def test_a_nan_loss_stops_the_run_naming_the_epoch_and_the_fix(tmp_path: Path) -> None:
+    args = ["optim=sgd", "optim.lr=1e30", "optim.momentum=0", *TEACHERS]
+    result = cli(tmp_path, "train-teachers", *args, check=None)
+    assert_one_line_error(result, "teacher 0", "became nan in epoch 1", "lower optim.lr")
+    (folder,) = runs(tmp_path, "train-teachers")
+    assert manifest(folder)["status"] == "failed"
+
+
+def test_a_full_disk_is_one_line_and_resumable(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").symlink_to("/dev/full")  # every write there: no space left
+    result = cli(tmp_path, "train-teachers", *TEACHERS, f"hydra.run.dir={run}", check=None)
+    assert_one_line_error(result, "no space left", "free some disk space", f"resume={run}")
+    assert manifest(run)["status"] == "failed"
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["hydra.run.dir=/proc/nope/run"], ["hydra.run.dir=/proc/nope/run cannot be written"]),
+        (["-m", "hydra.sweep.dir=/proc/nope", "seed=0,1"], ["hydra.sweep.dir=/proc/nope"]),
+        (["dataset=mnist", "dataset.root=/no/such/root"], ["MNIST not found under /no/such/root"]),
+        (
+            [
+                "optim.gamma=0",
+                "optim.step_size=0",
+                "model.name=foo",
+                "dataset=mnist",
+                "dataset.download=maybe",
+            ],
+            ["optim.gamma=0", "optim.step_size=0", "model.name=foo", "4 problems"],
+        ),
+        (["dataset=mnist1d", "dataset.num_samples=3"], ["dataset.num_samples=3"]),
+    ],
+)
+def test_environment_and_config_trouble_is_one_line(
+    tmp_path: Path, args: list[str], fragments: list[str]
+) -> None:
+    assert_one_line_error(cli(tmp_path, "train-teachers", *args, *TEACHERS, check=None), *fragments)
+
+
+def test_an_npz_of_random_bytes_is_not_unpickled(tmp_path: Path) -> None:
+    (tmp_path / "bad.npz").write_bytes(os.urandom(500))
+    args = ["dataset=npz", f"dataset.path={tmp_path / 'bad.npz'}", *TEACHERS]
+    result = cli(tmp_path, "train-teachers", *args, check=None)
+    assert_one_line_error(result, "not a readable .npz file", "was not loaded")
+    assert "allow_pickle" not in result.stderr
+
+
+def test_a_dataset_root_with_the_wrong_files_is_one_line(tmp_path: Path) -> None:
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        (raw / name).write_bytes(os.urandom(256))
+    args = ["dataset=mnist", f"dataset.root={tmp_path / 'data'}", *TEACHERS]
+    result = cli(tmp_path, "train-teachers", *args, check=None)
+    assert_one_line_error(result, "MNIST", "dataset.root=")
+
+
+# --- the training loop's resumable checkpoints, in process -------------------------------------
+
+OPTIM = {"name": "adam", "lr": 0.01, "betas": [0.9, 0.999], "weight_decay": 0.0}
+
+
+def fit_resumable(model, x, y, state_path, epochs, resume=False, on_epoch=lambda r: None):
+    return fit(
+        model,
+        x,
+        lambda out, idx: F.cross_entropy(out, y[idx]),
+        x_val=x[:10],
+        y_val=y[:10],
+        optim={**OPTIM, "schedule": "cosine"},
+        epochs=epochs,
+        batch_size=8,
+        seed=3,
+        jitter_pixels=1 if x.dim() == 4 else 0,
+        state_path=state_path,
+        resume=resume,
+        on_epoch=on_epoch,
+    )
+
+
+def test_fit_resumes_bit_identically_with_dropout_and_jitter(tmp_path: Path) -> None:
+    cfg = {"name": "cnn", "channels": [4], "hidden": 16, "dropout": 0.5}
+    x = torch.randn(60, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 3, (60,), generator=torch.Generator().manual_seed(1))
+
+    torch.manual_seed(0)
+    whole = fit_resumable(build_model(cfg, (1, 8, 8), 3), x, y, tmp_path / "a.pt", epochs=4)
+
+    def stop_after_two(record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        fit_resumable(
+            build_model(cfg, (1, 8, 8), 3), x, y, tmp_path / "b.pt", 4, False, stop_after_two
+        )
+    torch.manual_seed(0)
+    resumed = fit_resumable(build_model(cfg, (1, 8, 8), 3), x, y, tmp_path / "b.pt", 4, True)
+    assert resumed.best_epoch == whole.best_epoch
+    assert without_timings(resumed.history) == without_timings(whole.history)
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    # The finished checkpoint is small (the selected model only) and loads back as it is.
+    finished = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert finished["finished"] and finished["optimizer"] is None
+    torch.manual_seed(0)
+    again = fit_resumable(build_model(cfg, (1, 8, 8), 3), x, y, tmp_path / "b.pt", 4, True)
+    assert again.history == resumed.history
+
+
+def test_a_nan_loss_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    x = torch.randn(32, 4)
+    calls = []
+
+    def loss_fn(out, idx):
+        calls.append(1)
+        loss = out.logsumexp(1).mean()
+        return loss * float("nan") if len(calls) > 8 else loss  # 4 batches an epoch: epoch 3
+
+    model = build_model({"name": "mlp", "hidden": [8]}, (4,), 3)
+    with pytest.raises(UserError, match="became nan in epoch 3.*epoch 2 is kept.*optim.lr"):
+        fit(
+            model,
+            x,
+            loss_fn,
+            x_val=x[:0],
+            y_val=torch.zeros(0, dtype=torch.long),
+            optim={**OPTIM, "schedule": "constant"},
+            epochs=5,
+            batch_size=8,
+            seed=0,
+            state_path=tmp_path / "s.pt",
+        )
+    assert torch.load(tmp_path / "s.pt", weights_only=True)["epoch"] == 2
+
+
+def test_environment_errors_become_one_line_messages(tmp_path: Path) -> None:
+    import errno
+
+    from distillrun.stage import Run, _user_message
+
+    run = Run("distill", tmp_path, torch.device("cpu"))
+    full = _user_message(run, OSError(errno.ENOSPC, "No space left on device", "x.pt"))
+    assert full.startswith("no space left writing x.pt") and "resume=" in full
+    denied = _user_message(run, OSError(errno.EACCES, "Permission denied", "y.pt"))
+    assert "cannot write y.pt (Permission denied)" in denied and "paths.output_root" in denied
+    assert _user_message(run, OSError(errno.EBADF, "Bad file descriptor")) is None  # a bug
