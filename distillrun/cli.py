@@ -295,7 +295,6 @@ def main() -> None:
         fail(f"unknown stage '{stage}': {hint}stages are {', '.join(STAGES)}")
     if stage == "report":
         args = folders_to_override(args)
-    precheck(stage, args)
     try:
         if any(a.startswith("resume=") for a in args):
             args = _user_errors(stage, resume_args, stage, args)

@@ -171,7 +171,10 @@ def _newest_source(output_root: Path, data: Data, say: Callable[[str], None]) ->
         elif all(_check_data(m, data) is None for _, m in found):
             candidates.append((max(m.get("started", "") for _, m in found), sweep))
     if skipped:
-        say(f"skipped {skipped} unfinished or failed {STAGE} run(s) or sweep(s) under {base}")
+        say(
+            f"skipped {skipped} unfinished or failed {STAGE} run(s) or sweep(s) under {base} "
+            f"(continue one with `distillrun {STAGE} resume=<run folder>`)"
+        )
     if not candidates:
         raise UserError(
             f"no complete {STAGE} run on dataset={data.name} under {base}: run "
