@@ -40,10 +40,14 @@ def cli(cwd: Path, *args: str, check: int | None = 0):
     return distillrun(cwd, *args, env=ONE_THREAD, check=check)
 
 
+TIMINGS = {"minutes", "seconds", "inference_speedup"}
+TIMINGS |= {"teacher_examples_per_s", "student_examples_per_s"}
+
+
 def without_timings(value):
-    """Metrics minus wall-clock times, which no two runs share."""
+    """Metrics minus wall-clock times and speeds, which no two runs share."""
     if isinstance(value, dict):
-        return {k: without_timings(v) for k, v in value.items() if k not in ("minutes", "seconds")}
+        return {k: without_timings(v) for k, v in value.items() if k not in TIMINGS}
     if isinstance(value, list):
         return [without_timings(v) for v in value]
     return value
