@@ -53,6 +53,11 @@ def write_json(path: Path, obj: Any) -> None:
     _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), "w")
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    """A file of raw bytes (a PNG plot), written atomically like everything else."""
+    _atomic_write(path, lambda f: f.write(data), "wb")
+
+
 def save_tensors(path: Path, obj: Any) -> None:
     """torch.save of tensors and plain containers only, so `load_tensors` can read it safely."""
     _atomic_write(path, lambda f: torch.save(obj, f), "wb")
