@@ -29,6 +29,9 @@ from distillrun.stage import Run, run_stage, train_one
 from distillrun.train import agreement, classification_metrics, predict
 
 TEACHERS_STAGE = "train-teachers"
+# An evaluate run writes the generalist-plus-specialists distribution in the same logits.pt
+# format (one member), so it can be distilled like any teacher.
+COMBINATION_STAGE = "evaluate"
 
 
 @hydra.main(version_base="1.3", config_path="pkg://distillrun.conf", config_name="distill")
@@ -54,7 +57,10 @@ def find_teachers(cfg: DictConfig, data: Data) -> tuple[Path, dict[str, Any]]:
         )
     else:
         folder = Path(str(cfg.teachers))
-        manifest = artifacts.complete_run(folder, TEACHERS_STAGE)
+        stage = (artifacts.read_manifest(folder) or {}).get("stage") if folder.is_dir() else None
+        manifest = artifacts.complete_run(
+            folder, COMBINATION_STAGE if stage == COMBINATION_STAGE else TEACHERS_STAGE
+        )
         why_not = same_data(manifest)
         if why_not:
             raise UserError(
