@@ -31,6 +31,7 @@ def print_help() -> None:
         "  distillrun train-teachers teachers.n=5\n"
         "  distillrun distill T=20 alpha=0.9\n"
         "  distillrun distill -m T=1,2,4,8 alpha=0.5,0.9\n"
+        "  distillrun specialists dataset=hierarchical && distillrun evaluate\n"
         '\nshell completion: eval "$(distillrun -sc install=bash)"'
     )
 
