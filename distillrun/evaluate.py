@@ -152,8 +152,9 @@ def plot_by_coverage(path: Path, rows: list[dict[str, Any]]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    x = [str(r["covering"]) for r in rows]
+    x = list(range(len(rows)))
     ax.bar(x, [100 * r["relative_change"] for r in rows], color="tab:blue")
+    ax.set_xticks(x, [str(r["covering"]) for r in rows])
     for i, r in enumerate(rows):
         ax.annotate(f"n={r['examples']}", (i, 100 * r["relative_change"]), ha="center", va="bottom")
     ax.axhline(0, color="k", lw=0.5)
