@@ -65,6 +65,11 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), "w")
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    """A file of raw bytes (a PNG plot), written atomically like everything else."""
+    atomic_write(path, lambda f: f.write(data), "wb")
+
+
 def save_tensors(path: Path, obj: Any) -> None:
     """torch.save of tensors and plain containers only, so `load_tensors` can read it safely."""
     import torch  # here, so that sweep summaries and reports do not pay for importing torch

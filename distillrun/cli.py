@@ -34,6 +34,7 @@ def print_help() -> None:
         "  distillrun distill -m T=1,2,4,8 alpha=0.5,0.9\n"
         "  distillrun report outputs/distill/multirun/<timestamp>\n"
         "  distillrun train-teachers resume=outputs/train-teachers/<run>  (a killed run)\n"
+        "  distillrun specialists dataset=hierarchical && distillrun evaluate\n"
         '\nshell completion: eval "$(distillrun -sc install=bash)"'
     )
 

@@ -28,6 +28,16 @@ STAGES: dict[str, tuple[str, str, str]] = {
         "distill",
         "distill a teachers run into a small student with soft targets at temperature T",
     ),
+    "specialists": (
+        "distillrun.specialists_stage",
+        "specialists",
+        "cluster a generalist's confusions and train a specialist per class cluster",
+    ),
+    "evaluate": (
+        "distillrun.evaluate",
+        "evaluate",
+        "classify with a generalist plus its specialists (the paper's KL combination)",
+    ),
     "report": (
         "distillrun.report",
         "report",
@@ -106,7 +116,8 @@ def _in(v: Any, lo: float, hi: float, lo_open: bool = False, hi_open: bool = Fal
     return above and below
 
 
-def _common(cfg: DictConfig, p: _Problems) -> None:
+def _basics(cfg: DictConfig, p: _Problems) -> None:
+    """The keys of conf/base.yaml, which every stage has."""
     p.need(_is_seed(cfg.seed), f"seed={cfg.seed} must be an integer in [0, 2^31)")
     p.need(
         isinstance(cfg.device, str) and bool(DEVICE.match(cfg.device)),
@@ -123,13 +134,12 @@ def _common(cfg: DictConfig, p: _Problems) -> None:
         isinstance(cfg.paths.output_root, str) and cfg.paths.output_root.strip() != "",
         f"paths.output_root={cfg.paths.output_root} must be a folder path",
     )
-
-
-def _training(cfg: DictConfig, p: _Problems) -> None:
     for key in ("epochs", "batch_size", "eval_batch_size"):
         v = cfg.train[key]
         p.need(_is_int(v) and v >= 1, f"train.{key}={v} must be an integer >= 1")
 
+
+def _dataset(cfg: DictConfig, p: _Problems) -> None:
     d = cfg.dataset
     p.need(
         _in(d.val_fraction, 0, 1, hi_open=True),
@@ -170,7 +180,16 @@ def _training(cfg: DictConfig, p: _Problems) -> None:
             _is_seed(d.template_seed),
             f"dataset.template_seed={d.template_seed} must be an integer in [0, 2^31)",
         )
+    if d.name == "hierarchical":
+        for key in ("n_super", "n_sub", "dim", "modes", "train_per_class", "test_per_class"):
+            v = d[key]
+            p.need(_is_int(v) and v >= 1, f"dataset.{key}={v} must be an integer >= 1")
+        for key in ("super_spread", "sub_spread", "mode_spread"):
+            p.need(_in(d[key], 0, math.inf), f"dataset.{key}={d[key]} must be a number >= 0")
+        p.need(_is_seed(d.seed), f"dataset.seed={d.seed} must be an integer in [0, 2^31)")
 
+
+def _model(cfg: DictConfig, p: _Problems) -> None:
     m = cfg.model
     p.need(m.name in MODEL_NAMES, f"model.name={m.name}: use one of {', '.join(MODEL_NAMES)}")
     for key in ("dropout", "input_dropout"):
@@ -194,6 +213,8 @@ def _training(cfg: DictConfig, p: _Problems) -> None:
             "model.channels needs at least one convolution, e.g. [32, 64]",
         )
 
+
+def _optim(cfg: DictConfig, p: _Problems) -> None:
     o = cfg.optim
     p.need(o.name in ("adam", "sgd"), f"optim.name={o.name}: use adam or sgd")
     p.need(_in(o.lr, 0, math.inf, lo_open=True), f"optim.lr={o.lr} must be a number > 0")
@@ -224,7 +245,13 @@ def _training(cfg: DictConfig, p: _Problems) -> None:
     p.need(_in(o.gamma, 0, 1, lo_open=True), f"optim.gamma={o.gamma} must be in (0, 1]")
 
 
+def _common(cfg: DictConfig, p: _Problems) -> None:
+    for check in (_basics, _dataset, _model, _optim):
+        check(cfg, p)
+
+
 def _train_teachers(cfg: DictConfig, p: _Problems) -> None:
+    _common(cfg, p)
     t = cfg.teachers
     p.need(_is_int(t.n) and t.n >= 1, f"teachers.n={t.n} must be an integer >= 1")
     p.need(
@@ -239,6 +266,7 @@ def _paths(value: Any) -> list[Any] | None:
 
 
 def _distill(cfg: DictConfig, p: _Problems) -> None:
+    _common(cfg, p)
     p.need(
         cfg.teachers is None or _paths(cfg.teachers) is not None,
         f"teachers={cfg.teachers} must be a run or sweep folder, or a list of them",
@@ -276,6 +304,7 @@ def _distill(cfg: DictConfig, p: _Problems) -> None:
 
 
 def _report(cfg: DictConfig, p: _Problems) -> None:
+    _basics(cfg, p)
     runs = _paths(cfg.runs)
     p.need(
         bool(runs),
@@ -294,14 +323,58 @@ def _experiment(stage: str, cfg: DictConfig, p: _Problems) -> None:
     p.append(f"experiment={preset.name} is a preset for `distillrun {preset.stage}`: {fix}")
 
 
+def _run_folder(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value != "")
+
+
+def _specialists(cfg: DictConfig, p: _Problems) -> None:
+    for check in (_basics, _dataset, _optim):
+        check(cfg, p)
+    p.need(_run_folder(cfg.generalist), f"generalist={cfg.generalist}: give a run folder or null")
+    s = cfg.specialists
+    p.need(_is_int(s.k) and s.k >= 2, f"specialists.k={s.k} must be an integer >= 2")
+    p.need(
+        s.clustering in ("kmeans", "online"),
+        f"specialists.clustering={s.clustering}: use kmeans or online",
+    )
+    p.need(_in(s.overlap, 0, math.inf), f"specialists.overlap={s.overlap} must be a number >= 0")
+    p.need(_is_int(s.member) and s.member >= 0, f"specialists.member={s.member} must be >= 0")
+    p.need(
+        s.index is None or (_is_int(s.index) and s.index >= 0),
+        f"specialists.index={s.index} must be null (all) or a specialist number >= 0",
+    )
+    if _is_int(s.index) and _is_int(s.k) and s.index >= s.k:
+        p.append(f"specialists.index={s.index} must be below specialists.k={s.k}")
+    p.need(isinstance(s.soft_targets, bool), "specialists.soft_targets: use true or false")
+
+
+def _evaluate(cfg: DictConfig, p: _Problems) -> None:
+    _basics(cfg, p)
+    p.need(_run_folder(cfg.specialists), f"specialists={cfg.specialists}: give a folder or null")
+    p.need(_is_int(cfg.n) and cfg.n >= 1, f"n={cfg.n} must be an integer >= 1 (the paper: 1)")
+    p.need(
+        cfg.optimizer in ("preconditioned", "plain"),
+        f"optimizer={cfg.optimizer}: use preconditioned or plain",
+    )
+    p.need(
+        _in(cfg.tolerance, 0, math.inf, lo_open=True),
+        f"tolerance={cfg.tolerance} must be a number > 0, e.g. 1e-5",
+    )
+    p.need(_is_int(cfg.max_iter) and cfg.max_iter >= 1, f"max_iter={cfg.max_iter} must be >= 1")
+
+
 def validate(stage: str, cfg: DictConfig) -> None:
     """Check every value of a composed stage config; raise one UserError listing all problems."""
     p = _Problems()
-    _common(cfg, p)
     _experiment(stage, cfg, p)
-    if stage != "report":
-        _training(cfg, p)
-    {"train-teachers": _train_teachers, "distill": _distill, "report": _report}[stage](cfg, p)
+    checks = {
+        "train-teachers": _train_teachers,
+        "distill": _distill,
+        "specialists": _specialists,
+        "evaluate": _evaluate,
+        "report": _report,
+    }
+    checks[stage](cfg, p)
     if p:
         fix = "" if len(p) == 1 else f" ({len(p)} problems)"
         raise UserError("; ".join(p) + fix)

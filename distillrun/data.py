@@ -31,6 +31,7 @@ _IDX_FILES = (
     "t10k-labels-idx1-ubyte",
 )
 _CIFAR_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")
+_CIFAR100_FILES = ("train", "test", "meta")
 
 
 @dataclass(eq=False)
@@ -47,6 +48,7 @@ class Data:
     num_classes: int
     image_shape: tuple[int, int, int] | None
     fingerprint: str
+    superclass: list[int] | None = None  # superclass of each class, where the dataset knows it
 
     def to(self, device: torch.device | str) -> Data:
         """A new Data with every tensor moved to `device`."""
@@ -283,6 +285,69 @@ def _load_cifar10(cfg: Any) -> Data:
     )
 
 
+def _load_cifar100(cfg: Any) -> Data:
+    """CIFAR-100's 100 fine classes; the 20 coarse labels become each class's superclass."""
+    import pickle
+
+    from torchvision.datasets import CIFAR100
+
+    root = _root(cfg)
+    folder = root / CIFAR100.base_folder
+    train, test = _torchvision(CIFAR100, "CIFAR-100", root, folder, _CIFAR100_FILES, cfg)
+    # torchvision keeps only the fine labels; the coarse ones are in the same (md5-checked) file.
+    with open(folder / "train", "rb") as f:
+        coarse = pickle.load(f, encoding="latin1").get("coarse_labels")
+    if coarse is None or len(coarse) != len(train.targets):
+        raise UserError(
+            f"{folder / 'train'} has no coarse labels: it is not CIFAR-100's python version; "
+            "delete it and add dataset.download=true"
+        )
+    superclass = [0] * 100
+    for fine, c in zip(train.targets, coarse, strict=True):
+        superclass[fine] = int(c)
+
+    def images(ds: Any) -> np.ndarray:
+        return ds.data.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+
+    data = _finish(
+        "cifar100", cfg, images(train), np.array(train.targets), images(test), test.targets, 100
+    )
+    return replace(data, superclass=superclass)
+
+
+def _load_hierarchical(cfg: Any) -> Data:
+    """Gaussian classes in superclasses, generated from dataset.seed.
+
+    Superclass centres are drawn with spread `super_spread`, each of the `n_sub` class centres
+    of a superclass around its superclass centre with spread `sub_spread`, and every example
+    around its class centre with unit noise: classes of one superclass are close and confused.
+    """
+    n_super, n_sub, dim = (_int(cfg, k) for k in ("n_super", "n_sub", "dim"))
+    per_class = {s: _int(cfg, f"{s}_per_class") for s in ("train", "test")}
+    spreads = {k: float(_get(cfg, k)) for k in ("super_spread", "sub_spread", "mode_spread")}
+    modes = _int(cfg, "modes")
+    if min(n_super, n_sub, dim, modes, *per_class.values()) < 1 or min(spreads.values()) < 0:
+        raise UserError(
+            "dataset.n_super, n_sub, dim, modes and *_per_class must be >= 1 and the spreads >= 0"
+        )
+    rng = np.random.default_rng(_int(cfg, "seed"))
+    supers = rng.normal(0.0, spreads["super_spread"], (n_super, 1, dim))
+    centres = (supers + rng.normal(0.0, spreads["sub_spread"], (n_super, n_sub, dim))).reshape(
+        n_super * n_sub, 1, dim
+    )
+    # Each class is a mixture of `modes` blobs, so its boundary with its siblings is not linear.
+    centres = centres + rng.normal(0.0, spreads["mode_spread"], (len(centres), modes, dim))
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = np.repeat(np.arange(len(centres)), n)
+        mode = rng.integers(0, modes, len(y))
+        return centres[y, mode] + rng.normal(0.0, 1.0, (len(y), dim)), y
+
+    (x_train, y_train), (x_test, y_test) = draw(per_class["train"]), draw(per_class["test"])
+    data = _finish("hierarchical", cfg, x_train, y_train, x_test, y_test, len(centres))
+    return replace(data, superclass=[c // n_sub for c in range(len(centres))])
+
+
 def _load_mnist1d(cfg: Any) -> Data:
     """MNIST-1D generated in memory by mnist1d.data.make_dataset (which writes no files)."""
     from mnist1d.data import get_dataset_args, make_dataset
@@ -380,6 +445,8 @@ _LOADERS: dict[str, Callable[[Any], Data]] = {
     "mnist": _load_mnist,
     "fashion_mnist": _load_fashion_mnist,
     "cifar10": _load_cifar10,
+    "cifar100": _load_cifar100,
+    "hierarchical": _load_hierarchical,
     "mnist1d": _load_mnist1d,
     "npz": _load_npz,
 }

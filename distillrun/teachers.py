@@ -2,7 +2,8 @@
 
 A teachers source is one train-teachers run, a sweep folder of train-teachers jobs (e.g.
 `train-teachers -m seed=0,1,2,3,4`, one member per job, any launcher), or a list of such
-folders: every member of every run joins one ensemble.
+folders: every member of every run joins one ensemble. An evaluate run (a generalist plus its
+specialists) is a teacher too.
 
 The teachers' logits on the train/val/test splits are computed once, by train-teachers, and
 saved with each run (logits.pt). A source of several runs stacks them once into
@@ -26,6 +27,7 @@ from distillrun.data import Data
 from distillrun.errors import UserError
 
 STAGE = "train-teachers"
+COMBINATION = "evaluate"
 CACHE = "teacher_logits.pt"
 SPLITS = ("train", "val", "test")
 
@@ -109,7 +111,11 @@ def _runs_of(folder: Path, data: Data) -> list[tuple[Path, dict[str, Any]]]:
     if artifacts.is_sweep(folder):
         found = _complete_sweep(folder)
     else:
-        found = [(folder, artifacts.complete_run(folder, STAGE))]
+        # An evaluate run holds the generalist-plus-specialists distribution as logits.pt (one
+        # member), so it can be distilled like any teachers run.
+        manifest = artifacts.read_manifest(folder) if folder.is_dir() else None
+        stage = COMBINATION if (manifest or {}).get("stage") == COMBINATION else STAGE
+        found = [(folder, artifacts.complete_run(folder, stage))]
     for _, manifest in found:
         why_not = _check_data(manifest, data)
         if why_not:

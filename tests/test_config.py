@@ -25,10 +25,7 @@ def test_every_group_choice_is_shipped_in_the_package() -> None:
     assert group_choices("optim") == ["adam", "sgd"]
 
 
-TRAINING_STAGES = [s for s in STAGES if s != "report"]
-
-
-@pytest.mark.parametrize("stage", TRAINING_STAGES)
+@pytest.mark.parametrize("stage", ["train-teachers", "distill"])  # the stages with every group
 @pytest.mark.parametrize("dataset", [d for d in group_choices("dataset") if d != "npz"])
 @pytest.mark.parametrize("model", group_choices("model"))
 @pytest.mark.parametrize("optim", group_choices("optim"))
@@ -39,6 +36,47 @@ def test_every_combination_of_shipped_choices_is_valid(
     validate(stage, cfg)
     assert cfg.dataset.name == dataset and cfg.optim.name == optim
     assert cfg.paths.output_root == "outputs" and cfg.device == "auto"
+
+
+@pytest.mark.parametrize("dataset", [d for d in group_choices("dataset") if d != "npz"])
+@pytest.mark.parametrize("optim", group_choices("optim"))
+def test_specialists_takes_every_dataset_and_optimizer(dataset: str, optim: str) -> None:
+    cfg = composed("specialists", f"dataset={dataset}", f"optim={optim}")
+    validate("specialists", cfg)
+    assert "model" not in cfg  # a specialist has its generalist's architecture
+
+
+def test_specialists_and_evaluate_defaults() -> None:
+    s = composed("specialists")
+    assert s.dataset.name == "hierarchical" and s.dataset.n_super * s.dataset.n_sub == 100
+    assert s.specialists.k == 20 and s.specialists.index is None and s.generalist is None
+    assert s.specialists.soft_targets is False and s.specialists.clustering == "kmeans"
+    e = composed("evaluate")
+    validate("evaluate", e)
+    assert e.n == 1 and e.specialists is None and e.tolerance > 0 and "dataset" not in e
+
+
+@pytest.mark.parametrize(
+    ("stage", "overrides", "fragments"),
+    [
+        ("specialists", ["specialists.k=1"], ["specialists.k=1", ">= 2"]),
+        ("specialists", ["specialists.clustering=ward"], ["kmeans or online"]),
+        ("specialists", ["specialists.overlap=-1"], ["specialists.overlap=-1"]),
+        ("specialists", ["specialists.index=20"], ["below specialists.k=20"]),
+        ("specialists", ["specialists.soft_targets=maybe"], ["soft_targets"]),
+        ("specialists", ["dataset.n_sub=0", "dataset.sub_spread=-1"], ["n_sub=0", "2 problems"]),
+        ("evaluate", ["n=0"], ["n=0"]),
+        ("evaluate", ["tolerance=0", "max_iter=0"], ["tolerance=0", "max_iter=0", "2 problems"]),
+        ("evaluate", ["optimizer=adam"], ["preconditioned or plain"]),
+    ],
+)
+def test_specialists_and_evaluate_values_are_checked(
+    stage: str, overrides: list[str], fragments: list[str]
+) -> None:
+    with pytest.raises(UserError) as e:
+        validate(stage, composed(stage, *overrides))
+    for fragment in fragments:
+        assert fragment in str(e.value)
 
 
 def test_paper_presets_are_the_papers_nets() -> None:

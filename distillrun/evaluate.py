@@ -1,0 +1,274 @@
+"""`distillrun evaluate`: classify with the generalist plus its specialists, the paper's way.
+
+For each example: the generalist's top-n classes pick the active specialists, and the combined
+distribution q minimises KL(p_g || q) + sum over active m of KL(p_m || collapse_m(q))
+(distillrun.inference). Writes by_coverage.png (the paper's table as bars), logits.pt (log q
+on every split, in train-teachers' format with one member, so `distill teachers=<this run>`
+distills the combination into one net), metrics.jsonl and manifest.json last.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from distillrun import artifacts
+from distillrun.console import results_table, say
+from distillrun.data import load_dataset
+from distillrun.distill import load_teacher_logits
+from distillrun.errors import UserError
+from distillrun.inference import active_specialists, combine_kl
+from distillrun.models import load_model
+from distillrun.specialists import specialist_view
+from distillrun.stage import Run, run_stage
+from distillrun.train import classification_metrics, predict
+
+SPECIALISTS_STAGE = "specialists"
+SPLITS = ("train", "val", "test")
+
+
+@hydra.main(version_base="1.3", config_path="pkg://distillrun.conf", config_name="evaluate")
+def main(cfg: DictConfig) -> float | None:
+    return run_stage("evaluate", cfg, evaluate)
+
+
+def _trained(manifest: dict[str, Any]) -> list[int]:
+    return list(manifest.get("specialists", {}).get("trained", []))
+
+
+def _collect(jobs: list[tuple[Path, dict[str, Any]]], where: Path) -> list[tuple[Path, int]]:
+    """(folder, index) of every specialist, checking that the jobs agree and none is missing."""
+    first = jobs[0][1]
+    key = ("clusters", "generalist_member", "soft_targets")
+    for folder, m in jobs[1:]:
+        same = all(m["specialists"].get(k) == first["specialists"].get(k) for k in key)
+        same = same and m.get("inputs") == first.get("inputs")
+        if not same:
+            raise UserError(
+                f"{folder} and {jobs[0][0]} disagree on the generalist or the clusters: "
+                f"{where} mixes different specialists runs; pass one sweep or one run"
+            )
+    found = {i: folder for folder, m in jobs for i in _trained(m)}
+    k = len(first["specialists"]["clusters"])
+    missing = [i for i in range(k) if i not in found]
+    if missing:
+        raise UserError(
+            f"{where} has no complete run for specialist(s) {missing} of {k}: run them "
+            f"(`distillrun specialists -m specialists.index=...`) or pass a complete set"
+        )
+    return [(found[i], i) for i in range(k)]
+
+
+def _sweep_jobs(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
+    jobs, unfinished = [], []
+    for job in sorted(p for p in folder.iterdir() if p.is_dir()):
+        try:
+            manifest = artifacts.read_manifest(job)
+        except UserError:
+            manifest = None
+        if artifacts.is_complete(manifest, SPECIALISTS_STAGE):
+            jobs.append((job, manifest))
+        elif (job / ".hydra").is_dir():
+            unfinished.append(job.name)
+    if not jobs:
+        raise UserError(
+            f"{folder} holds no complete specialists run: pass a specialists run folder or the "
+            "multirun folder of its index jobs"
+        )
+    if unfinished:
+        say(f"skipped unfinished or failed job(s) {', '.join(unfinished)} in {folder}")
+    return jobs
+
+
+def find_specialists(cfg: DictConfig) -> tuple[list[tuple[Path, int]], dict[str, Any]]:
+    """Each specialist's run folder and index, and the manifest of one of those runs.
+
+    `specialists=` names one run holding every specialist, or a sweep folder of index jobs; by
+    default the newest complete specialists run, with the other jobs of its sweep if it holds
+    only some of the specialists.
+    """
+    if cfg.specialists is None:
+        folder, manifest = artifacts.newest_complete_run(
+            Path(cfg.paths.output_root), SPECIALISTS_STAGE, lambda m: None, say
+        )
+        folder = folder.resolve()
+        k = len(manifest["specialists"]["clusters"])
+        if len(_trained(manifest)) == k:
+            return [(folder, i) for i in range(k)], manifest
+        jobs = _sweep_jobs(folder.parent)
+        return _collect(jobs, folder.parent), manifest
+    folder = Path(str(cfg.specialists)).resolve()
+    if folder.is_dir() and not (folder / artifacts.MANIFEST).exists():
+        if any((p / artifacts.MANIFEST).exists() for p in folder.iterdir() if p.is_dir()):
+            jobs = _sweep_jobs(folder)
+            return _collect(jobs, folder), jobs[0][1]
+    manifest = artifacts.complete_run(folder, SPECIALISTS_STAGE)
+    if "specialists" not in manifest:
+        raise UserError(f"{folder}'s manifest lists no specialists: re-run its stage")
+    k = len(manifest["specialists"]["clusters"])
+    if len(_trained(manifest)) != k:
+        raise UserError(
+            f"{folder} holds specialist(s) {_trained(manifest)} of {k} only: pass the multirun "
+            "folder that holds all the index jobs"
+        )
+    return [(folder, i) for i in range(k)], manifest
+
+
+def by_coverage(
+    covering: torch.Tensor, generalist_right: torch.Tensor, combined_right: torch.Tensor
+) -> list[dict[str, Any]]:
+    """The paper's table: per number of active specialists covering the correct class, the
+    examples, the correct answers gained, and the relative accuracy change."""
+    rows = []
+    for c in range(int(covering.max()) + 1 if len(covering) else 0):
+        mask = covering == c
+        if not mask.any():
+            continue
+        g, b = int(generalist_right[mask].sum()), int(combined_right[mask].sum())
+        rows.append(
+            {
+                "covering": c,
+                "examples": int(mask.sum()),
+                "generalist_correct": g,
+                "combined_correct": b,
+                "gained": b - g,
+                "relative_change": (b - g) / g if g else 0.0,
+            }
+        )
+    return rows
+
+
+def plot_by_coverage(path: Path, rows: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = list(range(len(rows)))
+    ax.bar(x, [100 * r["relative_change"] for r in rows], color="tab:blue")
+    ax.set_xticks(x, [str(r["covering"]) for r in rows])
+    for i, r in enumerate(rows):
+        ax.annotate(f"n={r['examples']}", (i, 100 * r["relative_change"]), ha="center", va="bottom")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xlabel("active specialists covering the correct class")
+    ax.set_ylabel("relative accuracy change (%)")
+    ax.set_title("generalist + specialists vs generalist (test set)")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    artifacts.write_bytes(path, buf.getvalue())
+
+
+def evaluate(cfg: DictConfig, run: Run) -> dict[str, Any]:
+    specs, manifest = find_specialists(cfg)
+    folders = list(dict.fromkeys(f for f, _ in specs))
+    run.inputs["specialists"] = str(folders[0] if len(folders) == 1 else folders[0].parent)
+    info = manifest["specialists"]
+    clusters, member = info["clusters"], int(info["generalist_member"])
+    generalist = Path(manifest.get("inputs", {}).get("generalist", ""))
+    run.inputs["generalist"] = str(generalist)
+    dataset = manifest.get("dataset", {})
+    data = load_dataset(dataset.get("config", {}))
+    if data.fingerprint != dataset.get("fingerprint"):
+        raise UserError(
+            f"dataset={data.name} as configured in {specs[0][0]} no longer gives the same data "
+            "(the fingerprint differs): re-run train-teachers and specialists"
+        )
+    run.info["dataset"] = dataset
+    cache = load_teacher_logits(generalist, data)
+    data = data.to(run.device)
+    models = [load_model(folder / f"specialist_{i}.pt", run.device) for folder, i in specs]
+    say(
+        f"evaluate: {len(models)} specialists from {run.inputs['specialists']}"
+        + (f" ({len(folders)} jobs)" if len(folders) > 1 else "")
+        + f"\n  generalist {generalist} (member {member}), top-{cfg.n} classes pick the "
+        f"active specialists, on {run.device} -> {run.dir}"
+    )
+
+    out: dict[str, torch.Tensor] = {}
+    active: dict[str, torch.Tensor] = {}
+    generalist_log_p: dict[str, torch.Tensor] = {}
+    began = time.perf_counter()
+    for split in SPLITS:
+        x = getattr(data, f"x_{split}")
+        log_pg = F.log_softmax(cache[split][member].float(), dim=-1).to(run.device)
+        views = [
+            specialist_view(predict(model, x, cfg.train.eval_batch_size), classes)
+            for model, classes in zip(models, clusters, strict=True)
+        ]
+        act = active_specialists(log_pg, clusters, cfg.n)
+        log_q, steps = (
+            combine_kl(log_pg, clusters, views, act, cfg.tolerance, cfg.max_iter, cfg.optimizer)
+            if len(x)
+            else (log_pg, 0)
+        )
+        run.log({"split": split, "examples": len(x), "descent_steps": steps})
+        if steps == cfg.max_iter:
+            say(f"  {split}: the descent stopped at max_iter={cfg.max_iter} before tolerance")
+        out[split], active[split], generalist_log_p[split] = log_q, act, log_pg
+    seconds = time.perf_counter() - began
+    artifacts.save_tensors(
+        run.dir / "logits.pt",
+        {"fingerprint": data.fingerprint, **{s: out[s][None].cpu() for s in SPLITS}},
+    )
+
+    y = data.y_test
+    g_right = generalist_log_p["test"].argmax(dim=1) == y
+    c_right = out["test"].argmax(dim=1) == y
+    any_active = active["test"].any(dim=1)
+    member_of = torch.zeros(len(clusters), data.num_classes, dtype=torch.bool, device=y.device)
+    for m, classes in enumerate(clusters):
+        member_of[m, classes] = True
+    covering = (active["test"] & member_of[:, y].T).sum(dim=1)
+    rows = by_coverage(covering.cpu(), g_right.cpu(), c_right.cpu())
+    metrics: dict[str, Any] = {
+        **classification_metrics(out["val"], data.y_val, "val"),
+        **classification_metrics(out["test"], y, "test"),
+        "generalist_accuracy": float(g_right.float().mean()),
+        "combined_accuracy": float(c_right.float().mean()),
+        "generalist_val_accuracy": classification_metrics(
+            generalist_log_p["val"], data.y_val, "val"
+        ).get("val_accuracy"),
+        "active_examples": int(any_active.sum()),
+        "generalist_conditional_accuracy": float(g_right[any_active].float().mean())
+        if any_active.any()
+        else None,
+        "combined_conditional_accuracy": float(c_right[any_active].float().mean())
+        if any_active.any()
+        else None,
+        "by_coverage": rows,
+        "combination_seconds": seconds,
+    }
+    plot_by_coverage(run.dir / "by_coverage.png", rows)
+    gm = classification_metrics(generalist_log_p["test"], y, "test")
+    results_table(
+        f"evaluate on {data.name}: {len(y)} test examples, {len(clusters)} specialists, "
+        f"{metrics['active_examples']} examples with an active specialist",
+        ["model", "test accuracy", "test errors", "test NLL", "conditional accuracy"],
+        [
+            ["generalist", gm["test_accuracy"], gm["test_errors"], gm["test_nll"]]
+            + [metrics["generalist_conditional_accuracy"]],
+            ["generalist + specialists (KL combination)", metrics["test_accuracy"]]
+            + [metrics["test_errors"], metrics["test_nll"]]
+            + [metrics["combined_conditional_accuracy"]],
+        ],
+    )
+    results_table(
+        "by the number of active specialists covering the correct class",
+        ["covering", "test examples", "correct gained", "relative accuracy change"],
+        [
+            [r["covering"], r["examples"], f"{r['gained']:+d}"]
+            + [f"{100 * r['relative_change']:+.1f}%"]
+            for r in rows
+        ],
+    )
+    say(f"run folder: {run.dir}")
+    return metrics

@@ -1,0 +1,242 @@
+"""`distillrun specialists`: cluster a generalist's confusions and train one specialist per cluster.
+
+Writes to its run folder: clusters.json (the class sets and how they were found),
+covariance.png (the covariance matrix ordered by cluster), specialist_<m>.pt (each specialist,
+its dustbin logit already corrected), metrics.jsonl, and manifest.json last. With
+`specialists.index=m` the run trains only specialist m, so a sweep over the indices trains them
+as independent jobs; `distillrun evaluate` collects them.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from distillrun import artifacts
+from distillrun.console import results_table, say
+from distillrun.data import Data, load_dataset
+from distillrun.distill import load_teacher_logits
+from distillrun.errors import UserError
+from distillrun.models import checkpoint, load_model, output_layer
+from distillrun.specialists import (
+    adjusted_rand_index,
+    cluster_classes,
+    correct_dustbin,
+    dustbin_targets,
+    fit_specialist,
+    oversampling_factor,
+    plot_covariance,
+    probability_covariance,
+    soft_target_loss,
+    specialist_from,
+    specialist_view,
+)
+from distillrun.stage import Run, run_stage
+from distillrun.train_teachers import dataset_info
+
+GENERALIST_STAGE = "train-teachers"
+
+
+@hydra.main(version_base="1.3", config_path="pkg://distillrun.conf", config_name="specialists")
+def main(cfg: DictConfig) -> float | None:
+    return run_stage("specialists", cfg, specialists)
+
+
+def find_generalist(
+    cfg: DictConfig, data: Data, pinned: str | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """The train-teachers run named by `generalist=` (or `pinned`: the one a resumed run began
+    with), or the newest complete one on this data."""
+
+    def same_data(manifest: dict[str, Any]) -> str | None:
+        theirs = manifest.get("dataset", {})
+        if theirs.get("fingerprint") == data.fingerprint:
+            return None
+        return (
+            f"{manifest.get('run_dir')} was trained on dataset={theirs.get('name')} with other "
+            f"data or splits than dataset={data.name} (the dataset fingerprint differs)"
+        )
+
+    named = cfg.generalist if cfg.generalist is not None else pinned
+    if named is None:
+        folder, manifest = artifacts.newest_complete_run(
+            Path(cfg.paths.output_root), GENERALIST_STAGE, same_data, say
+        )
+    else:
+        folder = Path(str(named))
+        manifest = artifacts.complete_run(folder, GENERALIST_STAGE)
+        why_not = same_data(manifest)
+        if why_not:
+            raise UserError(f"{why_not}: pass the dataset settings the generalist was trained on")
+    return folder.resolve(), manifest
+
+
+def specialists(cfg: DictConfig, run: Run) -> dict[str, Any]:
+    data = load_dataset(cfg.dataset)
+    s = cfg.specialists
+    k, member = int(s.k), int(s.member)
+    if k > data.num_classes:
+        raise UserError(
+            f"specialists.k={k} but dataset={data.name} has {data.num_classes} classes: "
+            "use fewer clusters"
+        )
+    pinned = run.inputs.get("generalist") if run.resuming else None  # keep what it began with
+    folder, generalist_run = find_generalist(cfg, data, pinned)
+    run.add_input("generalist", folder)
+    n_members = len(generalist_run.get("metrics", {}).get("members", [])) or 1
+    if member >= n_members:
+        raise UserError(
+            f"specialists.member={member} but {folder} has {n_members} member(s): use 0.."
+            f"{n_members - 1}"
+        )
+    cache = load_teacher_logits(folder, data)
+    generalist = load_model(folder / f"member_{member}.pt", run.device)
+    run.info["dataset"] = dataset_info(data, cfg)
+    data = data.to(run.device)
+    device = run.device
+
+    # The transfer set is the training split; the clustering sees no labels.
+    train_log_p = F.log_softmax(cache["train"][member].float(), dim=-1).to(device)
+    cov = probability_covariance(train_log_p.exp().cpu())
+    clusters, primary = cluster_classes(cov, k, s.clustering, float(s.overlap), cfg.seed)
+    if any(len(c) == data.num_classes for c in clusters):
+        raise UserError(
+            "a cluster holds every class, so its dustbin would never be trained: "
+            "raise specialists.k or lower specialists.overlap"
+        )
+    if s.index is not None and s.index >= len(clusters):
+        raise UserError(
+            f"specialists.index={s.index} but there are {len(clusters)} clusters: use 0.."
+            f"{len(clusters) - 1}"
+        )
+    ari = adjusted_rand_index(data.superclass, primary) if data.superclass else None
+    artifacts.write_json(
+        run.dir / "clusters.json",
+        {
+            "k": k,
+            "clustering": s.clustering,
+            "overlap": float(s.overlap),
+            "clusters": clusters,
+            "primary": primary,
+            "superclass": data.superclass,
+            "cluster_ari": ari,
+        },
+    )
+    plot_covariance(run.dir / "covariance.png", cov, clusters, primary)
+    say(
+        f"specialists: generalist {folder} (member {member})\n"
+        f"  {len(clusters)} clusters of sizes {[len(c) for c in clusters]} from the covariance "
+        f"of its probabilities on {len(data.y_train)} transfer examples"
+        + (f"; adjusted Rand index against the superclasses {ari:.3f}" if ari is not None else "")
+        + f", on {device} -> {run.dir}"
+    )
+
+    indices = list(range(len(clusters))) if s.index is None else [int(s.index)]
+    full = bool(s.soft_targets)
+    max_norm = generalist_run.get("config", {}).get("model", {}).get("max_norm")
+    model_cfg = generalist_run.get("config", {}).get("model", {})
+    y, y_val, n = data.y_train, data.y_val, len(data.y_train)
+    trained = []
+    for m in indices:
+        classes = clusters[m]
+        in_s = torch.isin(y, torch.tensor(classes, device=device))
+        special, rest = torch.nonzero(in_s).flatten(), torch.nonzero(~in_s).flatten()
+        shift = math.log(oversampling_factor(len(special), n))
+        rest_classes = torch.tensor(
+            [c for c in range(data.num_classes) if c not in set(classes)], device=device
+        )
+        if full:
+
+            def loss_fn(out: torch.Tensor, b: torch.Tensor, rc: Any = rest_classes) -> Any:
+                return soft_target_loss(out, y[b], train_log_p[b], rc)
+        else:
+            target = dustbin_targets(y, classes, data.num_classes)
+
+            def loss_fn(out: torch.Tensor, b: torch.Tensor, t: Any = target) -> Any:
+                return F.cross_entropy(out, t[b])
+
+        def val_view(
+            logits: torch.Tensor, cl: Any = classes, rc: Any = rest_classes, sh: float = shift
+        ) -> Any:
+            # Selected on natural data, so judged with the dustbin correction applied.
+            shifted = logits.clone()
+            if full:
+                shifted[:, rc] += sh
+            else:
+                shifted[:, -1] += sh
+            return specialist_view(shifted, cl)
+
+        torch.manual_seed(cfg.seed + m)
+        model = specialist_from(generalist, classes, full).to(device)
+        label = f"specialist {m}"
+        fitted = fit_specialist(
+            model,
+            data.x_train,
+            loss_fn,
+            special,
+            rest,
+            val_view=val_view,
+            x_val=data.x_val,
+            y_val=dustbin_targets(y_val, classes, data.num_classes),
+            optim=cfg.optim,
+            epochs=cfg.train.epochs,
+            batch_size=cfg.train.batch_size,
+            seed=cfg.seed + m,
+            max_norm=max_norm,
+            eval_batch_size=cfg.train.eval_batch_size,
+            on_epoch=lambda record, label=label: run.log({"model": label, **record}),
+        )
+        correct_dustbin(model, classes, full, shift)
+        ckpt = checkpoint(model, model_cfg, data.input_shape, output_layer(model).out_features)
+        artifacts.save_tensors(
+            run.dir / f"specialist_{m}.pt",
+            {**ckpt, "classes": classes, "dustbin_correction": shift, "soft_targets": full},
+        )
+        best = fitted.history[fitted.best_epoch - 1] if fitted.history else {}
+        trained.append(
+            {
+                "index": m,
+                "classes": classes,
+                "train_examples": len(special),
+                "oversampling_factor": math.exp(shift),
+                "dustbin_correction": shift,
+                "best_epoch": fitted.best_epoch,
+                "val_accuracy": best.get("val_accuracy"),
+                "seconds": fitted.seconds,
+            }
+        )
+        say(
+            f"  specialist {m}: classes {classes}, dustbin logit +{shift:.3f} "
+            f"(oversampled {math.exp(shift):.1f}x), epoch {fitted.best_epoch} of "
+            f"{cfg.train.epochs}, {fitted.seconds:.1f}s"
+        )
+
+    run.info["specialists"] = {
+        "clusters": clusters,
+        "trained": indices,
+        "generalist_member": member,
+        "soft_targets": full,
+    }
+    results_table(
+        f"specialists on {data.name}: {len(clusters)} clusters"
+        + (f", adjusted Rand index {ari:.3f}" if ari is not None else ""),
+        ["specialist", "classes", "oversampling", "val accuracy (with dustbin)", "best epoch"],
+        [
+            [t["index"], " ".join(map(str, t["classes"]))]
+            + [f"{t['oversampling_factor']:.1f}x", t["val_accuracy"], t["best_epoch"]]
+            for t in trained
+        ],
+    )
+    say(f"run folder: {run.dir}")
+    metrics: dict[str, Any] = {"clusters": len(clusters), "specialists_trained": len(indices)}
+    if ari is not None:
+        metrics["cluster_ari"] = ari
+    metrics["minutes"] = sum(t["seconds"] for t in trained) / 60
+    metrics["members"] = trained
+    return metrics

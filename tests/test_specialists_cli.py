@@ -1,0 +1,130 @@
+"""train-teachers, specialists, evaluate and distill through the CLI, on a tiny hierarchical."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from test_cli import assert_one_line_error, distillrun, manifest, runs
+
+DATA = [
+    "dataset=hierarchical",
+    "dataset.n_super=4",
+    "dataset.n_sub=3",
+    "dataset.dim=8",
+    "dataset.train_per_class=30",
+    "dataset.test_per_class=10",
+]
+QUIET = ["progress=false", "train.batch_size=32"]
+GENERALIST = [*DATA, *QUIET, "teachers.n=1", "train.epochs=3", "model.hidden=[32]"]
+SPECIALISTS = [*DATA, *QUIET, "specialists.k=4", "train.epochs=2"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One generalist, its specialists and their evaluation, in one working directory."""
+    cwd = tmp_path_factory.mktemp("specialists")
+    distillrun(cwd, "train-teachers", *GENERALIST)
+    distillrun(cwd, "specialists", *SPECIALISTS)
+    distillrun(cwd, "evaluate", "progress=false")
+    return cwd
+
+
+def test_specialists_write_clusters_plot_and_corrected_checkpoints(pipeline: Path) -> None:
+    (generalist,) = runs(pipeline, "train-teachers")
+    (folder,) = runs(pipeline, "specialists")
+    m = manifest(folder)
+    assert m["status"] == "complete" and m["inputs"] == {"generalist": str(generalist.resolve())}
+    clusters = json.loads((folder / "clusters.json").read_text())
+    assert sorted(c for s in clusters["clusters"] for c in s) == list(range(12))  # a partition
+    assert clusters["superclass"] == [c // 3 for c in range(12)]
+    assert -1 <= m["metrics"]["cluster_ari"] == clusters["cluster_ari"] <= 1
+    assert (folder / "covariance.png").read_bytes()[:4] == b"\x89PNG"
+    assert m["specialists"]["trained"] == list(range(len(clusters["clusters"])))
+    for i, classes in enumerate(clusters["clusters"]):
+        ckpt = torch.load(folder / f"specialist_{i}.pt", weights_only=True)
+        assert ckpt["classes"] == classes and ckpt["num_classes"] == len(classes) + 1
+        info = m["metrics"]["members"][i]
+        # log((n - n_special) / n_special): positive when S^m is under half the data
+        n = m["dataset"]["sizes"]["train"]
+        expected = math.log((n - info["train_examples"]) / info["train_examples"])
+        assert ckpt["dustbin_correction"] == pytest.approx(expected)
+    info = m["metrics"]["members"][0]
+    assert info["dustbin_correction"] == pytest.approx(
+        torch.log(torch.tensor(info["oversampling_factor"])).item(), rel=1e-5
+    )
+
+
+def test_evaluate_reports_both_accuracies_and_the_coverage_table(pipeline: Path) -> None:
+    (spec,) = runs(pipeline, "specialists")
+    (folder,) = runs(pipeline, "evaluate")
+    m = manifest(folder)
+    assert m["status"] == "complete" and m["inputs"]["specialists"] == str(spec.resolve())
+    metrics = m["metrics"]
+    for key in ("generalist_accuracy", "combined_accuracy", "combined_conditional_accuracy"):
+        assert 0 <= metrics[key] <= 1, key
+    assert metrics["test_accuracy"] == pytest.approx(metrics["combined_accuracy"])
+    rows = metrics["by_coverage"]
+    assert sum(r["examples"] for r in rows) == m["dataset"]["sizes"]["test"] == 120
+    assert {"covering", "examples", "relative_change"} <= set(rows[0])
+    assert (folder / "by_coverage.png").read_bytes()[:4] == b"\x89PNG"
+    logits = torch.load(folder / "logits.pt", weights_only=True)
+    assert logits["fingerprint"] == m["dataset"]["fingerprint"]
+    for split, n in m["dataset"]["sizes"].items():
+        assert logits[split].shape == (1, n, 12)
+        assert torch.allclose(logits[split].exp().sum(-1), torch.ones(1, n), atol=1e-4)
+
+
+def test_distill_takes_the_combination_as_its_teacher(pipeline: Path) -> None:
+    (folder,) = runs(pipeline, "evaluate")
+    distillrun(
+        pipeline,
+        "distill",
+        f"teachers={folder}",
+        *DATA,
+        *QUIET,
+        "train.epochs=2",
+        "model.hidden=[16]",
+        "baseline=false",
+    )
+    (student,) = runs(pipeline, "distill")
+    m = manifest(student)
+    assert m["status"] == "complete" and m["inputs"]["teachers"] == str(folder.resolve())
+    assert m["metrics"]["teacher_test_accuracy"] == pytest.approx(
+        manifest(folder)["metrics"]["combined_accuracy"]
+    )
+
+
+def test_index_jobs_are_collected_from_their_sweep(pipeline: Path, tmp_path: Path) -> None:
+    (generalist,) = runs(pipeline, "train-teachers")
+    distillrun(
+        tmp_path,
+        "specialists",
+        "-m",
+        "specialists.index=0,1,2,3",
+        f"generalist={generalist}",
+        "specialists.soft_targets=true",
+        *SPECIALISTS,
+    )
+    (sweep,) = (tmp_path / "outputs/specialists/multirun").iterdir()
+    one_job = sweep / "0"
+    assert manifest(one_job)["specialists"]["trained"] == [0]
+    result = distillrun(tmp_path, "evaluate", f"specialists={one_job}", check=None)
+    assert_one_line_error(result, "holds specialist(s) [0] of 4", "multirun folder")
+    distillrun(tmp_path, "evaluate", f"specialists={sweep}", "progress=false")
+    # With no folder named, the newest job's sweep is found and collected the same way.
+    distillrun(tmp_path, "evaluate", "progress=false")
+    done = [f for f in runs(tmp_path, "evaluate") if manifest(f)["status"] == "complete"]
+    assert [manifest(f)["inputs"]["specialists"] for f in done] == [str(sweep.resolve())] * 2
+
+
+def test_bad_specialists_input_is_a_one_line_error(tmp_path: Path) -> None:
+    result = distillrun(tmp_path, "evaluate", "specialists=/no/such/run", check=None)
+    assert_one_line_error(result, "/no/such/run does not exist")
+    result = distillrun(tmp_path, "specialists", *SPECIALISTS, check=None)
+    assert_one_line_error(result, "no complete train-teachers run")
+    result = distillrun(tmp_path, "specialists", "specialists.k=1", check=None)
+    assert_one_line_error(result, "specialists.k=1")
