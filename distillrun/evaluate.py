@@ -22,12 +22,12 @@ from omegaconf import DictConfig
 from distillrun import artifacts
 from distillrun.console import results_table, say
 from distillrun.data import load_dataset
-from distillrun.distill import load_teacher_logits
 from distillrun.errors import UserError
 from distillrun.inference import active_specialists, combine_kl
 from distillrun.models import load_model
 from distillrun.specialists import specialist_view
 from distillrun.stage import Run, run_stage
+from distillrun.teachers import load_run_logits
 from distillrun.train import classification_metrics, predict
 
 SPECIALISTS_STAGE = "specialists"
@@ -183,7 +183,7 @@ def evaluate(cfg: DictConfig, run: Run) -> dict[str, Any]:
             "(the fingerprint differs): re-run train-teachers and specialists"
         )
     run.info["dataset"] = dataset
-    cache = load_teacher_logits(generalist, data)
+    cache = load_run_logits(generalist, data)
     data = data.to(run.device)
     models = [load_model(folder / f"specialist_{i}.pt", run.device) for folder, i in specs]
     say(

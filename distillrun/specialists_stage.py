@@ -21,7 +21,6 @@ from omegaconf import DictConfig
 from distillrun import artifacts
 from distillrun.console import results_table, say
 from distillrun.data import Data, load_dataset
-from distillrun.distill import load_teacher_logits
 from distillrun.errors import UserError
 from distillrun.models import checkpoint, load_model, output_layer
 from distillrun.specialists import (
@@ -38,6 +37,7 @@ from distillrun.specialists import (
     specialist_view,
 )
 from distillrun.stage import Run, run_stage
+from distillrun.teachers import load_run_logits
 from distillrun.train_teachers import dataset_info
 
 GENERALIST_STAGE = "train-teachers"
@@ -95,7 +95,7 @@ def specialists(cfg: DictConfig, run: Run) -> dict[str, Any]:
             f"specialists.member={member} but {folder} has {n_members} member(s): use 0.."
             f"{n_members - 1}"
         )
-    cache = load_teacher_logits(folder, data)
+    cache = load_run_logits(folder, data)
     generalist = load_model(folder / f"member_{member}.pt", run.device)
     run.info["dataset"] = dataset_info(data, cfg)
     data = data.to(run.device)

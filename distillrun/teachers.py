@@ -199,7 +199,8 @@ def _holds_logits(cache: Any, data: Data) -> bool:
     return ok
 
 
-def _load_run_logits(folder: Path, data: Data) -> dict[str, torch.Tensor]:
+def load_run_logits(folder: Path, data: Data) -> dict[str, torch.Tensor]:
+    """One run's logits.pt, checked against this dataset's splits (a UserError if not)."""
     cache = artifacts.load_tensors(folder / "logits.pt")
     if not _holds_logits(cache, data):
         raise UserError(
@@ -226,7 +227,7 @@ def teacher_logits(
     once per source, however many jobs ask at the same time)."""
     if len(teachers.runs) == 1:
         path = teachers.runs[0] / "logits.pt"
-        return _load_run_logits(teachers.runs[0], data), path, False
+        return load_run_logits(teachers.runs[0], data), path, False
     path = teachers.cache_dir / CACHE
     sources = [str(r) for r in teachers.runs]
     try:
@@ -240,7 +241,7 @@ def teacher_logits(
             cache = _read_cache(path)
             if cache.get("sources") == sources and _holds_logits(cache, data):
                 return cache, path, False
-        parts = [_load_run_logits(run, data) for run in teachers.runs]
+        parts = [load_run_logits(run, data) for run in teachers.runs]
         cache = {
             "fingerprint": data.fingerprint,
             "sources": sources,
