@@ -12,12 +12,14 @@ import importlib
 import itertools
 import os
 import re
+import signal
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from distillrun.config import RESUME_ENV, STAGES, sweep_values
+from distillrun.errors import Terminated
 
 USAGE = "usage: distillrun <stage> [hydra overrides]   (distillrun <stage> --help for its options)"
 
@@ -279,6 +281,11 @@ def run_stage(stage: str, args: list[str]) -> None:
     module = importlib.import_module(STAGES[stage][0])
     sys.argv = [sys.argv[0], *args]
     module.main()
+    from distillrun import summary  # loaded by the sweep's callback, if a sweep ran
+
+    if summary.last_sweep and summary.last_sweep[0]:
+        failed, jobs, folder = summary.last_sweep
+        fail(f"{failed} of {jobs} jobs did not complete: see {folder / 'summary.csv'}", stage)
 
 
 def main() -> None:
@@ -296,6 +303,9 @@ def main() -> None:
         fail(f"unknown stage '{stage}': {hint}stages are {', '.join(STAGES)}")
     if stage == "report":
         args = folders_to_override(args)
+    # SIGTERM (`kill`, a scheduler) stops the sweep like Ctrl-C does, so that a parallel
+    # launcher shuts its worker processes down instead of leaving them behind.
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         if any(a.startswith("resume=") for a in args):
             args = _user_errors(stage, resume_args, stage, args)
@@ -304,11 +314,15 @@ def main() -> None:
     except BrokenPipeError:  # `distillrun distill --help | head`: the reader left, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
-    except KeyboardInterrupt:  # before the run started (a started run says how to resume)
+    except KeyboardInterrupt as e:  # outside a run (a started run says how to resume it)
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"distillrun {stage}: interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
 
 
 def _user_errors(stage: str, step: Any, *args: Any) -> Any:

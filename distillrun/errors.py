@@ -1,5 +1,9 @@
-"""The one exception type that turns into a one-line message and exit code 2."""
+"""The exceptions that turn into a one-line message: UserError (exit code 2) and Terminated."""
 
 
 class UserError(Exception):
     """Bad input the user can fix: the message names the problem and the fix, in one line."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a scheduler's preemption), handled like Ctrl-C; exit code 143."""

@@ -22,12 +22,13 @@ from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from distillrun import artifacts
 from distillrun.config import RESUME_ENV, validate
 from distillrun.console import error_line
-from distillrun.errors import UserError
+from distillrun.errors import Terminated, UserError
 from distillrun.train import make_deterministic, pick_device
 
 RESUME_DIR = "resume"  # resumable checkpoints of the models in training; removed once complete
@@ -75,10 +76,6 @@ class Run:
         return self.dir / RESUME_DIR / f"{label.replace(' ', '_')}.pt"
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C."""
-
-
 def resume_command(stage: str, run_dir: Path) -> str:
     return f"`distillrun {stage} resume={run_dir}`"
 
@@ -122,7 +119,8 @@ def run_stage(
         done = {**record, "status": "complete", "ended": artifacts.now()}
         run.write_manifest(done, metrics=metrics)
     except BaseException as e:
-        _fail(run, record, e)
+        if _fail(run, record, e):
+            return None
         raise
     artifacts.remove_tree(run_dir / RESUME_DIR)
     return metrics.get("val_accuracy")  # for sweepers; never the test set
@@ -193,8 +191,9 @@ def _sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _fail(run: Run, record: dict[str, Any], error: BaseException) -> None:
-    """Mark the run interrupted or failed; user-fixable problems become one line and exit."""
+def _fail(run: Run, record: dict[str, Any], error: BaseException) -> bool:
+    """Mark the run interrupted or failed; user-fixable problems become one line and exit,
+    or, in a sweep, let the other jobs go on (True: the error is handled)."""
     interrupted = isinstance(error, KeyboardInterrupt)
     message = _user_message(run, error)
     # A resume refused before it started leaves the folder as it was.
@@ -208,7 +207,7 @@ def _fail(run: Run, record: dict[str, Any], error: BaseException) -> None:
         except OSError:
             pass  # the folder itself is the problem (unwritable, disk full): report the first
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
-        return
+        return False
     if interrupted:
         print(
             f"distillrun {run.stage}: interrupted; continue this run with "
@@ -218,7 +217,10 @@ def _fail(run: Run, record: dict[str, Any], error: BaseException) -> None:
         sys.exit(143 if isinstance(error, Terminated) else 130)  # 128 + the signal number
     if message:
         error_line(run.stage, message)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            return True  # the sweep's summary lists this job as failed, and it exits 2
         sys.exit(2)
+    return False
 
 
 def _user_message(run: Run, error: BaseException) -> str | None:

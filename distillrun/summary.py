@@ -336,6 +336,11 @@ def summarise(rows: list[Row], folder: Path, title: str) -> list[Path]:
     return files
 
 
+# The last sweep this process summarised: (jobs not complete, jobs, folder). The dispatcher
+# exits 2 when some failed, whichever launcher ran them.
+last_sweep: tuple[int, int, Path] | None = None
+
+
 class SweepSummary(Callback):
     """Hydra callback: summarise a sweep's jobs into its folder when the sweep ends."""
 
@@ -352,3 +357,5 @@ class SweepSummary(Callback):
         title = f"{config.hydra.job.name} sweep: {done} of {len(rows)} jobs complete"
         files = summarise(rows, folder, title)
         say("sweep summary: " + ", ".join(str(f) for f in files))
+        global last_sweep
+        last_sweep = (len(rows) - done, len(rows), folder)

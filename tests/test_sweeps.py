@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
-from test_cli import TINY_STUDENT, assert_one_line_error, distillrun, manifest
+from test_cli import DISTILLRUN, TINY_STUDENT, assert_one_line_error, distillrun, manifest
 
 from distillrun import artifacts, summary
 from distillrun.cli import folders_to_override
@@ -107,6 +109,51 @@ def test_an_unfinished_teachers_sweep_is_refused_as_an_ensemble(tmp_path: Path) 
     (sweep / "multirun.yaml").write_text("hydra: {}\n")
     result = distillrun(tmp_path, "distill", f"teachers={sweep}", *TINY_STUDENT, check=None)
     assert_one_line_error(result, "2 of 2 jobs that are not complete")
+
+
+def test_a_failing_job_does_not_stop_the_sweep(teacher_sweep: Path) -> None:
+    """Class 99 is out of range on digits, which only the job itself can tell."""
+    cwd = teacher_sweep.parents[3]
+    result = distillrun(
+        cwd, "distill", "-m", "transfer.omit_classes=[99],[3]", *TINY_STUDENT, check=None
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "class ids [99] out of range" in result.stderr
+    folder = sweep_folder(cwd, "distill")
+    assert [r["status"] for r in csv_rows(folder)] == ["failed", "complete"]
+    assert f"1 of 2 jobs did not complete: see {folder / 'summary.csv'}" in result.stderr
+
+
+def test_sigterm_stops_a_joblib_sweep_and_its_workers(teacher_sweep: Path) -> None:
+    cwd = teacher_sweep.parents[3]
+    args = [DISTILLRUN, "distill", "-m", "T=1,2,3,4", "train.epochs=200", "progress=false"]
+    args += ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not list((cwd / "outputs" / "distill" / "multirun").glob("*/*/metrics.jsonl")):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    workers = child_pids(proc.pid)  # joblib's worker processes
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err.decode()
+    time.sleep(2)
+    assert workers and not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+
+
+def child_pids(pid: int) -> list[int]:
+    """The process's direct children, from /proc."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == pid:
+            out.append(int(stat.parent.name))
+    return out
 
 
 def test_submitit_local_runs_the_sweep_and_its_summary(teacher_sweep: Path) -> None:
