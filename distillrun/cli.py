@@ -12,6 +12,7 @@ import importlib
 import itertools
 import os
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -21,6 +22,7 @@ from typing import Any
 from distillrun.config import RESUME_ENV, STAGES, sweep_values
 from distillrun.errors import Terminated
 
+MIN_FREE_MB = 20  # below this a run cannot even write its config and first checkpoint
 USAGE = "usage: distillrun <stage> [hydra overrides]   (distillrun <stage> --help for its options)"
 
 
@@ -151,6 +153,12 @@ def _check_output_root(output_root: str) -> None:
             f"paths.output_root={output_root} cannot be written ({e.strerror or e}): "
             "choose a writable folder with paths.output_root=..."
         ) from e
+    free_mb = shutil.disk_usage(output_root).free / 2**20
+    if free_mb < MIN_FREE_MB:  # Hydra would fail writing .hydra/ with its own trace
+        raise UserError(
+            f"only {free_mb:.0f} MB free under paths.output_root={output_root}: free some disk "
+            "space, or choose another folder with paths.output_root=..."
+        )
 
 
 # Hydra options followed by a value, which is not a folder for `report`.

@@ -429,3 +429,16 @@ def test_environment_errors_become_one_line_messages(tmp_path: Path) -> None:
     denied = _user_message(run, OSError(errno.EACCES, "Permission denied", "y.pt"))
     assert "cannot write y.pt (Permission denied)" in denied and "paths.output_root" in denied
     assert _user_message(run, OSError(errno.EBADF, "Bad file descriptor")) is None  # a bug
+
+
+def test_a_nearly_full_disk_is_refused_before_hydra_writes(tmp_path: Path, monkeypatch) -> None:
+    import shutil
+    from collections import namedtuple
+
+    from distillrun import cli
+    from distillrun.errors import UserError
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 2**20, 2**20))
+    with pytest.raises(UserError, match="only 1 MB free under paths.output_root"):
+        cli._check_output_root(str(tmp_path))
