@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from torchvision.datasets import CIFAR10, MNIST
+from torchvision.datasets import CIFAR10, CIFAR100, MNIST
 
 from distillrun.data import Data, load_dataset
 from distillrun.errors import UserError
@@ -321,6 +321,52 @@ def write_cifar(root: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[np.ndarray
         CIFAR10, "meta", {"filename": meta_name, "key": "label_names", "md5": meta_md5}
     )
     return train_x, train_y, test_x, test_y
+
+
+def test_cifar100_reads_fine_labels_and_coarse_superclasses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real CIFAR-100 python files (100 training, 10 test images), md5 lists patched."""
+    rng = np.random.default_rng(2)
+    folder = tmp_path / CIFAR100.base_folder
+    folder.mkdir(parents=True)
+
+    def dump(name: str, obj: dict) -> list[str]:
+        blob = pickle.dumps(obj)
+        (folder / name).write_bytes(blob)
+        return [name, hashlib.md5(blob).hexdigest()]
+
+    fine = np.arange(100)
+    coarse = fine // 5  # superclass of each fine class
+    train_x = rng.integers(0, 256, size=(100, 3072), dtype=np.uint8)
+    train = dump(
+        "train", {"data": train_x, "fine_labels": fine.tolist(), "coarse_labels": coarse.tolist()}
+    )
+    test_y = np.arange(10) * 7
+    test = dump(
+        "test",
+        {
+            "data": rng.integers(0, 256, size=(10, 3072), dtype=np.uint8),
+            "fine_labels": test_y.tolist(),
+            "coarse_labels": (test_y // 5).tolist(),
+        },
+    )
+    meta_name, meta_md5 = dump("meta", {"fine_label_names": [f"c{i}" for i in range(100)]})
+    monkeypatch.setattr(CIFAR100, "train_list", [train])
+    monkeypatch.setattr(CIFAR100, "test_list", [test])
+    monkeypatch.setattr(
+        CIFAR100, "meta", {"filename": meta_name, "key": "fine_label_names", "md5": meta_md5}
+    )
+    d = load_dataset(cifar_cfg(tmp_path, name="cifar100"))
+    assert d.name == "cifar100" and d.num_classes == 100 and d.image_shape == (3, 32, 32)
+    assert d.superclass == coarse.tolist()
+    assert d.y_train.tolist() == fine.tolist() and d.y_test.tolist() == test_y.tolist()
+    train = train_x.reshape(-1, 3, 32, 32) / 255.0  # channel-first, standardised like CIFAR-10
+    np.testing.assert_allclose(d.x_train.numpy(), standardized(train, train), atol=1e-5)
+
+    (folder / "train").write_bytes(b"not a pickle")
+    with pytest.raises(UserError):
+        load_dataset(cifar_cfg(tmp_path, name="cifar100"))
 
 
 def cifar_cfg(root: Path, **over: object) -> object:
