@@ -265,9 +265,17 @@ def _print_table(
 
     student_cost = (student["student_params"], speed(student["student_examples_per_s"]))
     rows = [row(f"teacher {i} (seed {m.get('seed')})", m) for i, m in enumerate(teachers.members)]
+    teacher_label = f"teacher ensemble ({cfg.ensemble})"
+    combination = teachers.combination
+    if combination:  # an evaluate run: show the generalist next to its combination
+        accuracy = combination["generalist_accuracy"]
+        errors = round((1 - accuracy) * len(data.y_test))
+        generalist = {"test_accuracy": accuracy, "test_errors": errors}
+        rows.append(row("generalist (of the evaluate run)", generalist))
+        teacher_label = "generalist + specialists (KL combination)"
     rows.append(
         row(
-            f"teacher ensemble ({cfg.ensemble})",
+            teacher_label,
             {**teacher_metrics, "teacher_agreement": 1.0},
             "",
             student["teacher_params"],

@@ -64,6 +64,12 @@ class Teachers:
         return files
 
     @property
+    def combination(self) -> dict[str, Any] | None:
+        """The metrics of an evaluate run (a generalist plus specialists), else None."""
+        first = self.manifests[0]
+        return first["metrics"] if first.get("stage") == COMBINATION else None
+
+    @property
     def dataset(self) -> dict[str, Any]:
         return self.manifests[0].get("dataset", {})
 

@@ -80,7 +80,7 @@ def test_evaluate_reports_both_accuracies_and_the_coverage_table(pipeline: Path)
 
 def test_distill_takes_the_combination_as_its_teacher(pipeline: Path) -> None:
     (folder,) = runs(pipeline, "evaluate")
-    distillrun(
+    result = distillrun(
         pipeline,
         "distill",
         f"teachers={folder}",
@@ -96,6 +96,9 @@ def test_distill_takes_the_combination_as_its_teacher(pipeline: Path) -> None:
     assert m["metrics"]["teacher_test_accuracy"] == pytest.approx(
         manifest(folder)["metrics"]["combined_accuracy"]
     )
+    # the table puts the generalist next to its combination and the distilled net
+    for label in ("generalist (of the evaluate run)", "generalist + specialists (KL combination)"):
+        assert label in result.stdout
 
 
 def test_index_jobs_are_collected_from_their_sweep(pipeline: Path, tmp_path: Path) -> None:
