@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from distillrun.config import RESUME_ENV, STAGES, sweep_values
-from distillrun.errors import Terminated
+from distillrun.errors import Terminated, UserError
 
 MIN_FREE_MB = 20  # below this a run cannot even write its config and first checkpoint
 USAGE = "usage: distillrun <stage> [hydra overrides]   (distillrun <stage> --help for its options)"
@@ -77,7 +77,6 @@ def precheck(stage: str, args: list[str]) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     from distillrun.config import check_group_choices, validate
-    from distillrun.errors import UserError
 
     parsed = get_args_parser().parse_args(args)
     if parsed.config_path or parsed.config_name or parsed.config_dir or parsed.experimental_rerun:
@@ -142,8 +141,6 @@ def _compose(stage: str, overrides: list[str]) -> Any:
 
 def _check_output_root(output_root: str) -> None:
     """Create the output root now, so an unwritable one is one line instead of Hydra's trace."""
-    from distillrun.errors import UserError
-
     try:
         Path(output_root).mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=output_root, prefix=".write-test-")
@@ -187,8 +184,6 @@ def folders_to_override(args: list[str]) -> list[str]:
 
 def _check_run_dir(overrides: list, multirun: bool) -> None:
     """An unwritable hydra.run.dir (or hydra.sweep.dir) is one line, not Hydra's trace."""
-    from distillrun.errors import UserError
-
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     for o in overrides:
         if o.key_or_group != key or o.is_sweep_override():
@@ -217,8 +212,6 @@ def resume_args(stage: str, args: list[str]) -> list[str]:
     has to be the same run, or its numbers would be neither the old run's nor a new one's.
     """
     from omegaconf import OmegaConf
-
-    from distillrun.errors import UserError
 
     given = [a for a in args if a.startswith("resume=")]
     others = [a for a in args if not a.startswith("resume=")]
@@ -334,8 +327,6 @@ def _terminate(signum: int, frame: Any) -> None:
 
 
 def _user_errors(stage: str, step: Any, *args: Any) -> Any:
-    from distillrun.errors import UserError
-
     try:
         return step(*args)
     except UserError as e:
