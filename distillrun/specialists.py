@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import copy
 import math
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -23,8 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillrun.errors import UserError
-from distillrun.models import apply_max_norm, output_layer
-from distillrun.train import Fit, classification_metrics, make_optimizer, predict
+from distillrun.models import output_layer
 
 CLUSTERINGS = ("kmeans", "online")
 
@@ -166,71 +163,6 @@ def soft_target_loss(
     q = F.log_softmax(logits[:, rest], dim=-1)
     soft = F.kl_div(q, p, log_target=True, reduction="batchmean")
     return F.cross_entropy(logits, y) + soft
-
-
-def fit_specialist(
-    model: nn.Module,
-    x: torch.Tensor,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    special: torch.Tensor,
-    rest: torch.Tensor,
-    *,
-    val_view: Callable[[torch.Tensor], torch.Tensor],
-    x_val: torch.Tensor,
-    y_val: torch.Tensor,
-    optim: Mapping[str, Any],
-    epochs: int,
-    batch_size: int,
-    seed: int,
-    max_norm: float | None = None,
-    eval_batch_size: int = 1024,
-    on_epoch: Callable[[dict[str, Any]], None] = lambda record: None,
-    on_batch: Callable[[], None] = lambda: None,
-) -> Fit:
-    """Train on half-and-half batches of training indices; keep the epoch with the fewest
-    validation errors (then lowest NLL) of `val_view(logits)` against `y_val` (labels in the
-    specialist's output space), as `train.fit` does for ordinary models."""
-    generator = torch.Generator().manual_seed(seed)
-    opt, sched = make_optimizer(model.parameters(), optim, epochs)
-    best, best_state, best_epoch, history = (math.inf, math.inf), None, epochs, []
-    began = time.perf_counter()
-    model.train()
-    for epoch in range(1, epochs + 1):
-        t0 = time.perf_counter()
-        total, seen = torch.zeros((), device=x.device), 0
-        for idx in half_and_half_batches(special, rest, batch_size, generator):
-            loss = loss_fn(model(x[idx]), idx)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if max_norm:
-                apply_max_norm(model, max_norm)
-            total += loss.detach() * len(idx)
-            seen += len(idx)
-            on_batch()
-        lr = opt.param_groups[0]["lr"]
-        sched.step()
-        train_loss = float(total) / seen
-        if not math.isfinite(train_loss):
-            raise UserError(
-                f"a specialist's training loss became {train_loss} in epoch {epoch}: "
-                "lower optim.lr and run again"
-            )
-        record: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": lr}
-        if len(y_val):
-            view = val_view(predict(model, x_val, eval_batch_size))
-            record.update(classification_metrics(view, y_val, "val"))
-            key = (record["val_errors"], record["val_nll"])
-            if key < best:
-                best, best_epoch = key, epoch
-                best_state = copy.deepcopy(model.state_dict())
-        record["seconds"] = time.perf_counter() - t0
-        history.append(record)
-        on_epoch(record)
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    return Fit(model, best_epoch, history, time.perf_counter() - began)
 
 
 def plot_covariance(

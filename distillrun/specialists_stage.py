@@ -28,7 +28,7 @@ from distillrun.specialists import (
     cluster_classes,
     correct_dustbin,
     dustbin_targets,
-    fit_specialist,
+    half_and_half_batches,
     oversampling_factor,
     plot_covariance,
     probability_covariance,
@@ -37,7 +37,8 @@ from distillrun.specialists import (
     specialist_view,
 )
 from distillrun.stage import Run, run_stage
-from distillrun.teachers import load_run_logits
+from distillrun.teachers import check_data, load_run_logits
+from distillrun.train import fit
 from distillrun.train_teachers import dataset_info
 
 GENERALIST_STAGE = "train-teachers"
@@ -55,13 +56,7 @@ def find_generalist(
     with), or the newest complete one on this data."""
 
     def same_data(manifest: dict[str, Any]) -> str | None:
-        theirs = manifest.get("dataset", {})
-        if theirs.get("fingerprint") == data.fingerprint:
-            return None
-        return (
-            f"{manifest.get('run_dir')} was trained on dataset={theirs.get('name')} with other "
-            f"data or splits than dataset={data.name} (the dataset fingerprint differs)"
-        )
+        return check_data(manifest, data)
 
     named = cfg.generalist if cfg.generalist is not None else pinned
     if named is None:
@@ -175,23 +170,27 @@ def specialists(cfg: DictConfig, run: Run) -> dict[str, Any]:
         torch.manual_seed(cfg.seed + m)
         model = specialist_from(generalist, classes, full).to(device)
         label = f"specialist {m}"
-        fitted = fit_specialist(
-            model,
-            data.x_train,
-            loss_fn,
-            special,
-            rest,
-            val_view=val_view,
-            x_val=data.x_val,
-            y_val=dustbin_targets(y_val, classes, data.num_classes),
-            optim=cfg.optim,
-            epochs=cfg.train.epochs,
-            batch_size=cfg.train.batch_size,
-            seed=cfg.seed + m,
-            max_norm=max_norm,
-            eval_batch_size=cfg.train.eval_batch_size,
-            on_epoch=lambda record, label=label: run.log({"model": label, **record}),
-        )
+        try:
+            fitted = fit(
+                model,
+                data.x_train,
+                loss_fn,
+                x_val=data.x_val,
+                y_val=dustbin_targets(y_val, classes, data.num_classes),
+                optim=cfg.optim,
+                epochs=cfg.train.epochs,
+                batch_size=cfg.train.batch_size,
+                seed=cfg.seed + m,
+                max_norm=max_norm,
+                eval_batch_size=cfg.train.eval_batch_size,
+                on_epoch=lambda record, label=label: run.log({"model": label, **record}),
+                batches=lambda g, s=special, r=rest: half_and_half_batches(
+                    s, r, cfg.train.batch_size, g
+                ),
+                val_view=val_view,
+            )
+        except UserError as e:
+            raise UserError(f"{label}: {e}") from e
         correct_dustbin(model, classes, full, shift)
         ckpt = checkpoint(model, model_cfg, data.input_shape, output_layer(model).out_features)
         artifacts.save_tensors(

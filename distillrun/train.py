@@ -15,7 +15,7 @@ import copy
 import math
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -310,6 +310,8 @@ def fit(
     state_path: Path | None = None,
     resume: bool = False,
     on_resume: Callable[[list[dict[str, Any]]], None] = lambda history: None,
+    batches: Callable[[torch.Generator], Iterable[torch.Tensor]] | None = None,
+    val_view: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Fit:
     """Train `model` on the examples `x` with `loss_fn(logits, batch_indices)`.
 
@@ -320,6 +322,10 @@ def fit(
     With `state_path`, a resumable checkpoint is written there after every epoch and, once
     training ends, replaced by the selected model alone. With `resume`, training continues
     from that file (a finished one is simply loaded); `on_resume` gets the history so far.
+
+    By default each epoch is a shuffled pass over `x` in batches of `batch_size`; `batches`
+    draws each epoch's index batches from the generator instead (specialists: half from their
+    classes, half from the rest). `val_view` maps validation logits to the labels of `y_val`.
     """
     generator = torch.Generator().manual_seed(seed)
     opt, sched = make_optimizer(model.parameters(), optim, epochs)
@@ -334,10 +340,15 @@ def fit(
     model.train()
     for epoch in range(progress.epoch + 1, epochs + 1):
         t0 = time.perf_counter()
-        perm = torch.randperm(n, generator=generator).to(x.device)
-        total = torch.zeros((), device=x.device)
-        for start, stop in batch_bounds(n, batch_size):
-            idx = perm[start:stop]
+        if batches is None:
+            perm = torch.randperm(n, generator=generator).to(x.device)
+            epoch_batches: Iterable[torch.Tensor] = (
+                perm[start:stop] for start, stop in batch_bounds(n, batch_size)
+            )
+        else:
+            epoch_batches = batches(generator)
+        total, seen = torch.zeros((), device=x.device), 0
+        for idx in epoch_batches:
             xb = x[idx]
             if jitter_pixels:
                 xb = jitter(xb, jitter_pixels, generator)
@@ -348,10 +359,11 @@ def fit(
             if max_norm:
                 apply_max_norm(model, max_norm)
             total += loss.detach() * len(idx)  # no .item(): no device sync per batch
+            seen += len(idx)
             on_batch()
         lr = opt.param_groups[0]["lr"]
         sched.step()
-        train_loss = float(total) / n  # one sync per epoch, which also catches NaN and inf
+        train_loss = float(total) / seen  # one sync per epoch, which also catches NaN and inf
         if not math.isfinite(train_loss):
             kept = f" (the checkpoint of epoch {epoch - 1} is kept)" if epoch > 1 else ""
             raise UserError(
@@ -360,9 +372,10 @@ def fit(
             )
         record: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": lr}
         if len(y_val):
-            record.update(
-                classification_metrics(predict(model, x_val, eval_batch_size), y_val, "val")
-            )
+            val_logits = predict(model, x_val, eval_batch_size)
+            if val_view is not None:
+                val_logits = val_view(val_logits)
+            record.update(classification_metrics(val_logits, y_val, "val"))
             key = (record["val_errors"], record["val_nll"])
             if key < progress.best:
                 progress.best, progress.best_epoch = key, epoch
