@@ -81,7 +81,8 @@ def parse_source(source: str | None) -> Any:
     return source
 
 
-def _check_data(manifest: dict[str, Any], data: Data) -> str | None:
+def check_data(manifest: dict[str, Any], data: Data) -> str | None:
+    """None when a run's manifest was made on these data and splits, else why not."""
     theirs = manifest.get("dataset", {})
     if theirs.get("fingerprint") == data.fingerprint:
         return None
@@ -123,7 +124,7 @@ def _runs_of(folder: Path, data: Data) -> list[tuple[Path, dict[str, Any]]]:
         stage = COMBINATION if (manifest or {}).get("stage") == COMBINATION else STAGE
         found = [(folder, artifacts.complete_run(folder, stage))]
     for _, manifest in found:
-        why_not = _check_data(manifest, data)
+        why_not = check_data(manifest, data)
         if why_not:
             raise UserError(
                 f"{why_not}: pass the dataset settings the teachers used, or teachers trained "
@@ -171,7 +172,7 @@ def _newest_source(output_root: Path, data: Data, say: Callable[[str], None]) ->
             manifest = None
         if not artifacts.is_complete(manifest, STAGE):
             skipped += 1
-        elif _check_data(manifest, data) is None:
+        elif check_data(manifest, data) is None:
             candidates.append((manifest.get("started", ""), folder))
     for sweep in sweeps:
         try:
@@ -180,7 +181,7 @@ def _newest_source(output_root: Path, data: Data, say: Callable[[str], None]) ->
             found = []
         if not found:
             skipped += 1
-        elif all(_check_data(m, data) is None for _, m in found):
+        elif all(check_data(m, data) is None for _, m in found):
             candidates.append((max(m.get("started", "") for _, m in found), sweep))
     if skipped:
         say(
