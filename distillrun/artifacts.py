@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import pickle
 import platform
 import shutil
 import socket
@@ -104,7 +103,7 @@ def _why_unloadable(e: Exception) -> str:
         return "it is empty or truncated"
     if "Unsupported global" in text:
         return "it asks to build objects other than tensors (code), which was refused"
-    if isinstance(e, pickle.UnpicklingError):
+    if not isinstance(e, OSError):  # the unpickler choked: UnpicklingError, IndexError, ...
         return "it is not a tensor checkpoint (unreadable or disallowed pickle data)"
     first = text.strip().splitlines()[0][:120] if text.strip() else type(e).__name__
     return f"unreadable ({first})"
