@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench lint clean-outputs
+.PHONY: venv demo test bench reproduce lint clean-outputs
 
 venv: $(STAMP)
 
@@ -34,6 +34,15 @@ test: venv
 # (default ../shared/data/mnist); without it the throughput figures use random data of its shape.
 bench: venv
 	$(BIN)/python -m distillrun.bench --out outputs/bench.json
+
+# The paper's MNIST results (METHOD.md sections 3-4) with one command, about 35 minutes on 2 CPU
+# cores: outputs/reproduce/<timestamp>/report.md and report.json. MNIST=<root> (torchvision's
+# layout; default ../shared/data/mnist), DOWNLOAD=1 to fetch it there, RESUME=<that folder> to
+# continue an interrupted reproduction, ARGS="device=cuda" for overrides given to every stage.
+MNIST ?= $(or $(DISTILLRUN_DATA),../shared/data/mnist)
+reproduce: venv
+	$(BIN)/python -m distillrun.reproduce --data-root $(MNIST) $(if $(DOWNLOAD),--download) \
+		$(if $(RESUME),--resume $(RESUME)) $(ARGS)
 
 lint: venv
 	$(BIN)/ruff check .

@@ -1,0 +1,5 @@
+"""`python -m distillrun <stage> ...`: the same as the `distillrun` command."""
+
+from distillrun.cli import main
+
+main()
