@@ -301,12 +301,12 @@ def _terminate(signum: int, frame: Any) -> None:
 def reproduce(args: argparse.Namespace) -> int:
     command = shlex.join(["python", "-m", "distillrun.reproduce", *sys.argv[1:]])
     wanted = {
-        "data_root": str(Path(args.data_root).resolve()),
+        "data_root": str(Path(args.data_root).expanduser().resolve()),
         "download": args.download,
         "overrides": args.overrides,
     }
     if args.resume:
-        root = Path(args.resume).resolve()
+        root = Path(args.resume).expanduser().resolve()
         state = _read_state(root)
         if state["arguments"] != wanted:
             raise UserError(
@@ -315,10 +315,14 @@ def reproduce(args: argparse.Namespace) -> int:
             )
     else:
         stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
-        root = Path(args.out).resolve() / stamp
+        root = Path(args.out).expanduser().resolve() / stamp
         state = {"arguments": wanted, "command": command, "started": artifacts.now(), "seconds": {}}
-        root.mkdir(parents=True)
-        artifacts.write_json(root / STATE, state)
+        try:
+            root.mkdir(parents=True)
+            artifacts.write_json(root / STATE, state)
+        except OSError as e:
+            why = e.strerror or e
+            raise UserError(f"cannot write {root} ({why}): choose a writable --out") from e
     data = [f"dataset.root={wanted['data_root']}"] + (["dataset.download=true"] * args.download)
     steps = plan(root, data, args.overrides)
     print(f"distillrun reproduce: {len(steps)} steps into {root}")

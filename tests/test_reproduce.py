@@ -170,3 +170,11 @@ def test_a_failing_step_stops_the_reproduction_and_says_how_to_continue(tmp_path
     assert "step teachers stopped (exit 2)" in last and "--resume" in last
     (root,) = (tmp_path / "outputs" / "reproduce").iterdir()
     assert not (root / "report.json").exists() and not (root / "report.md").exists()
+
+
+def test_an_unwritable_output_folder_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = reproduce(tmp_path, "--out", str(blocker / "reproduce"))
+    assert result.returncode == 2
+    assert "choose a writable --out" in result.stderr and len(result.stderr.splitlines()) == 1
