@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from distillrun.config import RESUME_ENV, STAGES, sweep_values
-from distillrun.errors import Terminated, UserError
+from distillrun.errors import UserError, interrupted_exit_code, raise_terminated
 
 MIN_FREE_MB = 20  # below this a run cannot even write its config and first checkpoint
 USAGE = "usage: distillrun <stage> [hydra overrides]   (distillrun <stage> --help for its options)"
@@ -306,7 +306,7 @@ def main() -> None:
         args = folders_to_override(args)
     # SIGTERM (`kill`, a scheduler) stops the sweep like Ctrl-C does, so that a parallel
     # launcher shuts its worker processes down instead of leaving them behind.
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, raise_terminated)
     try:
         if any(a.startswith("resume=") for a in args):
             args = _user_errors(stage, resume_args, stage, args)
@@ -319,11 +319,7 @@ def main() -> None:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"distillrun {stage}: interrupted", file=sys.stderr)
-        sys.exit(143 if isinstance(e, Terminated) else 130)
-
-
-def _terminate(signum: int, frame: Any) -> None:
-    raise Terminated
+        sys.exit(interrupted_exit_code(e))
 
 
 def _user_errors(stage: str, step: Any, *args: Any) -> Any:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from distillrun import artifacts, summary
-from distillrun.errors import Terminated, UserError
+from distillrun.errors import UserError, interrupted_exit_code, raise_terminated
 
 PAPER = {  # METHOD.md sections 3 and 4
     "teacher_errors": 67,
@@ -286,16 +286,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", help="an interrupted reproduction's folder, to continue")
     parser.add_argument("overrides", nargs="*", help="passed to every stage, e.g. device=cuda")
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, raise_terminated)
     try:
         sys.exit(reproduce(args))
     except UserError as e:
         print(f"distillrun reproduce: {e}", file=sys.stderr)
         sys.exit(2)
-
-
-def _terminate(signum: int, frame: Any) -> None:
-    raise Terminated
 
 
 def reproduce(args: argparse.Namespace) -> int:
@@ -337,7 +333,7 @@ def reproduce(args: argparse.Namespace) -> int:
             print(
                 f"distillrun reproduce: interrupted in step {step.name}; {again}", file=sys.stderr
             )
-            code = 143 if isinstance(e, Terminated) else 130
+            code = interrupted_exit_code(e)
         finally:  # the minutes of the report count every attempt's work
             spent = state["seconds"].get(step.name, 0.0) + time.perf_counter() - start
             state["seconds"][step.name] = spent

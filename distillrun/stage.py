@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from distillrun import artifacts
 from distillrun.config import RESUME_ENV, validate
 from distillrun.console import error_line
-from distillrun.errors import Terminated, UserError
+from distillrun.errors import UserError, interrupted_exit_code, raise_terminated
 from distillrun.train import make_deterministic, pick_device
 
 RESUME_DIR = "resume"  # resumable checkpoints of the models in training; removed once complete
@@ -177,11 +177,8 @@ def _changed_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
 def _sigterm_interrupts() -> Iterator[None]:
     """`kill <pid>` (a scheduler's preemption) ends the run like Ctrl-C: marked interrupted."""
 
-    def interrupt(signum: int, frame: Any) -> None:
-        raise Terminated
-
     try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
+        previous = signal.signal(signal.SIGTERM, raise_terminated)
     except ValueError:  # not the main thread (some launchers): leave signals alone
         yield
         return
@@ -214,7 +211,7 @@ def _fail(run: Run, record: dict[str, Any], error: BaseException) -> bool:
             f"{resume_command(run.stage, run.dir)}",
             file=sys.stderr,
         )
-        sys.exit(143 if isinstance(error, Terminated) else 130)  # 128 + the signal number
+        sys.exit(interrupted_exit_code(error))
     if message:
         error_line(run.stage, message)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
