@@ -117,9 +117,10 @@ def run_step(step: Step, folder: Path) -> int:
             return 0
         return _stage([step.stage, f"resume={folder}"])
     # A sweep: resume its unfinished jobs, run the ones it never started, then summarise it.
-    key, values = step.sweep.split("=", 1)
+    key, listed = step.sweep.split("=", 1)
+    values = listed.split(",")
     kept = 0
-    for n, value in enumerate(values.split(",")):
+    for n, value in enumerate(values):
         job = folder / str(n)
         if job.exists() and _complete(job, step.stage):
             kept += 1
@@ -130,7 +131,7 @@ def run_step(step: Step, folder: Path) -> int:
             code = _stage([step.stage, *step.overrides, f"{key}={value}", f"hydra.run.dir={job}"])
         if code:
             return code
-    if kept == n + 1:
+    if kept == len(values):
         print("complete: kept")
     else:
         rows = summary.collect(folder)
