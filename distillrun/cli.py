@@ -19,8 +19,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from distillrun.config import RESUME_ENV, STAGES, sweep_values
+from distillrun.config import RESUME_ENV, sweep_values
 from distillrun.errors import UserError, interrupted_exit_code, raise_terminated
+from distillrun.stages import STAGES, config_name, module_name
 
 MIN_FREE_MB = 20  # below this a run cannot even write its config and first checkpoint
 USAGE = "usage: distillrun <stage> [hydra overrides]   (distillrun <stage> --help for its options)"
@@ -29,7 +30,7 @@ USAGE = "usage: distillrun <stage> [hydra overrides]   (distillrun <stage> --hel
 def print_help() -> None:
     print(USAGE)
     print("\nstages (each writes a run folder under outputs/<stage>/ that later stages consume):")
-    for name, (_, _, about) in STAGES.items():
+    for name, (_, about) in STAGES.items():
         print(f"  {name:<16}{about}")
     print(
         "\nexamples:\n"
@@ -62,7 +63,7 @@ def complete(args: list[str]) -> None:
     if len(words) >= 2 and words[1] == stage:
         # Hydra's completion expects "<app> <overrides>": drop the stage word.
         os.environ["COMP_LINE"] = line.replace(f" {stage}", "", 1)
-    run_stage(stage, args)
+    call_stage(stage, args)
 
 
 def precheck(stage: str, args: list[str]) -> None:
@@ -136,7 +137,7 @@ def _compose(stage: str, overrides: list[str]) -> Any:
     from hydra import compose, initialize_config_module
 
     with initialize_config_module(config_module="distillrun.conf", version_base="1.3"):
-        return compose(config_name=STAGES[stage][1], overrides=overrides)
+        return compose(config_name=config_name(stage), overrides=overrides)
 
 
 def _check_output_root(output_root: str) -> None:
@@ -278,8 +279,8 @@ def _still_running(manifest: dict[str, Any]) -> bool:
     return b"distillrun" in cmdline
 
 
-def run_stage(stage: str, args: list[str]) -> None:
-    module = importlib.import_module(STAGES[stage][0])
+def call_stage(stage: str, args: list[str]) -> None:
+    module = importlib.import_module(module_name(stage))
     sys.argv = [sys.argv[0], *args]
     module.main()
     from distillrun import summary  # loaded by the sweep's callback, if a sweep ran
@@ -311,7 +312,7 @@ def main() -> None:
         if any(a.startswith("resume=") for a in args):
             args = _user_errors(stage, resume_args, stage, args)
         precheck(stage, args)
-        run_stage(stage, args)
+        call_stage(stage, args)
     except BrokenPipeError:  # `distillrun distill --help | head`: the reader left, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)

@@ -14,40 +14,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from distillrun import choices
+from distillrun.choices import one_of
 from distillrun.errors import UserError
 
-# stage -> (module, primary config, one-line description)
-STAGES: dict[str, tuple[str, str, str]] = {
-    "train-teachers": (
-        "distillrun.train_teachers",
-        "train_teachers",
-        "train an ensemble of teachers with different seeds",
-    ),
-    "distill": (
-        "distillrun.distill",
-        "distill",
-        "distill a teachers run into a small student with soft targets at temperature T",
-    ),
-    "specialists": (
-        "distillrun.specialists_stage",
-        "specialists",
-        "cluster a generalist's confusions and train a specialist per class cluster",
-    ),
-    "evaluate": (
-        "distillrun.evaluate",
-        "evaluate",
-        "classify with a generalist plus its specialists (the paper's KL combination)",
-    ),
-    "report": (
-        "distillrun.report",
-        "report",
-        "a table, plots and a Markdown report of run and sweep folders",
-    ),
-}
 GROUPS = ("dataset", "model", "optim", "experiment")
 # Set by the dispatcher for `resume=<folder>`: the run folder the stage continues.
 RESUME_ENV = "DISTILLRUN_RESUME"
-MODEL_NAMES = ("mlp", "cnn", "resnet18")  # as in models.py, which imports torch
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -191,7 +164,7 @@ def _dataset(cfg: DictConfig, p: _Problems) -> None:
 
 def _model(cfg: DictConfig, p: _Problems) -> None:
     m = cfg.model
-    p.need(m.name in MODEL_NAMES, f"model.name={m.name}: use one of {', '.join(MODEL_NAMES)}")
+    p.need(m.name in choices.MODELS, f"model.name={m.name}: use {one_of(choices.MODELS)}")
     for key in ("dropout", "input_dropout"):
         if key in m:
             p.need(_in(m[key], 0, 1, hi_open=True), f"model.{key}={m[key]} must be in [0, 1)")
@@ -216,7 +189,7 @@ def _model(cfg: DictConfig, p: _Problems) -> None:
 
 def _optim(cfg: DictConfig, p: _Problems) -> None:
     o = cfg.optim
-    p.need(o.name in ("adam", "sgd"), f"optim.name={o.name}: use adam or sgd")
+    p.need(o.name in choices.OPTIMIZERS, f"optim.name={o.name}: use {one_of(choices.OPTIMIZERS)}")
     p.need(_in(o.lr, 0, math.inf, lo_open=True), f"optim.lr={o.lr} must be a number > 0")
     p.need(_in(o.weight_decay, 0, math.inf), f"optim.weight_decay={o.weight_decay} must be >= 0")
     if "momentum" in o:
@@ -234,8 +207,8 @@ def _optim(cfg: DictConfig, p: _Problems) -> None:
             f"optim.betas={o.betas} must be two numbers in [0, 1), e.g. [0.9, 0.999]",
         )
     p.need(
-        o.schedule in ("cosine", "step", "constant"),
-        f"optim.schedule={o.schedule}: use cosine, step or constant",
+        o.schedule in choices.SCHEDULES,
+        f"optim.schedule={o.schedule}: use {one_of(choices.SCHEDULES)}",
     )
     # Checked whatever the schedule: a bad value waiting for schedule=step is still a mistake.
     p.need(
@@ -279,10 +252,10 @@ def _distill(cfg: DictConfig, p: _Problems) -> None:
         _in(cfg.alpha, 0, 1), f"alpha={cfg.alpha} must be in [0, 1] (the weight of the soft term)"
     )
     p.need(
-        cfg.ensemble in ("arithmetic", "geometric"),
-        f"ensemble={cfg.ensemble}: use arithmetic or geometric",
+        cfg.ensemble in choices.ENSEMBLES,
+        f"ensemble={cfg.ensemble}: use {one_of(choices.ENSEMBLES)}",
     )
-    p.need(cfg.loss in ("kd", "logit_mse"), f"loss={cfg.loss}: use kd or logit_mse")
+    p.need(cfg.loss in choices.LOSSES, f"loss={cfg.loss}: use {one_of(choices.LOSSES)}")
     p.need(isinstance(cfg.baseline, bool), f"baseline={cfg.baseline}: use true or false")
     t = cfg.transfer
     p.need(
@@ -334,8 +307,8 @@ def _specialists(cfg: DictConfig, p: _Problems) -> None:
     s = cfg.specialists
     p.need(_is_int(s.k) and s.k >= 2, f"specialists.k={s.k} must be an integer >= 2")
     p.need(
-        s.clustering in ("kmeans", "online"),
-        f"specialists.clustering={s.clustering}: use kmeans or online",
+        s.clustering in choices.CLUSTERINGS,
+        f"specialists.clustering={s.clustering}: use {one_of(choices.CLUSTERINGS)}",
     )
     p.need(_in(s.overlap, 0, math.inf), f"specialists.overlap={s.overlap} must be a number >= 0")
     p.need(_is_int(s.member) and s.member >= 0, f"specialists.member={s.member} must be >= 0")
@@ -353,8 +326,8 @@ def _evaluate(cfg: DictConfig, p: _Problems) -> None:
     p.need(_run_folder(cfg.specialists), f"specialists={cfg.specialists}: give a folder or null")
     p.need(_is_int(cfg.n) and cfg.n >= 1, f"n={cfg.n} must be an integer >= 1 (the paper: 1)")
     p.need(
-        cfg.optimizer in ("preconditioned", "plain"),
-        f"optimizer={cfg.optimizer}: use preconditioned or plain",
+        cfg.optimizer in choices.KL_OPTIMIZERS,
+        f"optimizer={cfg.optimizer}: use {one_of(choices.KL_OPTIMIZERS)}",
     )
     p.need(
         _in(cfg.tolerance, 0, math.inf, lo_open=True),

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-COMBINATIONS = ("arithmetic", "geometric")
+from distillrun.choices import ENSEMBLES, one_of
 
 
 def combine(member_logits: torch.Tensor, method: str, T: float = 1.0) -> torch.Tensor:
@@ -22,4 +22,4 @@ def combine(member_logits: torch.Tensor, method: str, T: float = 1.0) -> torch.T
         return torch.logsumexp(log_p, dim=0) - math.log(member_logits.shape[0])
     if method == "geometric":
         return F.log_softmax(log_p.mean(dim=0), dim=-1)
-    raise ValueError(f"unknown ensemble combination '{method}': use one of {COMBINATIONS}")
+    raise ValueError(f"unknown ensemble combination '{method}': use {one_of(ENSEMBLES)}")

@@ -8,6 +8,9 @@ agree: d loss / d z_i = alpha * T * (q_T,i - p_T,i) + (1 - alpha) * (q_1,i - y_i
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -55,10 +58,31 @@ def logit_matching_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     labels: torch.Tensor | None,
+    T: float,
     alpha: float,
 ) -> torch.Tensor:
-    """Logit matching in place of the soft term, mixed with the hard term by alpha."""
+    """Logit matching in place of the soft term, mixed with the hard term by alpha.
+
+    `teacher_logits` [N, C]: any logits of the teacher's distribution at T = 1 (log-probabilities
+    will do: zero-meaning removes the per-example shift). `T` is not used: logit matching is the
+    high-temperature limit, so its signature matches `distillation_loss` for the LOSSES table.
+    """
     soft = logit_mse(student_logits, teacher_logits)
     if labels is None:
         return soft
     return alpha * soft + (1 - alpha) * F.cross_entropy(student_logits, labels)
+
+
+class Loss(NamedTuple):
+    """A distillation loss `fn(student_logits, targets, labels, T, alpha)` and the temperature
+    of the teacher targets it takes: the ensemble's log-probabilities at T, or at 1."""
+
+    fn: Callable[..., torch.Tensor]
+    targets_at_T: bool
+
+
+# loss= -> the loss (the names are choices.LOSSES)
+LOSSES: dict[str, Loss] = {
+    "kd": Loss(distillation_loss, targets_at_T=True),
+    "logit_mse": Loss(logit_matching_loss, targets_at_T=False),
+}

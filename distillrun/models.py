@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from distillrun.choices import one_of
 from distillrun.errors import UserError
-
-MODEL_NAMES = ("mlp", "cnn", "resnet18")
 
 
 class MLP(nn.Module):
@@ -82,30 +81,36 @@ def resnet18(image_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     return net
 
 
+# model.name -> a builder of (config, input shape, classes) (the names are choices.MODELS).
+BUILDERS: dict[str, Callable[[Mapping[str, Any], tuple[int, ...], int], nn.Module]] = {
+    "mlp": lambda cfg, shape, classes: MLP(
+        math.prod(shape),
+        classes,
+        list(cfg["hidden"]),
+        cfg.get("dropout", 0.0),
+        cfg.get("input_dropout", 0.0),
+    ),
+    "cnn": lambda cfg, shape, classes: CNN(
+        shape, classes, list(cfg["channels"]), cfg["hidden"], cfg["dropout"]
+    ),
+    "resnet18": lambda cfg, shape, classes: resnet18(shape, classes),
+}
+IMAGE_MODELS = ("cnn", "resnet18")
+
+
 def build_model(
     cfg: Mapping[str, Any], input_shape: tuple[int, ...], num_classes: int
 ) -> nn.Module:
-    """Build the model named by `cfg.name` for inputs of `input_shape` (without the batch)."""
+    """Build the model named by `cfg["name"]` for inputs of `input_shape` (without the batch)."""
     name = cfg["name"]
-    is_image = len(input_shape) == 3
-    if name == "mlp":
-        return MLP(
-            math.prod(input_shape),
-            num_classes,
-            list(cfg["hidden"]),
-            cfg.get("dropout", 0.0),
-            cfg.get("input_dropout", 0.0),
-        )
-    if name in ("cnn", "resnet18") and not is_image:
+    if name not in BUILDERS:
+        raise UserError(f"unknown model.name '{name}': use {one_of(tuple(BUILDERS))}")
+    if name in IMAGE_MODELS and len(input_shape) != 3:
         raise UserError(
             f"model={name} needs images, but this dataset holds vectors of shape "
             f"{tuple(input_shape)}: use model=mlp"
         )
-    if name == "cnn":
-        return CNN(input_shape, num_classes, list(cfg["channels"]), cfg["hidden"], cfg["dropout"])
-    if name == "resnet18":
-        return resnet18(input_shape, num_classes)
-    raise UserError(f"unknown model.name '{name}': use one of {', '.join(MODEL_NAMES)}")
+    return BUILDERS[name](cfg, tuple(input_shape), num_classes)
 
 
 def output_layer(model: nn.Module) -> nn.Linear:

@@ -20,10 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distillrun.choices import CLUSTERINGS, one_of
 from distillrun.errors import UserError
 from distillrun.models import output_layer
-
-CLUSTERINGS = ("kmeans", "online")
 
 
 def probability_covariance(probs: torch.Tensor) -> torch.Tensor:
@@ -46,7 +45,7 @@ def cluster_classes(
     elif method == "online":
         km = MiniBatchKMeans(n_clusters=k, n_init=10, random_state=seed, batch_size=256)
     else:
-        raise UserError(f"specialists.clustering={method}: use one of {', '.join(CLUSTERINGS)}")
+        raise UserError(f"specialists.clustering={method}: use {one_of(CLUSTERINGS)}")
     labels = km.fit_predict(points)
     dist = km.transform(points)
     own = dist[np.arange(len(points)), labels]

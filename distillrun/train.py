@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillrun import artifacts
+from distillrun.choices import one_of
 from distillrun.errors import UserError
+from distillrun.metrics import classification_metrics
 from distillrun.models import apply_max_norm
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -62,31 +64,41 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+# optim.name -> the optimiser, optim.schedule -> the learning-rate schedule (the names are
+# choices.OPTIMIZERS and choices.SCHEDULES).
+OPTIMIZERS: dict[str, Callable[[Any, Mapping[str, Any]], torch.optim.Optimizer]] = {
+    "adam": lambda params, cfg: torch.optim.Adam(
+        params, lr=cfg["lr"], betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"]
+    ),
+    "sgd": lambda params, cfg: torch.optim.SGD(
+        params,
+        lr=cfg["lr"],
+        momentum=cfg["momentum"],
+        nesterov=cfg["nesterov"],
+        weight_decay=cfg["weight_decay"],
+    ),
+}
+Schedule = Callable[[torch.optim.Optimizer, Mapping[str, Any], int], Any]
+SCHEDULES: dict[str, Schedule] = {
+    "cosine": lambda opt, cfg, epochs: torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs),
+    "step": lambda opt, cfg, epochs: torch.optim.lr_scheduler.StepLR(
+        opt, cfg["step_size"], cfg["gamma"]
+    ),
+    "constant": lambda opt, cfg, epochs: torch.optim.lr_scheduler.ConstantLR(
+        opt, factor=1.0, total_iters=0
+    ),
+}
+
+
 def make_optimizer(
     params: Any, cfg: Mapping[str, Any], epochs: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    if cfg["name"] == "adam":
-        opt = torch.optim.Adam(
-            params, lr=cfg["lr"], betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"]
-        )
-    elif cfg["name"] == "sgd":
-        opt = torch.optim.SGD(
-            params,
-            lr=cfg["lr"],
-            momentum=cfg["momentum"],
-            nesterov=cfg["nesterov"],
-            weight_decay=cfg["weight_decay"],
-        )
-    else:
-        raise UserError(f"unknown optim.name '{cfg['name']}': use adam or sgd")
-    schedule = cfg["schedule"]
-    if schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    elif schedule == "step":
-        sched = torch.optim.lr_scheduler.StepLR(opt, cfg["step_size"], cfg["gamma"])
-    else:
-        sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
-    return opt, sched
+    """The optimiser and schedule an `optim` config names (conf/optim/*.yaml)."""
+    for key, table in (("name", OPTIMIZERS), ("schedule", SCHEDULES)):
+        if cfg[key] not in table:
+            raise UserError(f"unknown optim.{key} '{cfg[key]}': use {one_of(tuple(table))}")
+    opt = OPTIMIZERS[cfg["name"]](params, cfg)
+    return opt, SCHEDULES[cfg["schedule"]](opt, cfg, epochs)
 
 
 def jitter(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -112,40 +124,6 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.
     out = torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
     model.train(was_training)
     return out.float()
-
-
-def expected_calibration_error(log_probs: torch.Tensor, y: torch.Tensor, bins: int = 15) -> float:
-    conf, pred = log_probs.exp().max(dim=1)
-    correct = (pred == y).float()
-    edges = torch.linspace(0, 1, bins + 1, device=conf.device)
-    which = torch.bucketize(conf, edges[1:-1], right=True)
-    ece = torch.zeros((), device=conf.device)
-    for b in range(bins):
-        mask = which == b
-        if mask.any():
-            ece += mask.float().mean() * (conf[mask].mean() - correct[mask].mean()).abs()
-    return float(ece)
-
-
-def classification_metrics(
-    log_probs: torch.Tensor, y: torch.Tensor, prefix: str = "test"
-) -> dict[str, Any]:
-    """Accuracy, errors, NLL and ECE of predicted log-probabilities (or logits) against labels."""
-    if len(y) == 0:
-        return {}
-    log_probs = F.log_softmax(log_probs.detach().float(), dim=1)
-    errors = int((log_probs.argmax(dim=1) != y).sum())
-    return {
-        f"{prefix}_accuracy": 1 - errors / len(y),
-        f"{prefix}_errors": errors,
-        f"{prefix}_nll": float(F.nll_loss(log_probs, y)),
-        f"{prefix}_ece": expected_calibration_error(log_probs, y),
-    }
-
-
-def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Share of examples on which two models predict the same class."""
-    return float((a.argmax(dim=1) == b.argmax(dim=1)).float().mean())
 
 
 def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:

@@ -8,13 +8,14 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
-from distillrun.config import STAGES, group_choices, validate
+from distillrun.config import group_choices, validate
 from distillrun.errors import UserError
+from distillrun.stages import config_name
 
 
 def composed(stage: str, *overrides: str) -> DictConfig:
     with initialize_config_module(config_module="distillrun.conf", version_base="1.3"):
-        return compose(config_name=STAGES[stage][1], overrides=list(overrides))
+        return compose(config_name=config_name(stage), overrides=list(overrides))
 
 
 def test_every_group_choice_is_shipped_in_the_package() -> None:

@@ -422,7 +422,7 @@ def test_a_nan_loss_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
 def test_environment_errors_become_one_line_messages(tmp_path: Path) -> None:
     import errno
 
-    from distillrun.stage import Run, _user_message
+    from distillrun.stages.common import Run, _user_message
 
     run = Run("distill", tmp_path, torch.device("cpu"))
     full = _user_message(run, OSError(errno.ENOSPC, "No space left on device", "x.pt"))

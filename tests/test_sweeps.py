@@ -17,7 +17,7 @@ from test_cli import DISTILLRUN, TINY_STUDENT, assert_one_line_error, distillrun
 
 from distillrun import artifacts, summary
 from distillrun.cli import folders_to_override
-from distillrun.stage import job_threads
+from distillrun.stages.common import job_threads
 
 TEACHER = ["teachers.n=1", "train.epochs=2", "model.hidden=[32]", "progress=false"]
 

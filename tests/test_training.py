@@ -8,10 +8,11 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from distillrun import artifacts
-from distillrun.distill import fit_omit_bias, transfer_indices
 from distillrun.errors import UserError
+from distillrun.metrics import classification_metrics
 from distillrun.models import apply_max_norm, build_model, checkpoint, load_model, output_layer
-from distillrun.train import batch_bounds, classification_metrics, fit, jitter
+from distillrun.stages.distill import fit_omit_bias, transfer_indices
+from distillrun.train import batch_bounds, fit, jitter
 
 OPTIM = {
     "name": "sgd",

@@ -36,10 +36,10 @@ from distillrun.specialists import (
     specialist_from,
     specialist_view,
 )
-from distillrun.stage import Run, run_stage
+from distillrun.stages.common import Run, run_stage
+from distillrun.stages.train_teachers import dataset_info
 from distillrun.teachers import check_data, load_run_logits
 from distillrun.train import fit
-from distillrun.train_teachers import dataset_info
 
 GENERALIST_STAGE = "train-teachers"
 

@@ -15,13 +15,15 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from distillrun.artifacts import save_tensors
+from distillrun.choices import ENSEMBLES
 from distillrun.console import results_table, say
 from distillrun.data import Data, load_dataset
-from distillrun.ensemble import COMBINATIONS, combine
+from distillrun.ensemble import combine
 from distillrun.errors import UserError
+from distillrun.metrics import classification_metrics
 from distillrun.models import build_model, checkpoint, count_parameters
-from distillrun.stage import Run, run_stage, train_one
-from distillrun.train import classification_metrics, predict
+from distillrun.stages.common import Run, run_stage, train_one
+from distillrun.train import predict
 
 SPLITS = ("train", "val", "test")
 
@@ -107,7 +109,7 @@ def train_teachers(cfg: DictConfig, run: Run) -> dict[str, Any]:
             **classification_metrics(combine(stacked["val"], method), y_val, "val"),
             **classification_metrics(combine(stacked["test"], method), y_test, "test"),
         }
-        for method in COMBINATIONS
+        for method in ENSEMBLES
     }
     rows = [
         [f"teacher {i} (seed {m['seed']})", m["test_accuracy"], m["test_errors"], m["test_nll"]]

@@ -24,11 +24,12 @@ from distillrun.console import results_table, say
 from distillrun.data import load_dataset
 from distillrun.errors import UserError
 from distillrun.inference import active_specialists, combine_kl
+from distillrun.metrics import classification_metrics
 from distillrun.models import load_model
 from distillrun.specialists import specialist_view
-from distillrun.stage import Run, run_stage
+from distillrun.stages.common import Run, run_stage
 from distillrun.teachers import load_run_logits
-from distillrun.train import classification_metrics, predict
+from distillrun.train import predict
 
 SPECIALISTS_STAGE = "specialists"
 SPLITS = ("train", "val", "test")

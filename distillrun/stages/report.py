@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from distillrun import artifacts
 from distillrun.console import fmt, say
-from distillrun.stage import Run, run_stage
+from distillrun.stages.common import Run, run_stage
 from distillrun.summary import Row, collect, command, source_labels, summarise, table_rows
 
 

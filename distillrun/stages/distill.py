@@ -25,11 +25,12 @@ from distillrun.console import results_table, say
 from distillrun.data import Data, load_dataset
 from distillrun.ensemble import combine
 from distillrun.errors import UserError
-from distillrun.losses import distillation_loss, logit_matching_loss
+from distillrun.losses import LOSSES
+from distillrun.metrics import agreement, classification_metrics
 from distillrun.models import build_model, checkpoint, count_parameters, load_model, output_layer
-from distillrun.stage import Run, run_stage, train_one
+from distillrun.stages.common import Run, run_stage, train_one
 from distillrun.teachers import Teachers, find_teachers, parse_source, teacher_logits
-from distillrun.train import agreement, classification_metrics, predict
+from distillrun.train import predict
 
 
 @hydra.main(version_base="1.3", config_path="pkg://distillrun.conf", config_name="distill")
@@ -100,22 +101,13 @@ def distill(cfg: DictConfig, run: Run) -> dict[str, Any]:
     x, y = data.x_train[idx], data.y_train[idx]
     teacher_train = cache["train"].to(device)[:, idx]  # [members, transfer examples, C]
     y_hard = y if labels else None
-    if cfg.loss == "kd":
-        targets = combine(teacher_train, cfg.ensemble, T)
+    loss = LOSSES[cfg.loss]
+    # Teacher targets: the ensemble's log-probabilities at T (kd) or at 1 (logit matching: any
+    # logits of the distribution do, since it removes the per-example shift by zero-meaning).
+    targets = combine(teacher_train, cfg.ensemble, T if loss.targets_at_T else 1.0)
 
-        def loss_fn(out: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            return distillation_loss(
-                out, targets[b], None if y_hard is None else y_hard[b], T, alpha
-            )
-    else:
-        # The ensemble's log-probabilities are logits of its distribution (any other logits
-        # differ by a per-example shift, which logit matching removes by zero-meaning).
-        targets = combine(teacher_train, cfg.ensemble, 1.0)
-
-        def loss_fn(out: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            return logit_matching_loss(
-                out, targets[b], None if y_hard is None else y_hard[b], alpha
-            )
+    def loss_fn(out: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return loss.fn(out, targets[b], None if y_hard is None else y_hard[b], T, alpha)
 
     members = cache["train"].shape[0]
     say(

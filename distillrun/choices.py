@@ -1,0 +1,21 @@
+"""The allowed values of every named option, defined once and torch-free.
+
+The config checks (config.py) refuse anything else before a run starts, and the code that acts
+on a value (losses, ensemble, train, models, specialists, inference) keys its table of
+functions by these names; tests/test_layout.py checks that each table has exactly these keys.
+"""
+
+from __future__ import annotations
+
+LOSSES = ("kd", "logit_mse")  # losses.LOSSES
+ENSEMBLES = ("arithmetic", "geometric")  # ensemble.combine
+OPTIMIZERS = ("adam", "sgd")  # train.OPTIMIZERS
+SCHEDULES = ("cosine", "step", "constant")  # train.SCHEDULES
+MODELS = ("mlp", "cnn", "resnet18")  # models.BUILDERS
+CLUSTERINGS = ("kmeans", "online")  # specialists.cluster_classes
+KL_OPTIMIZERS = ("preconditioned", "plain")  # inference.combine_kl
+
+
+def one_of(names: tuple[str, ...]) -> str:
+    """ "a, b or c": how messages name the choices."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
