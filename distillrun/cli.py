@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from distillrun import artifacts
 from distillrun.config import RESUME_ENV, sweep_values
 from distillrun.errors import UserError, interrupted_exit_code, raise_terminated
 from distillrun.stages import STAGES, config_name, module_name
@@ -243,11 +244,8 @@ def resume_args(stage: str, args: list[str]) -> list[str]:
     if status == "complete":
         print(f"distillrun {stage}: {folder} is already complete; nothing to resume")
         sys.exit(0)
-    if status == "running" and _still_running(manifest):
-        raise UserError(
-            f"resume={folder} is still running (process {manifest['environment']['pid']}): "
-            "wait for it, or stop it first"
-        )
+    if artifacts.is_locked(folder):
+        raise UserError(f"resume={folder} is still running: wait for it, or stop it first")
     changed = [a for a in others if a not in saved]
     if changed:
         raise UserError(
@@ -263,20 +261,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     import json
 
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _still_running(manifest: dict[str, Any]) -> bool:
-    """Whether the process that wrote a "running" manifest is alive on this machine."""
-    import socket
-
-    env = manifest.get("environment", {})
-    if env.get("host") != socket.gethostname() or not isinstance(env.get("pid"), int):
-        return False
-    try:
-        cmdline = Path(f"/proc/{env['pid']}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return b"distillrun" in cmdline
 
 
 def call_stage(stage: str, args: list[str]) -> None:

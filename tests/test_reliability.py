@@ -22,17 +22,26 @@ from test_cli import DISTILLRUN, assert_one_line_error, distillrun, manifest, ru
 from distillrun import artifacts
 from distillrun.errors import UserError
 from distillrun.models import build_model
-from distillrun.train import fit
+from distillrun.train import TrainSettings, fit
 
-# Small enough for seconds, long enough to be killed in the middle of the second teacher.
+# Small enough for seconds, long enough to be killed in the middle of the second teacher; a
+# resumable checkpoint after every epoch, so that a kill lands between two of them.
+EVERY_EPOCH = "train.checkpoint_every=0"
 TEACHERS = [
     "teachers.n=2",
     "train.epochs=12",
     "train.batch_size=16",
     "model.hidden=[32]",
     "progress=false",
+    EVERY_EPOCH,
 ]
-STUDENT = ["train.epochs=12", "train.batch_size=16", "model.hidden=[16]", "progress=false"]
+STUDENT = [
+    "train.epochs=12",
+    "train.batch_size=16",
+    "model.hidden=[16]",
+    "progress=false",
+    EVERY_EPOCH,
+]
 # One thread: on a busy 2-core machine, two contending threads make tiny epochs 10x slower.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
@@ -345,17 +354,21 @@ OPTIM = {"name": "adam", "lr": 0.01, "betas": [0.9, 0.999], "weight_decay": 0.0}
 
 
 def fit_resumable(model, x, y, state_path, epochs, resume=False, on_epoch=lambda r: None):
-    return fit(
-        model,
-        x,
-        lambda out, idx: F.cross_entropy(out, y[idx]),
-        x_val=x[:10],
-        y_val=y[:10],
-        optim={**OPTIM, "schedule": "cosine"},
+    settings = TrainSettings(
+        {**OPTIM, "schedule": "cosine"},
         epochs=epochs,
         batch_size=8,
         seed=3,
         jitter_pixels=1 if x.dim() == 4 else 0,
+        checkpoint_every=0,
+    )
+    return fit(
+        model,
+        x,
+        lambda out, idx: F.cross_entropy(out, y[idx]),
+        settings,
+        x_val=x[:10],
+        y_val=y[:10],
         state_path=state_path,
         resume=resume,
         on_epoch=on_epoch,
@@ -408,12 +421,9 @@ def test_a_nan_loss_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
             model,
             x,
             loss_fn,
+            TrainSettings({**OPTIM, "schedule": "constant"}, 5, 8, checkpoint_every=0),
             x_val=x[:0],
             y_val=torch.zeros(0, dtype=torch.long),
-            optim={**OPTIM, "schedule": "constant"},
-            epochs=5,
-            batch_size=8,
-            seed=0,
             state_path=tmp_path / "s.pt",
         )
     assert torch.load(tmp_path / "s.pt", weights_only=True)["epoch"] == 2

@@ -12,7 +12,7 @@ from distillrun.errors import UserError
 from distillrun.metrics import classification_metrics
 from distillrun.models import apply_max_norm, build_model, checkpoint, load_model, output_layer
 from distillrun.stages.distill import fit_omit_bias, transfer_indices
-from distillrun.train import batch_bounds, fit, jitter
+from distillrun.train import TrainSettings, batch_bounds, fit, jitter
 
 OPTIM = {
     "name": "sgd",
@@ -27,18 +27,8 @@ OPTIM = {
 
 
 def fit_with_sgd(model, x, loss_fn, x_val, y_val, epochs, batch_size, **kwargs):
-    return fit(
-        model,
-        x,
-        loss_fn,
-        x_val=x_val,
-        y_val=y_val,
-        optim=OPTIM,
-        epochs=epochs,
-        batch_size=batch_size,
-        seed=0,
-        **kwargs,
-    )
+    settings = TrainSettings(OPTIM, epochs=epochs, batch_size=batch_size, seed=0)
+    return fit(model, x, loss_fn, settings, x_val=x_val, y_val=y_val, **kwargs)
 
 
 def test_jitter_translates_each_image_by_at_most_k_pixels():

@@ -28,7 +28,7 @@ from distillrun.errors import UserError
 from distillrun.losses import LOSSES
 from distillrun.metrics import agreement, classification_metrics
 from distillrun.models import build_model, checkpoint, count_parameters, load_model, output_layer
-from distillrun.stages.common import Run, run_stage, train_one
+from distillrun.stages.common import Run, run_stage, train_one, train_settings
 from distillrun.teachers import Teachers, find_teachers, parse_source, teacher_logits
 from distillrun.train import predict
 
@@ -128,7 +128,8 @@ def distill(cfg: DictConfig, run: Run) -> dict[str, Any]:
     def train_student(label: str, fn: Any) -> tuple[torch.nn.Module, Any]:
         torch.manual_seed(cfg.seed)  # the same initialisation for student and baseline
         model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
-        fitted = train_one(run, cfg, label, model, x, fn, data.x_val, y_val, cfg.seed)
+        settings = train_settings(cfg, cfg.seed)
+        fitted = train_one(run, cfg, label, model, x, fn, data.x_val, y_val, settings)
         artifacts.save_tensors(
             run.dir / f"{label.replace(' ', '_')}.pt",
             checkpoint(model, cfg.model, data.input_shape, data.num_classes),

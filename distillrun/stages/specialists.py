@@ -36,10 +36,9 @@ from distillrun.specialists import (
     specialist_from,
     specialist_view,
 )
-from distillrun.stages.common import Run, run_stage
+from distillrun.stages.common import Run, run_stage, train_one, train_settings
 from distillrun.stages.train_teachers import dataset_info
 from distillrun.teachers import check_data, load_run_logits
-from distillrun.train import fit
 
 GENERALIST_STAGE = "train-teachers"
 
@@ -169,28 +168,21 @@ def specialists(cfg: DictConfig, run: Run) -> dict[str, Any]:
 
         torch.manual_seed(cfg.seed + m)
         model = specialist_from(generalist, classes, full).to(device)
-        label = f"specialist {m}"
-        try:
-            fitted = fit(
-                model,
-                data.x_train,
-                loss_fn,
-                x_val=data.x_val,
-                y_val=dustbin_targets(y_val, classes, data.num_classes),
-                optim=cfg.optim,
-                epochs=cfg.train.epochs,
-                batch_size=cfg.train.batch_size,
-                seed=cfg.seed + m,
-                max_norm=max_norm,
-                eval_batch_size=cfg.train.eval_batch_size,
-                on_epoch=lambda record, label=label: run.log({"model": label, **record}),
-                batches=lambda g, s=special, r=rest: half_and_half_batches(
-                    s, r, cfg.train.batch_size, g
-                ),
-                val_view=val_view,
-            )
-        except UserError as e:
-            raise UserError(f"{label}: {e}") from e
+        fitted = train_one(
+            run,
+            cfg,
+            f"specialist {m}",
+            model,
+            data.x_train,
+            loss_fn,
+            data.x_val,
+            dustbin_targets(y_val, classes, data.num_classes),
+            train_settings(cfg, cfg.seed + m, max_norm=max_norm),
+            batches=lambda g, s=special, r=rest: half_and_half_batches(
+                s, r, cfg.train.batch_size, g
+            ),
+            val_view=val_view,
+        )
         correct_dustbin(model, classes, full, shift)
         ckpt = checkpoint(model, model_cfg, data.input_shape, output_layer(model).out_features)
         artifacts.save_tensors(
