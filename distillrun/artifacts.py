@@ -78,7 +78,7 @@ def save_tensors(path: Path, obj: Any) -> None:
     atomic_write(path, lambda f: torch.save(obj, f), "wb")
 
 
-def load_tensors(path: Path, map_location: Any = "cpu") -> Any:
+def load_tensors(path: str | Path, map_location: Any = "cpu") -> Any:
     """Load a checkpoint or cache without executing anything it contains (weights_only).
 
     Every way a file can be bad (missing, empty, truncated, random bytes, a pickle that asks
@@ -86,6 +86,7 @@ def load_tensors(path: Path, map_location: Any = "cpu") -> Any:
     """
     import torch  # here, so that sweep summaries and reports do not pay for importing torch
 
+    path = Path(path)
     if not path.is_file():
         raise UserError(f"missing file {path}: the run folder is incomplete; re-run its stage")
     try:

@@ -10,14 +10,22 @@ import random
 import shlex
 import shutil
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_cli import DISTILLRUN, assert_one_line_error, distillrun, manifest, runs
+from conftest import (
+    ONE_THREAD,
+    assert_one_line_error,
+    distillrun,
+    manifest,
+    metric_lines,
+    runs,
+    signal_when,
+    start,
+    without_timings,
+)
 
 from distillrun import artifacts
 from distillrun.errors import UserError
@@ -42,52 +50,10 @@ STUDENT = [
     "progress=false",
     EVERY_EPOCH,
 ]
-# One thread: on a busy 2-core machine, two contending threads make tiny epochs 10x slower.
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def cli(cwd: Path, *args: str, check: int | None = 0):
     return distillrun(cwd, *args, env=ONE_THREAD, check=check)
-
-
-TIMINGS = {"minutes", "seconds", "inference_speedup"}
-TIMINGS |= {"teacher_examples_per_s", "student_examples_per_s"}
-
-
-def without_timings(value):
-    """Metrics minus wall-clock times and speeds, which no two runs share."""
-    if isinstance(value, dict):
-        return {k: without_timings(v) for k, v in value.items() if k not in TIMINGS}
-    if isinstance(value, list):
-        return [without_timings(v) for v in value]
-    return value
-
-
-def metric_lines(folder: Path) -> list[dict]:
-    return [without_timings(json.loads(line)) for line in (folder / "metrics.jsonl").open()]
-
-
-def start(cwd: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [DISTILLRUN, *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "HYDRA_FULL_ERROR": "0", **ONE_THREAD},
-    )
-
-
-def signal_when(proc: subprocess.Popen, pattern: str, cwd: Path, signum: int) -> None:
-    """Send `signum` to `proc` as soon as a file matching `pattern` appears under cwd."""
-    deadline = time.monotonic() + 240
-    while not list(cwd.glob(pattern)):
-        assert proc.poll() is None, "the run ended before it could be stopped: " + str(
-            proc.communicate()
-        )
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.005)
-    proc.send_signal(signum)
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +74,7 @@ def copy_run(folder: Path, cwd: Path, name: str = "2026-01-01_00-00-00-000000") 
 # --- kill, resume, determinism ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_killed_run_is_never_consumed_and_resumes_to_the_same_numbers(
     reference: Path, tmp_path: Path
 ) -> None:
@@ -133,6 +100,7 @@ def test_a_killed_run_is_never_consumed_and_resumes_to_the_same_numbers(
         assert (killed / name).read_bytes() == (reference / name).read_bytes()
 
 
+@pytest.mark.slow
 def test_the_manifest_records_how_to_repeat_the_run(reference: Path) -> None:
     m = manifest(reference)
     assert m["command"] == shlex.join(["distillrun", "train-teachers", *TEACHERS])
@@ -143,6 +111,7 @@ def test_the_manifest_records_how_to_repeat_the_run(reference: Path) -> None:
     assert {"python", "torch", "numpy", "hydra-core"} <= set(m["libraries"])
 
 
+@pytest.mark.slow
 def test_ctrl_c_marks_the_run_interrupted_and_resume_keeps_its_teachers(
     reference: Path, tmp_path: Path
 ) -> None:
@@ -174,6 +143,7 @@ def test_ctrl_c_marks_the_run_interrupted_and_resume_keeps_its_teachers(
     assert metric_lines(folder) == metric_lines(whole)
 
 
+@pytest.mark.slow
 def test_resume_refuses_what_it_cannot_continue(reference: Path, tmp_path: Path) -> None:
     done = cli(tmp_path, "train-teachers", f"resume={reference}")
     assert "already complete; nothing to resume" in done.stdout
@@ -236,6 +206,7 @@ def other_class_count(logits: Path, tmp_path: Path) -> str:
     return "does not hold teacher logits for this dataset"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", [truncated, random_bytes, pickle_with_code])
 def test_each_kind_of_bad_file_gets_its_own_reason(damage, reference: Path, tmp_path: Path) -> None:
     path = tmp_path / "logits.pt"
@@ -256,6 +227,7 @@ def test_a_named_unfinished_run_says_how_to_finish_it(tmp_path: Path) -> None:
 
 
 # Through the command: the cache a distill run reads (the other kinds are covered just above).
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", [pickle_with_code, other_class_count])
 def test_bad_teacher_caches_are_one_line_errors_and_run_nothing(
     damage, reference: Path, tmp_path: Path
@@ -269,6 +241,7 @@ def test_bad_teacher_caches_are_one_line_errors_and_run_nothing(
     assert manifest(folder)["status"] == "failed"
 
 
+@pytest.mark.slow
 def test_a_resumable_checkpoint_of_another_architecture_is_refused(
     reference: Path, tmp_path: Path
 ) -> None:
@@ -288,6 +261,7 @@ def test_a_resumable_checkpoint_of_another_architecture_is_refused(
 # --- numerical and environment trouble ----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_nan_loss_stops_the_run_naming_the_epoch_and_the_fix(tmp_path: Path) -> None:
     args = ["optim=sgd", "optim.lr=1e30", "optim.momentum=0", *TEACHERS]
     result = cli(tmp_path, "train-teachers", *args, check=None)
@@ -296,6 +270,7 @@ def test_a_nan_loss_stops_the_run_naming_the_epoch_and_the_fix(tmp_path: Path) -
     assert manifest(folder)["status"] == "failed"
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_resumable(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
@@ -305,6 +280,7 @@ def test_a_full_disk_is_one_line_and_resumable(tmp_path: Path) -> None:
     assert manifest(run)["status"] == "failed"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "fragments"),
     [
@@ -330,6 +306,7 @@ def test_environment_and_config_trouble_is_one_line(
     assert_one_line_error(cli(tmp_path, "train-teachers", *args, *TEACHERS, check=None), *fragments)
 
 
+@pytest.mark.slow
 def test_an_npz_of_random_bytes_is_not_unpickled(tmp_path: Path) -> None:
     (tmp_path / "bad.npz").write_bytes(os.urandom(500))
     args = ["dataset=npz", f"dataset.path={tmp_path / 'bad.npz'}", *TEACHERS]
@@ -338,6 +315,7 @@ def test_an_npz_of_random_bytes_is_not_unpickled(tmp_path: Path) -> None:
     assert "allow_pickle" not in result.stderr
 
 
+@pytest.mark.slow
 def test_a_dataset_root_with_the_wrong_files_is_one_line(tmp_path: Path) -> None:
     raw = tmp_path / "data" / "MNIST" / "raw"
     raw.mkdir(parents=True)

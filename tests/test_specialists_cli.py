@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import assert_one_line_error, distillrun, manifest, runs
+from conftest import assert_one_line_error, distillrun, manifest, runs
+
+pytestmark = pytest.mark.slow  # the installed command, in subprocesses
 
 DATA = [
     "dataset=hierarchical",
