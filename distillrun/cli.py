@@ -202,6 +202,11 @@ def _check_run_dir(overrides: list, multirun: bool) -> None:
             raise UserError(
                 f"{key}={value} cannot be written ({e.strerror or e}): choose a writable folder"
             ) from e
+        if artifacts.is_locked(folder):  # before Hydra rewrites its .hydra/
+            raise UserError(
+                f"{key}={value} is in use by another distillrun process: wait for it to finish, "
+                "or choose another folder"
+            )
 
 
 # --- resume=<run folder> -------------------------------------------------------------------------

@@ -427,13 +427,14 @@ def fit(
             progress.epoch = epoch
             progress.history.append(record)
             progress.seconds += record["seconds"]
+            on_epoch(record)
+            stop = bool(sigterm)
             # The last epoch is saved below, in the final form.
-            due = sigterm or time.monotonic() - saved_at >= s.checkpoint_every
+            due = stop or time.monotonic() - saved_at >= s.checkpoint_every
             if state_path is not None and due and epoch < s.epochs:
                 _save_state(state_path, progress, s.epochs, model, opt, sched, generator, x.device)
                 saved_epoch, saved_at = epoch, time.monotonic()
-            on_epoch(record)
-            if sigterm and epoch < s.epochs:
+            if stop and epoch < s.epochs:
                 raise Terminated
     if progress.best_state is not None:
         model.load_state_dict(progress.best_state)

@@ -4,6 +4,7 @@ and a run folder that never looks complete when it is not."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import random
@@ -28,9 +29,9 @@ from conftest import (
 )
 
 from distillrun import artifacts
-from distillrun.errors import UserError
+from distillrun.errors import Terminated, UserError, raise_terminated
 from distillrun.models import build_model
-from distillrun.train import TrainSettings, fit
+from distillrun.train import TrainSettings, divergence, fit
 
 # Small enough for seconds, long enough to be killed in the middle of the second teacher; a
 # resumable checkpoint after every epoch, so that a kill lands between two of them.
@@ -431,3 +432,125 @@ def test_a_nearly_full_disk_is_refused_before_hydra_writes(tmp_path: Path, monke
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 2**20, 2**20))
     with pytest.raises(UserError, match="only 1 MB free under paths.output_root"):
         cli._check_output_root(str(tmp_path))
+
+
+# --- checkpoint cadence, SIGTERM, divergence, the folder lock -------------------------------
+
+
+def test_sigterm_finishes_the_epoch_and_writes_its_checkpoint_whatever_the_cadence(
+    tmp_path: Path,
+) -> None:
+    x = torch.randn(60, 6, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 3, (60,), generator=torch.Generator().manual_seed(1))
+    cfg = {"name": "mlp", "hidden": [8], "dropout": 0.3}
+
+    def run(path: Path, resume: bool = False, on_epoch=lambda r: None):
+        torch.manual_seed(0)
+        settings = TrainSettings({**OPTIM, "schedule": "cosine"}, 5, 8, seed=3)
+        assert settings.checkpoint_every == 60  # the default: never within these short epochs
+        return fit(
+            build_model(cfg, (6,), 3),
+            x,
+            lambda out, idx: F.cross_entropy(out, y[idx]),
+            settings,
+            x_val=x[:10],
+            y_val=y[:10],
+            state_path=path,
+            resume=resume,
+            on_epoch=on_epoch,
+        )
+
+    whole = run(tmp_path / "whole.pt")
+
+    def ctrl_c_at_3(record):
+        if record["epoch"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "c.pt", on_epoch=ctrl_c_at_3)
+    assert not (tmp_path / "c.pt").exists()  # within the cadence: nothing written mid-run
+
+    def sigterm_at_2(record):
+        if record["epoch"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)  # as in a stage
+    try:
+        with pytest.raises(Terminated):
+            run(tmp_path / "t.pt", on_epoch=sigterm_at_2)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    saved = torch.load(tmp_path / "t.pt", weights_only=True)
+    assert saved["epoch"] == 2 and not saved["finished"]
+    resumed = run(tmp_path / "t.pt", resume=True)
+    assert without_timings(resumed.history) == without_timings(whole.history)
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
+def test_divergence_is_told_from_the_history() -> None:
+    def history(losses, accuracies):
+        return [
+            {"train_loss": loss, "val_accuracy": acc}
+            for loss, acc in zip(losses, accuracies, strict=True)
+        ]
+
+    assert "ended at 5e+10" in divergence(history([1e26, 5e10], [0.1, 0.1]), 2.3, 0.1)
+    stuck = divergence(history([2.3, 2.3], [0.1, 0.11]), 2.3, 0.1)
+    assert "stayed at chance" in stuck and "0.110" in stuck
+    assert divergence(history([2.0, 1.2], [0.1, 0.11]), 2.3, 0.1) is None  # learning, slowly
+    assert divergence(history([1.0, 0.5], [0.6, 0.9]), 2.3, 0.1) is None
+    assert divergence([], 2.3, 0.1) is None
+
+
+def test_the_folder_lock_admits_one_process(tmp_path: Path) -> None:
+    held = artifacts.lock_run_folder(tmp_path)
+    assert artifacts.is_locked(tmp_path)
+    with pytest.raises(UserError, match="in use by another distillrun process"):
+        artifacts.lock_run_folder(tmp_path)
+    held.close()  # what the OS does when the process dies, however it dies
+    assert not artifacts.is_locked(tmp_path)
+    artifacts.lock_run_folder(tmp_path).close()
+    assert not artifacts.is_locked(tmp_path / "nothing")
+
+
+@pytest.mark.slow
+def test_a_running_folder_is_refused_to_a_second_process(reference: Path, tmp_path: Path) -> None:
+    proc = start(tmp_path, "train-teachers", *TEACHERS)
+    # SIGCONT changes nothing: this only waits until the run is under way
+    signal_when(proc, "outputs/train-teachers/*/resume/teacher_0.pt", tmp_path, signal.SIGCONT)
+    (folder,) = runs(tmp_path, "train-teachers")
+    hydra_files = {p.name: p.read_bytes() for p in (folder / ".hydra").iterdir()}
+    second = cli(tmp_path, "train-teachers", f"resume={folder}", check=None)
+    assert_one_line_error(second, f"resume={folder.resolve()} is still running")
+    same_dir = cli(tmp_path, "train-teachers", *TEACHERS, f"hydra.run.dir={folder}", check=None)
+    assert_one_line_error(same_dir, "is in use by another distillrun process")
+    assert {p.name: p.read_bytes() for p in (folder / ".hydra").iterdir()} == hydra_files
+    assert proc.wait(timeout=240) == 0  # the first run, undisturbed
+    assert without_timings(manifest(folder)["metrics"]) == without_timings(
+        manifest(reference)["metrics"]
+    )
+
+
+@pytest.mark.slow
+def test_a_diverging_run_completes_with_a_warning_and_the_flag(
+    reference: Path, tmp_path: Path
+) -> None:
+    teachers = copy_run(reference, tmp_path)
+    student = ["train.epochs=12", "train.batch_size=16", "model.hidden=[16]", "progress=false"]
+    args = ["-m", "optim.lr=0.001,1e12", "baseline=false", f"teachers={teachers}", *student]
+    result = cli(tmp_path, "distill", *args)
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert (
+        warnings == [warnings[0]]
+        and "distillrun distill: warning: student looks diverged: the training loss ended at"
+        in (warnings[0])
+    )
+    assert "lower optim.lr (now 1e+12)" in warnings[0]
+    sweep = next((tmp_path / "outputs/distill/multirun").iterdir())
+    fine, diverged = (manifest(sweep / job) for job in ("0", "1"))
+    assert fine["status"] == diverged["status"] == "complete"
+    assert "diverged" not in fine["metrics"] and diverged["metrics"]["diverged"] is True
+    assert "up from" in diverged["diverged_models"]["student"]
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert [r["diverged"] for r in rows] == ["", "1"]  # jobs 0 and 1

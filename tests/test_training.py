@@ -237,3 +237,17 @@ def test_batchnorm_model_trains_when_the_last_batch_would_hold_one_example():
         batch_size=4,
     )
     assert result.best_epoch == 1
+
+
+@pytest.mark.gpu
+def test_fit_trains_on_cuda_with_the_data_on_the_device() -> None:
+    device = torch.device("cuda")
+    x = torch.randn(64, 5, device=device)
+    y = (x[:, 0] > 0).long()
+    torch.manual_seed(0)
+    model = build_model({"name": "mlp", "hidden": [16]}, (5,), 2).to(device)
+    fitted = fit_with_sgd(
+        model, x, lambda out, idx: F.cross_entropy(out, y[idx]), x[:16], y[:16], 20, 16
+    )
+    assert next(fitted.model.parameters()).device.type == "cuda"
+    assert fitted.history[-1]["train_loss"] < fitted.history[0]["train_loss"]
