@@ -375,38 +375,23 @@ def fit(
         if finished:
             model.eval()
             return _finish(model, progress, y_val)
-    n = len(x)
     saved_epoch, saved_at = progress.epoch, time.monotonic()
     model.train()
     with _sigterm_at_epoch_end(state_path is not None) as sigterm:
         for epoch in range(progress.epoch + 1, s.epochs + 1):
             t0 = time.perf_counter()
             if batches is None:
-                perm = torch.randperm(n, generator=generator).to(x.device)
+                perm = torch.randperm(len(x), generator=generator).to(x.device)
                 epoch_batches: Iterable[torch.Tensor] = (
-                    perm[start:stop] for start, stop in batch_bounds(n, s.batch_size)
+                    perm[start:stop] for start, stop in batch_bounds(len(x), s.batch_size)
                 )
             else:
                 epoch_batches = batches(generator)
-            total, seen = torch.zeros((), device=x.device), 0
-            for idx in epoch_batches:
-                xb = x[idx]
-                if s.jitter_pixels:
-                    xb = jitter(xb, s.jitter_pixels, generator)
-                loss = loss_fn(model(xb), idx)
-                if math.isnan(progress.initial_loss):
-                    progress.initial_loss = float(loss.detach())  # one sync, once per run
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if s.max_norm:
-                    apply_max_norm(model, s.max_norm)
-                total += loss.detach() * len(idx)  # no .item(): no device sync per batch
-                seen += len(idx)
-                on_batch()
             lr = opt.param_groups[0]["lr"]
+            train_loss = _train_epoch(
+                model, x, loss_fn, s, opt, epoch_batches, generator, progress, on_batch
+            )
             sched.step()
-            train_loss = float(total) / seen  # one sync per epoch, also catching NaN and inf
             if not math.isfinite(train_loss):
                 kept = f" (the checkpoint of epoch {saved_epoch} is kept)" if saved_epoch else ""
                 raise UserError(
@@ -444,6 +429,38 @@ def fit(
     if sigterm:  # it came during the last epoch: this model is saved, the run stops here
         raise Terminated
     return _finish(model, progress, y_val)
+
+
+def _train_epoch(
+    model: nn.Module,
+    x: torch.Tensor,
+    loss_fn: LossFn,
+    s: TrainSettings,
+    opt: torch.optim.Optimizer,
+    epoch_batches: Iterable[torch.Tensor],
+    generator: torch.Generator,
+    progress: _Progress,
+    on_batch: Callable[[], None],
+) -> float:
+    """One pass over the epoch's batches; the mean training loss (one device sync, which also
+    lets the caller catch NaN and inf)."""
+    total, seen = torch.zeros((), device=x.device), 0
+    for idx in epoch_batches:
+        xb = x[idx]
+        if s.jitter_pixels:
+            xb = jitter(xb, s.jitter_pixels, generator)
+        loss = loss_fn(model(xb), idx)
+        if math.isnan(progress.initial_loss):
+            progress.initial_loss = float(loss.detach())  # one sync, once per run
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if s.max_norm:
+            apply_max_norm(model, s.max_norm)
+        total += loss.detach() * len(idx)  # no .item(): no device sync per batch
+        seen += len(idx)
+        on_batch()
+    return float(total) / seen
 
 
 def _finish(model: nn.Module, progress: _Progress, y_val: torch.Tensor) -> Fit:
