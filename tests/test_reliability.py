@@ -332,14 +332,16 @@ def test_a_dataset_root_with_the_wrong_files_is_one_line(tmp_path: Path) -> None
 OPTIM = {"name": "adam", "lr": 0.01, "betas": [0.9, 0.999], "weight_decay": 0.0}
 
 
-def fit_resumable(model, x, y, state_path, epochs, resume=False, on_epoch=lambda r: None):
+def fit_resumable(
+    model, x, y, state_path, epochs, resume=False, on_epoch=lambda r: None, checkpoint_every=0
+):
     settings = TrainSettings(
         {**OPTIM, "schedule": "cosine"},
         epochs=epochs,
         batch_size=8,
         seed=3,
         jitter_pixels=1 if x.dim() == 4 else 0,
-        checkpoint_every=0,
+        checkpoint_every=checkpoint_every,
     )
     return fit(
         model,
@@ -446,19 +448,9 @@ def test_sigterm_finishes_the_epoch_and_writes_its_checkpoint_whatever_the_caden
 
     def run(path: Path, resume: bool = False, on_epoch=lambda r: None):
         torch.manual_seed(0)
-        settings = TrainSettings({**OPTIM, "schedule": "cosine"}, 5, 8, seed=3)
-        assert settings.checkpoint_every == 60  # the default: never within these short epochs
-        return fit(
-            build_model(cfg, (6,), 3),
-            x,
-            lambda out, idx: F.cross_entropy(out, y[idx]),
-            settings,
-            x_val=x[:10],
-            y_val=y[:10],
-            state_path=path,
-            resume=resume,
-            on_epoch=on_epoch,
-        )
+        model = build_model(cfg, (6,), 3)
+        # 60 s, the default: never within these short epochs
+        return fit_resumable(model, x, y, path, 5, resume, on_epoch, checkpoint_every=60)
 
     whole = run(tmp_path / "whole.pt")
 

@@ -136,7 +136,7 @@ def distill(cfg: DictConfig, run: Run) -> dict[str, Any]:
         )
         return model, fitted
 
-    def report(model: torch.nn.Module) -> dict[str, Any]:
+    def scores(model: torch.nn.Module) -> dict[str, Any]:
         test_logits = predict(model, data.x_test, cfg.train.eval_batch_size)
         out = {
             **classification_metrics(
@@ -152,11 +152,11 @@ def distill(cfg: DictConfig, run: Run) -> dict[str, Any]:
     baseline: dict[str, Any] = {}
     if cfg.baseline and not (labels and alpha == 0):
         base_model, base_fit = train_student("baseline", lambda out, b: F.cross_entropy(out, y[b]))
-        baseline = {**report(base_model), "best_epoch": base_fit.best_epoch}
+        baseline = {**scores(base_model), "best_epoch": base_fit.best_epoch}
         say(f"  hard-label student: {baseline['test_errors']} test errors")
 
     student, fitted = train_student("student", loss_fn)
-    metrics: dict[str, Any] = {**report(student), "best_epoch": fitted.best_epoch}
+    metrics: dict[str, Any] = {**scores(student), "best_epoch": fitted.best_epoch}
     metrics["minutes"] = fitted.seconds / 60
     if omit:
         val_logits = predict(student, data.x_val, cfg.train.eval_batch_size)
@@ -173,7 +173,7 @@ def distill(cfg: DictConfig, run: Run) -> dict[str, Any]:
                 run.dir / "student.pt",
                 checkpoint(student, cfg.model, data.input_shape, data.num_classes),
             )
-            metrics.update(report(student))
+            metrics.update(scores(student))
         metrics.update(uncorrected, omit_bias=bias)
 
     teacher_metrics = classification_metrics(teacher_test, y_test, "test")
