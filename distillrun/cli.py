@@ -282,7 +282,10 @@ def call_stage(stage: str, args: list[str]) -> None:
 def main() -> None:
     argv = sys.argv[1:]
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print_help()
+        try:
+            print_help()
+        except BrokenPipeError:  # `distillrun --help | head`: the reader left, not an error
+            _quiet_stdout()
         return
     if argv[0] in ("-sc", "--shell-completion"):
         complete(argv)
@@ -303,13 +306,18 @@ def main() -> None:
         precheck(stage, args)
         call_stage(stage, args)
     except BrokenPipeError:  # `distillrun distill --help | head`: the reader left, not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _quiet_stdout()
         sys.exit(1)
     except KeyboardInterrupt as e:  # outside a run (a started run says how to resume it)
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"distillrun {stage}: interrupted", file=sys.stderr)
         sys.exit(interrupted_exit_code(e))
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's flush at exit does not fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _user_errors(stage: str, step: Any, *args: Any) -> Any:

@@ -53,6 +53,11 @@ def test_help_lists_the_stages_without_importing_torch(tmp_path: Path) -> None:
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True)
+    # a reader that leaves before reading (`| true`, `| head`) is no error: no traceback
+    piped = subprocess.run(
+        f"'{DISTILLRUN}' --help | true", shell=True, capture_output=True, text=True
+    )
+    assert piped.stderr == ""
 
 
 def test_unknown_stage_suggests_the_closest(tmp_path: Path) -> None:
