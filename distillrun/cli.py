@@ -22,6 +22,7 @@ from typing import Any
 from distillrun import artifacts
 from distillrun.config import RESUME_ENV, sweep_values
 from distillrun.errors import UserError, interrupted_exit_code, raise_terminated
+from distillrun.search import register_sweeper, space_combinations
 from distillrun.stages import STAGES, config_name, module_name
 
 MIN_FREE_MB = 20  # below this a run cannot even write its config and first checkpoint
@@ -88,7 +89,7 @@ def precheck(stage: str, args: list[str]) -> None:
     try:
         overrides = OverridesParser.create().parse_overrides(parsed.overrides)
         check_group_choices(overrides)
-        combos = _combinations(overrides)
+        combos = _combinations(overrides) + space_combinations(overrides)
         if parsed.cfg or parsed.info:
             if parsed.multirun and len(combos) > 1:
                 raise UserError(f"--{'cfg' if parsed.cfg else 'info'} shows one config: drop -m")
@@ -303,6 +304,7 @@ def main() -> None:
     try:
         if any(a.startswith("resume=") for a in args):
             args = _user_errors(stage, resume_args, stage, args)
+        register_sweeper()  # hydra/sweeper=optuna
         precheck(stage, args)
         call_stage(stage, args)
     except BrokenPipeError:  # `distillrun distill --help | head`: the reader left, not an error

@@ -14,11 +14,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from distillrun import choices
+from distillrun import choices, tracking
 from distillrun.choices import one_of
 from distillrun.errors import UserError
 
-GROUPS = ("dataset", "model", "optim", "experiment", "debug")
+GROUPS = ("dataset", "model", "optim", "experiment", "debug", "logger")
 # Set by the dispatcher for `resume=<folder>`: the run folder the stage continues.
 RESUME_ENV = "DISTILLRUN_RESUME"
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -54,6 +54,7 @@ def check_group_choices(overrides: list[Any]) -> None:
         values = sweep_values(override) if override.is_sweep_override() else [override.value()]
         if values is None:
             continue
+        values = [v for value in values for v in (value if isinstance(value, list) else [value])]
         choices = group_choices(group)
         for value in values:
             if isinstance(value, str) and value not in choices:
@@ -115,6 +116,7 @@ def _basics(cfg: DictConfig, p: _Problems) -> None:
         _in(every, 0, math.inf),
         f"train.checkpoint_every={every} must be a number of seconds >= 0 (0: every epoch)",
     )
+    p.extend(tracking.problems(cfg.get("logger")))
 
 
 def _dataset(cfg: DictConfig, p: _Problems) -> None:

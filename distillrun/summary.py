@@ -24,6 +24,7 @@ from distillrun.errors import UserError
 
 # The table's metric columns: (header, manifest metric). The CSV holds every scalar metric.
 TABLE = (
+    ("val errors", "val_errors"),  # what a search selects on (a pruned trial: when pruned)
     ("test errors", "test_errors"),
     ("test accuracy", "test_accuracy"),
     ("test NLL", "test_nll"),
@@ -38,6 +39,9 @@ REFERENCES = (
     ("student on hard labels", "baseline_test_errors"),
     ("teacher ensemble", "teacher_test_errors"),
 )
+# Finished runs: a pruned trial of a search ended as it should (never consumed as complete).
+FINISHED = ("complete", "pruned")
+SEARCH_FILE = "search.json"  # written by the search (distillrun/search.py) into its sweep folder
 
 
 @dataclass
@@ -130,7 +134,9 @@ def command(folder: Path) -> str | None:
     try:
         if artifacts.is_sweep(folder):
             hydra_cfg = OmegaConf.load(folder / "multirun.yaml").hydra
-            return f"distillrun {hydra_cfg.job.name} -m " + " ".join(hydra_cfg.overrides.task)
+            chosen = [o for o in hydra_cfg.overrides.hydra if not o.startswith("hydra.mode=")]
+            words = [*chosen, *hydra_cfg.overrides.task]  # e.g. hydra/sweeper=optuna, its space
+            return f"distillrun {hydra_cfg.job.name} -m " + " ".join(words)
         manifest = artifacts.read_manifest(folder)
     except Exception:  # a damaged record: the report still shows the numbers
         return None
@@ -327,14 +333,58 @@ def plot_heatmaps(rows: list[Row], folder: Path) -> list[Path]:
     return paths
 
 
+def is_search(source: str) -> bool:
+    return (Path(source) / SEARCH_FILE).is_file()
+
+
+def plot_trials(rows: list[Row], folder: Path) -> list[Path]:
+    """For each search: validation errors by trial (pruned trials: when pruned), and the best
+    so far. Test errors play no part in a search, so they are not drawn."""
+    paths = []
+    labels = source_labels(rows)
+    for source in dict.fromkeys(r.source for r in rows):
+        trials = [
+            (int(r.run.name), r.status, r.metrics["val_errors"])
+            for r in rows
+            if r.source == source and r.run.name.isdigit() and "val_errors" in r.metrics
+        ]
+        if not trials:
+            continue
+        plt = _pyplot()
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for status, marker in (("complete", "o"), ("pruned", "x")):
+            points = [(n, v) for n, s, v in trials if s == status]
+            if points:
+                ax.scatter(*zip(*points, strict=True), marker=marker, label=status)
+        best, steps = math.inf, []
+        for n, status, v in sorted(trials):
+            if status == "complete":
+                best = min(best, v)
+            steps.append((n, best))
+        ax.step(*zip(*steps, strict=True), where="post", color="grey", label="best so far")
+        ax.set_xlabel("trial")
+        ax.set_ylabel("validation errors")
+        where = f": {labels[source]} ({Path(source).name})" if labels else ""
+        ax.set_title(f"validation errors by trial{where}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        name = f"errors_by_trial-{labels[source]}.png" if labels else "errors_by_trial.png"
+        _save(fig, folder / name)
+        paths.append(folder / name)
+    return paths
+
+
 def summarise(rows: list[Row], folder: Path, title: str) -> list[Path]:
-    """Print the table; write summary.csv and the plots into `folder`; return the files."""
+    """Print the table; write summary.csv and the plots into `folder`; return the files.
+    A search's trials get the errors-by-trial plot instead of plots over a grid."""
     print_table(rows, title)
     files = [folder / "summary.csv"]
     write_csv(rows, files[0])
-    line = plot_errors(rows, folder)
-    files += ([line] if line else []) + plot_heatmaps(rows, folder)
-    return files
+    grid = [r for r in rows if not is_search(r.source)]
+    line = plot_errors(grid, folder)
+    files += ([line] if line else []) + plot_heatmaps(grid, folder)
+    return files + plot_trials([r for r in rows if is_search(r.source)], folder)
 
 
 # The last sweep this process summarised: (jobs not complete, jobs, folder). The dispatcher
@@ -355,8 +405,10 @@ class SweepSummary(Callback):
         if not rows:
             return
         done = sum(r.status == "complete" for r in rows)
+        pruned = sum(r.status == "pruned" for r in rows)
         title = f"{config.hydra.job.name} sweep: {done} of {len(rows)} jobs complete"
+        title += f", {pruned} pruned" if pruned else ""
         files = summarise(rows, folder, title)
         say("sweep summary: " + ", ".join(str(f) for f in files))
         global last_sweep
-        last_sweep = (len(rows) - done, len(rows), folder)
+        last_sweep = (len(rows) - done - pruned, len(rows), folder)

@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from distillrun import artifacts
+from distillrun import artifacts, tracking
 from distillrun.config import RESUME_ENV, validate
 from distillrun.console import error_line, training_bars, warning_line
 from distillrun.errors import UserError, interrupted_exit_code, raise_terminated
@@ -55,10 +55,15 @@ class Run:
     record: dict[str, Any] = field(default_factory=dict)  # the manifest while running
     manifest_written: bool = False
     diverged: dict[str, str] = field(default_factory=dict)  # model label -> why
+    observers: list[Any] = field(default_factory=list)  # trackers, the search's pruner
+    observers_started: bool = False
 
     def write_manifest(self, record: dict[str, Any], **extra: Any) -> None:
-        artifacts.write_manifest(self.dir, **record, inputs=self.inputs, **self.info, **extra)
+        manifest = artifacts.write_manifest(
+            self.dir, **record, inputs=self.inputs, **self.info, **extra
+        )
         self.manifest_written = True
+        tracking.manifest_written(self, manifest)
 
     def add_input(self, key: str, folder: Path) -> None:
         """Record a run folder this run consumes, at once: a resumed run uses the same one."""
@@ -68,6 +73,7 @@ class Run:
 
     def log(self, record: dict[str, Any]) -> None:
         artifacts.append_jsonl(self.dir / "metrics.jsonl", record)
+        tracking.epoch(self, record)  # may raise tracking.Pruned
 
     def restore_log(self, label: str, history: list[dict[str, Any]]) -> None:
         """Resuming `label`: its lines in metrics.jsonl become exactly its checkpointed epochs
@@ -146,6 +152,10 @@ def _run_locked(
             done["diverged_models"] = run.diverged
         run.write_manifest(done, metrics=metrics)
     except BaseException as e:
+        if isinstance(e, tracking.Pruned):  # the search stopped a hopeless trial: not a failure
+            run.write_manifest({**record, "status": "pruned", "ended": artifacts.now()}, **e.fields)
+            artifacts.remove_tree(run_dir / RESUME_DIR)
+            return None
         if _fail(run, record, e):
             return None
         raise

@@ -1,0 +1,1 @@
+"""distillrun's Optuna sweeper for Hydra: hydra/sweeper=optuna."""
