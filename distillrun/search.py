@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,14 @@ def make_pruner(settings: Any) -> Any:
     return optuna.pruners.NopPruner()
 
 
+def make_sampler(settings: Any, offset: int = 0) -> Any:
+    import optuna
+
+    return optuna.samplers.TPESampler(
+        seed=settings.seed + offset, constant_liar=settings.n_jobs > 1
+    )
+
+
 def open_study(settings: Any, sweep_dir: Path) -> Any:
     import optuna
 
@@ -167,11 +176,10 @@ def open_study(settings: Any, sweep_dir: Path) -> Any:
         storage_url(settings, sweep_dir),
         engine_kwargs={"connect_args": {"timeout": 60}},  # parallel jobs share the file
     )
-    sampler = optuna.samplers.TPESampler(seed=settings.seed, constant_liar=settings.n_jobs > 1)
     return optuna.create_study(
         study_name=settings.study_name,
         storage=storage,
-        sampler=sampler,
+        sampler=make_sampler(settings),
         pruner=make_pruner(settings),
         direction="minimize",
         load_if_exists=True,
@@ -243,7 +251,14 @@ def run_search(config: Any, launcher: Any, arguments: list[str]) -> None:
     study = open_study(settings, folder)
     # Trials a kill cut off: relaunched first, each resuming in its own run folder.
     leftover = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
-    if leftover or study.trials:
+    if leftover:
+        # Each is resumed through hydra.job.env_set; the job's run_stage pops that variable, and
+        # Hydra, restoring the environment afterwards, fails on one that was absent before.
+        # Present (empty, matching no folder) before the first launch, workers inherit it.
+        os.environ[RESUME_ENV] = ""
+    if study.trials:
+        # A fresh sampler with the same seed would propose the killed search's points again.
+        study.sampler = make_sampler(settings, offset=len(study.trials))
         done = sum(t.state.is_finished() for t in study.trials)
         say(f"search: continuing {folder} ({done} trials finished, {len(leftover)} to resume)")
     while True:

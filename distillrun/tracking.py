@@ -278,11 +278,16 @@ def _parent_run(hydra_cfg: Any) -> str | None:
     return json.loads(path.read_text()).get("run_id")
 
 
+def _logger(config: DictConfig) -> dict[str, Any]:
+    node = config.get("logger")
+    return OmegaConf.to_container(node, resolve=True) if node is not None else {}
+
+
 class TrackingCallback(Callback):
     """Hydra callback: a `-m` sweep with logger=mlflow is one parent run, its jobs children."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        logger = OmegaConf.to_container(config.get("logger") or {}, resolve=True)
+        logger = _logger(config)
         if "mlflow" not in selected(logger):
             return
         folder = Path(config.hydra.sweep.dir)
@@ -308,7 +313,7 @@ class TrackingCallback(Callback):
         parent = folder / PARENT_FILE
         if not parent.is_file():
             return
-        logger = OmegaConf.to_container(config.get("logger") or {}, resolve=True)
+        logger = _logger(config)
         try:
             from mlflow.entities import RunTag
 

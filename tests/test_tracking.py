@@ -1,0 +1,217 @@
+"""logger=mlflow / tensorboard and hydra/sweeper=optuna, read back through the trackers' and
+Optuna's own APIs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+from test_cli import DISTILLRUN, assert_one_line_error, distillrun, manifest
+
+from distillrun import artifacts, search, summary
+
+TEACHER = ["teachers.n=1", "train.epochs=2", "model.hidden=[32]", "progress=false", "threads=1"]
+STUDENT = ["model.hidden=[16]", "progress=false", "baseline=false", "threads=1"]
+SPACE = ["T=tag(log,interval(1,32))", "alpha=interval(0,1)"]
+SEARCH = ["-m", "hydra/sweeper=optuna", *SPACE, "hydra.sweeper.n_trials=6"]
+SEARCH += ["hydra.sweeper.n_startup_trials=2", "hydra.sweeper.n_warmup_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def cwd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with one tiny complete train-teachers run."""
+    cwd = tmp_path_factory.mktemp("tracking")
+    distillrun(cwd, "train-teachers", *TEACHER)
+    return cwd
+
+
+def sweeps(cwd: Path) -> list[Path]:
+    base = cwd / "outputs" / "distill" / "multirun"
+    return sorted(base.iterdir()) if base.is_dir() else []
+
+
+@pytest.mark.slow
+def test_a_sweep_logged_to_mlflow_and_tensorboard_reads_back(cwd: Path) -> None:
+    """Two jobs, one failing (class 99 does not exist): MLflow's parent and children, params,
+    per-epoch metrics and statuses; TensorBoard's scalars and hparams."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    args = ["-m", "transfer.omit_classes=[99],[]", "T=3", "train.epochs=2", *STUDENT]
+    result = distillrun(cwd, "distill", *args, "logger=[mlflow,tensorboard]", check=2)
+    assert "warning" not in result.stderr, result.stderr
+    folder = sweeps(cwd)[-1]
+    failed, done = artifacts.sweep_jobs(folder)
+
+    client = MlflowClient(f"sqlite:///{cwd / 'outputs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("distill")
+    runs = {r.data.tags["run_dir"]: r for r in client.search_runs([experiment.experiment_id])}
+    parent = runs[str(folder.resolve())]
+    assert parent.info.status == "FAILED" and parent.data.tags["jobs.failed"] == "1"
+    assert "summary.csv" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    child, bad = runs[str(done.resolve())], runs[str(failed.resolve())]
+    for run in (child, bad):
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.params["T"] == "3" and run.data.params["train.epochs"] == "2"
+        assert run.data.tags["stage"] == "distill"
+    assert child.info.status == "FINISHED" and child.data.tags["status"] == "complete"
+    assert bad.info.status == "FAILED" and "class ids [99]" in bad.data.tags["error"]
+    epochs = [r for r in artifacts.read_jsonl(done / "metrics.jsonl") if r["model"] == "student"]
+    history = client.get_metric_history(child.info.run_id, "student/val_errors")
+    assert [(m.step, m.value) for m in history] == [(r["epoch"], r["val_errors"]) for r in epochs]
+    assert child.data.metrics["test_errors"] == manifest(done)["metrics"]["test_errors"]
+    assert child.data.tags["input.teachers"] == manifest(done)["inputs"]["teachers"]
+    paths = [a.path for a in client.list_artifacts(child.info.run_id)]
+    assert "manifest.json" in paths and ".hydra" in paths
+
+    events = EventAccumulator(str(done))
+    events.Reload()
+    scalars = events.Scalars("student/val_errors")
+    assert [(s.step, s.value) for s in scalars] == [(r["epoch"], r["val_errors"]) for r in epochs]
+    assert events.Scalars("final/test_errors")[0].value == manifest(done)["metrics"]["test_errors"]
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    start = HParamsPluginData.FromString(content).session_start_info
+    assert start.hparams["T"].number_value == 3
+    assert start.hparams["transfer.omit_classes"].string_value == "[]"
+
+
+@pytest.mark.slow
+def test_an_unreachable_tracker_is_one_warning_and_the_run_goes_on(cwd: Path) -> None:
+    uri = "logger.mlflow.tracking_uri=http://127.0.0.1:9"
+    result = distillrun(cwd, "distill", "train.epochs=1", *STUDENT, "logger=mlflow", uri)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "warning: mlflow logging stopped" in lines[0], result.stderr
+    runs = sorted(p for p in (cwd / "outputs" / "distill").iterdir() if p.name != "multirun")
+    assert manifest(runs[-1])["status"] == "complete"
+
+
+def test_bad_loggers_and_search_spaces_are_one_line_before_any_run_folder(tmp_path: Path) -> None:
+    cases = [
+        (["logger=mlfow"], "did you mean 'mlflow'"),
+        (["logger=[mlflow,tensorbord]"], "unknown logger 'tensorbord'"),
+        (["-m", "T=interval(1,32)"], "add -m hydra/sweeper=optuna"),
+        (["-m", "hydra/sweeper=optuna", "T=tag(log,interval(0,32))"], "needs low > 0"),
+        (["-m", "hydra/sweeper=optuna", "alpha=interval(0,2)"], "alpha=2.0 must be in [0, 1]"),
+        (["-m", "hydra/sweeper=optuna", "T=tag(logg,interval(1,2))"], "unknown tag logg"),
+        (["-m", "hydra/sweeper=optuna", "T=3"], "needs a search space"),
+        (["-m", "hydra/sweeper=optuna", *SPACE, "hydra.sweeper.pruner=mean"], "choose one of"),
+    ]
+    for args, fragment in cases:
+        assert_one_line_error(distillrun(tmp_path, "distill", *args, check=None), fragment)
+    assert not (tmp_path / "outputs" / "distill").exists()
+
+
+def test_trackers_and_optuna_are_imported_only_when_selected() -> None:
+    code = (
+        "import sys, distillrun.cli, distillrun.stages.common, distillrun.search; "
+        "print(sorted(m for m in ('mlflow', 'optuna', 'tensorboard') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_objective_is_validation_errors_then_nll() -> None:
+    keys = ["val_errors", "val_nll"]
+    a = search.score({"val_errors": 3, "val_nll": 9.0, "test_errors": 0}, keys)
+    b = search.score({"val_errors": 4, "val_nll": 0.01}, keys)
+    c = search.score({"val_errors": 3, "val_nll": 0.5}, keys)
+    assert c < a < b
+    assert search.score({"test_errors": 1}, keys) is None
+    batch = [(5, ["x"]), (2, ["y"]), (3, ["z"])]
+    assert [(s, len(g)) for s, g in search._consecutive(batch)] == [(2, 2), (5, 1)]
+
+
+@pytest.mark.slow
+def test_a_search_prunes_resumes_after_a_kill_and_writes_best_yaml(cwd: Path) -> None:
+    args = [DISTILLRUN, "distill", *SEARCH, "train.epochs=30", *STUDENT]
+    before = set(sweeps(cwd))
+    proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while True:  # kill -9 in the middle of trial 1
+        new = set(sweeps(cwd)) - before
+        lines = artifacts.read_jsonl(next(iter(new)) / "1" / "metrics.jsonl") if new else []
+        if len(lines) >= 3:
+            break
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    (folder,) = new
+    first = manifest(folder / "0")
+    assert first["status"] == "complete" and manifest(folder / "1")["status"] == "running"
+
+    result = distillrun(
+        cwd, "distill", *SEARCH, "train.epochs=30", *STUDENT, f"hydra.sweep.dir={folder}"
+    )
+    assert "continuing" in result.stdout and "1 to resume" in result.stdout
+    jobs = artifacts.sweep_jobs(folder)
+    assert [j.name for j in jobs] == [str(i) for i in range(6)]
+    assert manifest(folder / "0") == first  # finished trials are not run again
+    assert "resumed" in manifest(folder / "1") and manifest(folder / "1")["status"] == "complete"
+
+    import optuna
+
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{folder / 'study.db'}")
+    states = [t.state.name for t in study.trials]
+    assert len(states) == 6 and "RUNNING" not in states and "PRUNED" in states
+    statuses = {j.name: manifest(j)["status"] for j in jobs}
+    for trial in study.trials:
+        expected = {"COMPLETE": "complete", "PRUNED": "pruned"}[trial.state.name]
+        assert statuses[str(trial.number)] == expected
+    pruned = [j for j in jobs if statuses[j.name] == "pruned"]
+    m = manifest(pruned[0])
+    assert not artifacts.is_complete(m, "distill") and m["pruned_at_epoch"] < 30
+    assert m["metrics"]["val_errors"] >= 0 and not (pruned[0] / "resume").exists()
+
+    best = study.best_trial
+    done = [j for j in jobs if statuses[j.name] == "complete"]
+    key = {j.name: search.score(manifest(j)["metrics"], ["val_errors", "val_nll"]) for j in done}
+    assert str(best.number) == min(key, key=key.get)  # chosen on validation, never test
+    preset = OmegaConf.load(folder / "best.yaml")
+    searched = dict(o.split("=") for o in best.user_attrs["searched"])
+    assert preset.T == float(searched["T"]) and preset.alpha == float(searched["alpha"])
+    assert preset.experiment.stage == "distill"
+    conf = cwd / "my-conf" / "experiment"
+    conf.mkdir(parents=True, exist_ok=True)
+    shutil.copy(folder / "best.yaml", conf / "best.yaml")
+    shown = distillrun(
+        cwd, "distill", "--config-dir", str(conf.parent), "+experiment=best", "--cfg", "job"
+    ).stdout
+    assert f"T: {searched['T']}" in shown
+    info = json.loads((folder / "search.json").read_text())
+    assert info["best"]["trial"] == best.number and info["trials"]["pruned"] == len(pruned)
+    with open(folder / "summary.csv") as f:
+        assert sorted(r["status"] for r in csv.DictReader(f)) == sorted(statuses.values())
+    assert (folder / "errors_by_trial.png").stat().st_size > 1000
+    assert not (folder / "heatmap.png").exists()
+
+    distillrun(cwd, "report", str(folder))
+    (report,) = (cwd / "outputs" / "report").iterdir()
+    text = (report / "report.md").read_text()
+    assert "| pruned |" in text and "![errors_by_trial](errors_by_trial.png)" in text
+    assert "hydra/sweeper=optuna" in text
+
+
+def test_a_summary_of_a_search_counts_pruned_trials_as_finished(tmp_path: Path) -> None:
+    from test_sweeps import fake_run
+
+    sweep = tmp_path / "sweep"
+    fake_run(sweep / "0", ["T=2.5"], {"val_errors": 9, "test_errors": 12})
+    fake_run(sweep / "1", ["T=9.1"], {"val_errors": 20}, status="pruned")
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    (sweep / summary.SEARCH_FILE).write_text("{}")
+    rows = summary.collect(sweep)
+    files = summary.summarise(rows, sweep, "search")
+    assert [f.name for f in files] == ["summary.csv", "errors_by_trial.png"]
+    columns, cells = summary.table_rows(rows)
+    assert columns[:4] == ["run", "overrides", "status", "val errors"]
+    assert [c[2:4] for c in cells] == [["complete", 9], ["pruned", 20]]
