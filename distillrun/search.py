@@ -196,15 +196,15 @@ class TrialObserver:
 
     name = "search"
 
-    def __init__(self, study: Any, trial: Any, settings: Any) -> None:
-        self.study, self.trial = study, trial
+    def __init__(self, trial: Any, settings: Any, reported: set[int]) -> None:
+        self.trial, self.reported = trial, reported  # epochs reported before a kill
         self.monitor, self.objective = settings.monitor, list(settings.objective)
 
     def epoch(self, record: dict[str, Any]) -> None:
         if record.get("model") != self.monitor:
             return
         value = score(record, self.objective)
-        if value is None:
+        if value is None or int(record["epoch"]) in self.reported:
             return
         self.trial.report(value, int(record["epoch"]))
         if self.trial.should_prune():
@@ -226,11 +226,12 @@ def trial_observer(hydra_cfg: Any, run_dir: Path) -> TrialObserver | None:
     study = open_study(hydra_cfg.sweeper, Path(hydra_cfg.sweep.dir))
     storage = study._storage  # noqa: SLF001 - Optuna's documented Trial(study, trial_id) needs it
     trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, hydra_cfg.job.num)
-    if storage.get_trial(trial_id).state != TrialState.RUNNING:
+    frozen = storage.get_trial(trial_id)
+    if frozen.state != TrialState.RUNNING:
         return None
     trial = Trial(study, trial_id)
     trial.set_user_attr("run_dir", str(run_dir.resolve()))
-    return TrialObserver(study, trial, hydra_cfg.sweeper)
+    return TrialObserver(trial, hydra_cfg.sweeper, set(frozen.intermediate_values))
 
 
 # ----------------------------------------------------------------------------- the sweeper

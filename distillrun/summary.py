@@ -411,4 +411,4 @@ class SweepSummary(Callback):
         files = summarise(rows, folder, title)
         say("sweep summary: " + ", ".join(str(f) for f in files))
         global last_sweep
-        last_sweep = (len(rows) - done - pruned, len(rows), folder)
+        last_sweep = (sum(r.status not in FINISHED for r in rows), len(rows), folder)

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import DISTILLRUN, assert_one_line_error, distillrun, manifest
 from omegaconf import OmegaConf
-from test_cli import DISTILLRUN, assert_one_line_error, distillrun, manifest
 
 from distillrun import artifacts, search, summary
 
@@ -39,6 +39,7 @@ def sweeps(cwd: Path) -> list[Path]:
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # inside MLflow's SQLAlchemy store
 def test_a_sweep_logged_to_mlflow_and_tensorboard_reads_back(cwd: Path) -> None:
     """Two jobs, one failing (class 99 does not exist): MLflow's parent and children, params,
     per-epoch metrics and statuses; TensorBoard's scalars and hparams."""
@@ -132,7 +133,7 @@ def test_the_objective_is_validation_errors_then_nll() -> None:
 
 @pytest.mark.slow
 def test_a_search_prunes_resumes_after_a_kill_and_writes_best_yaml(cwd: Path) -> None:
-    args = [DISTILLRUN, "distill", *SEARCH, "train.epochs=30", *STUDENT]
+    args = [DISTILLRUN, "distill", *SEARCH, "train.epochs=12", *STUDENT]
     before = set(sweeps(cwd))
     proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
@@ -150,7 +151,7 @@ def test_a_search_prunes_resumes_after_a_kill_and_writes_best_yaml(cwd: Path) ->
     assert first["status"] == "complete" and manifest(folder / "1")["status"] == "running"
 
     result = distillrun(
-        cwd, "distill", *SEARCH, "train.epochs=30", *STUDENT, f"hydra.sweep.dir={folder}"
+        cwd, "distill", *SEARCH, "train.epochs=12", *STUDENT, f"hydra.sweep.dir={folder}"
     )
     assert "continuing" in result.stdout and "1 to resume" in result.stdout
     jobs = artifacts.sweep_jobs(folder)
@@ -169,7 +170,7 @@ def test_a_search_prunes_resumes_after_a_kill_and_writes_best_yaml(cwd: Path) ->
         assert statuses[str(trial.number)] == expected
     pruned = [j for j in jobs if statuses[j.name] == "pruned"]
     m = manifest(pruned[0])
-    assert not artifacts.is_complete(m, "distill") and m["pruned_at_epoch"] < 30
+    assert not artifacts.is_complete(m, "distill") and m["pruned_at_epoch"] < 12
     assert m["metrics"]["val_errors"] >= 0 and not (pruned[0] / "resume").exists()
 
     best = study.best_trial
@@ -202,11 +203,18 @@ def test_a_search_prunes_resumes_after_a_kill_and_writes_best_yaml(cwd: Path) ->
 
 
 def test_a_summary_of_a_search_counts_pruned_trials_as_finished(tmp_path: Path) -> None:
-    from test_sweeps import fake_run
-
     sweep = tmp_path / "sweep"
-    fake_run(sweep / "0", ["T=2.5"], {"val_errors": 9, "test_errors": 12})
-    fake_run(sweep / "1", ["T=9.1"], {"val_errors": 20}, status="pruned")
+    for job, (status, metrics) in enumerate(
+        [("complete", {"val_errors": 9, "test_errors": 12}), ("pruned", {"val_errors": 20})]
+    ):
+        (sweep / str(job) / ".hydra").mkdir(parents=True)
+        artifacts.write_manifest(
+            sweep / str(job),
+            stage="distill",
+            status=status,
+            overrides=[f"T={job}"],
+            metrics=metrics,
+        )
     (sweep / "multirun.yaml").write_text("hydra: {}\n")
     (sweep / summary.SEARCH_FILE).write_text("{}")
     rows = summary.collect(sweep)
