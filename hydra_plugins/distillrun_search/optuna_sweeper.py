@@ -4,8 +4,8 @@ Hydra imports every module under `hydra_plugins` when an app starts: this one re
 config and imports neither Optuna nor torch until a search runs.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Hydra's plugin scan runs this module before it is in
+# sys.modules, where a dataclass cannot resolve string annotations.
 from dataclasses import dataclass, field
 from typing import Any
 
