@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from distillrun import choices, tracking
+from distillrun import choices
 from distillrun.choices import one_of
 from distillrun.errors import UserError
 
@@ -116,7 +116,9 @@ def _basics(cfg: DictConfig, p: _Problems) -> None:
         _in(every, 0, math.inf),
         f"train.checkpoint_every={every} must be a number of seconds >= 0 (0: every epoch)",
     )
-    p.extend(tracking.problems(cfg.get("logger")))
+    from distillrun.tracking import problems  # imports hydra: not for `distillrun --help`
+
+    p.extend(problems(cfg.get("logger")))
 
 
 def _dataset(cfg: DictConfig, p: _Problems) -> None:

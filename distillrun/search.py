@@ -27,7 +27,6 @@ from omegaconf import OmegaConf
 from distillrun import artifacts
 from distillrun.config import GROUPS, RESUME_ENV
 from distillrun.errors import UserError
-from distillrun.tracking import Pruned
 
 SWEEPER = "optuna"  # hydra/sweeper=optuna
 TARGET = "OptunaSearchSweeper"
@@ -168,14 +167,19 @@ def make_sampler(settings: Any, offset: int = 0) -> Any:
     )
 
 
-def open_study(settings: Any, sweep_dir: Path) -> Any:
+def open_storage(settings: Any, sweep_dir: Path) -> Any:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.RDBStorage(
+    return optuna.storages.RDBStorage(
         storage_url(settings, sweep_dir),
         engine_kwargs={"connect_args": {"timeout": 60}},  # parallel jobs share the file
     )
+
+
+def open_study(settings: Any, storage: Any) -> Any:
+    import optuna
+
     return optuna.create_study(
         study_name=settings.study_name,
         storage=storage,
@@ -208,6 +212,8 @@ class TrialObserver:
             return
         self.trial.report(value, int(record["epoch"]))
         if self.trial.should_prune():
+            from distillrun.tracking import Pruned
+
             seen = {k: v for k, v in record.items() if k.startswith("val_")}
             raise Pruned(int(record["epoch"]), {**seen, "epochs": int(record["epoch"])})
 
@@ -223,15 +229,17 @@ def trial_observer(hydra_cfg: Any, run_dir: Path) -> TrialObserver | None:
         return None
     from optuna.trial import Trial, TrialState
 
-    study = open_study(hydra_cfg.sweeper, Path(hydra_cfg.sweep.dir))
-    storage = study._storage  # noqa: SLF001 - Optuna's documented Trial(study, trial_id) needs it
-    trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, hydra_cfg.job.num)
+    settings = hydra_cfg.sweeper
+    storage = open_storage(settings, Path(hydra_cfg.sweep.dir))
+    study = open_study(settings, storage)
+    study_id = storage.get_study_id_from_name(settings.study_name)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, hydra_cfg.job.num)
     frozen = storage.get_trial(trial_id)
     if frozen.state != TrialState.RUNNING:
         return None
     trial = Trial(study, trial_id)
     trial.set_user_attr("run_dir", str(run_dir.resolve()))
-    return TrialObserver(trial, hydra_cfg.sweeper, set(frozen.intermediate_values))
+    return TrialObserver(trial, settings, set(frozen.intermediate_values))
 
 
 # ----------------------------------------------------------------------------- the sweeper
@@ -249,7 +257,7 @@ def run_search(config: Any, launcher: Any, arguments: list[str]) -> None:
     folder = Path(config.hydra.sweep.dir)
     folder.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(config, folder / "multirun.yaml")
-    study = open_study(settings, folder)
+    study = open_study(settings, open_storage(settings, folder))
     # Trials a kill cut off: relaunched first, each resuming in its own run folder.
     leftover = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
     if leftover:
@@ -276,10 +284,14 @@ def run_search(config: Any, launcher: Any, arguments: list[str]) -> None:
             batch.append((trial.number, overrides))
         if not batch:
             break
+        returns = []
         for start, group in _consecutive(batch):
-            launcher.launch([overrides for _, overrides in group], initial_job_idx=start)
+            jobs = [job_overrides for _, job_overrides in group]
+            returns += launcher.launch(jobs, initial_job_idx=start)
         for number, _ in batch:
             _tell(study, number, folder, settings, say)
+        for job in returns:
+            job.return_value  # noqa: B018 - re-raises a job's bug with its trace, as Hydra's sweeper does
     write_results(study, folder, settings, space)
 
 

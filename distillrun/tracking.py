@@ -223,6 +223,8 @@ class MlflowTracker:
             "overrides": " ".join(manifest.get("overrides") or []) or "-",
             "command": str(manifest.get("command")),
         }
+        if manifest.get("resumed"):  # the run continued in its folder: a new MLflow run
+            tags["resumed"] = ", ".join(manifest["resumed"])
         parent = _parent_run(hydra_cfg)
         if parent:
             tags["mlflow.parentRunId"] = parent

@@ -223,3 +223,18 @@ def test_a_summary_of_a_search_counts_pruned_trials_as_finished(tmp_path: Path) 
     columns, cells = summary.table_rows(rows)
     assert columns[:4] == ["run", "overrides", "status", "val errors"]
     assert [c[2:4] for c in cells] == [["complete", 9], ["pruned", 20]]
+
+
+def test_best_yaml_turns_group_overrides_into_preset_defaults(tmp_path: Path) -> None:
+    best = {
+        "trial": 3,
+        "overrides": ["model=cnn", "+T=2.5", "train.epochs=7", "hydra.job.chdir=false"],
+        "metrics": {"val_errors": 4, "val_nll": 0.2},
+    }
+    search.write_best(tmp_path / "best.yaml", best, "distill", tmp_path)
+    text = (tmp_path / "best.yaml").read_text()
+    assert text.startswith("# @package _global_\n")
+    preset = OmegaConf.load(tmp_path / "best.yaml")
+    assert OmegaConf.to_container(preset.defaults) == [{"override /model": "cnn"}]
+    assert preset.T == 2.5 and preset.train.epochs == 7 and "hydra" not in preset
+    assert preset.experiment == {"name": "best", "stage": "distill"}
