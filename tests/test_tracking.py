@@ -238,3 +238,20 @@ def test_best_yaml_turns_group_overrides_into_preset_defaults(tmp_path: Path) ->
     assert OmegaConf.to_container(preset.defaults) == [{"override /model": "cnn"}]
     assert preset.T == 2.5 and preset.train.epochs == 7 and "hydra" not in preset
     assert preset.experiment == {"name": "best", "stage": "distill"}
+
+
+@pytest.mark.slow
+def test_parallel_joblib_trials_share_the_study(cwd: Path) -> None:
+    args = ["-m", "hydra/sweeper=optuna", *SPACE, "hydra.sweeper.n_trials=2"]
+    args += ["hydra.sweeper.n_jobs=2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    distillrun(cwd, "distill", *args, "train.epochs=2", *STUDENT)
+    folder = sweeps(cwd)[-1]
+    import optuna
+
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{folder / 'study.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    for trial in study.trials:  # each worker process reported its epochs to the one study
+        assert sorted(trial.intermediate_values) == [1, 2]
+        assert trial.user_attrs["run_dir"] == str((folder / str(trial.number)).resolve())
+    pids = {manifest(job)["environment"]["pid"] for job in artifacts.sweep_jobs(folder)}
+    assert len(pids) == 2
