@@ -165,9 +165,11 @@ def _experiment_id(client: Any, name: str, output_root: str) -> str:
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    artifacts_root = (Path(output_root).resolve() / "mlartifacts" / name).as_uri()
+    # A local store keeps artifacts beside it; a server keeps them where it is configured to.
+    local = client.tracking_uri.startswith(("sqlite:", "file:"))
+    where = (Path(output_root).resolve() / "mlartifacts" / name).as_uri() if local else None
     try:
-        return client.create_experiment(name, artifact_location=artifacts_root)
+        return client.create_experiment(name, artifact_location=where)
     except Exception:  # a parallel job created it first
         found = client.get_experiment_by_name(name)
         if found is None:
