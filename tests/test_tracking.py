@@ -255,3 +255,32 @@ def test_parallel_joblib_trials_share_the_study(cwd: Path) -> None:
         assert trial.user_attrs["run_dir"] == str((folder / str(trial.number)).resolve())
     pids = {manifest(job)["environment"]["pid"] for job in artifacts.sweep_jobs(folder)}
     assert len(pids) == 2
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_the_sweeper_where_hydra_finds_it(tmp_path: Path) -> None:
+    """Installed from the wheel, Hydra's own plugin scan finds hydra/sweeper=optuna (an
+    editable install hides it from that scan; the dispatcher registers it then)."""
+    import zipfile
+
+    root = tmp_path / "src"  # a clean copy: setuptools reuses a stale build/ folder
+    skip = shutil.ignore_patterns(".*", "build", "outputs", "*.egg-info", "__pycache__")
+    shutil.copytree(Path(__file__).parents[1], root, ignore=skip)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(root)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("distillrun-*.whl")
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    assert (tmp_path / "site" / "distillrun" / "conf" / "logger" / "mlflow.yaml").is_file()
+    code = (
+        "from hydra.core.plugins import Plugins; from hydra.plugins.sweeper import Sweeper; "
+        "found = Plugins.instance().discover(Sweeper); "
+        "print(sorted(f'{p.__module__}.{p.__name__}' for p in found))"
+    )
+    env = {"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
+    assert "distillrun_search.optuna_sweeper.OptunaSearchSweeper" in out.stdout, out.stderr
