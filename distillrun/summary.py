@@ -360,8 +360,10 @@ def plot_trials(rows: list[Row], folder: Path) -> list[Path]:
         for n, status, v in sorted(trials):
             if status == "complete":
                 best = min(best, v)
-            steps.append((n, best))
-        ax.step(*zip(*steps, strict=True), where="post", color="grey", label="best so far")
+            if best < math.inf:
+                steps.append((n, best))
+        if steps:
+            ax.step(*zip(*steps, strict=True), where="post", color="grey", label="best so far")
         ax.set_xlabel("trial")
         ax.set_ylabel("validation errors")
         where = f": {labels[source]} ({Path(source).name})" if labels else ""
