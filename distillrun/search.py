@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -260,11 +259,6 @@ def run_search(config: Any, launcher: Any, arguments: list[str]) -> None:
     study = open_study(settings, open_storage(settings, folder))
     # Trials a kill cut off: relaunched first, each resuming in its own run folder.
     leftover = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
-    if leftover:
-        # Each is resumed through hydra.job.env_set; the job's run_stage pops that variable, and
-        # Hydra, restoring the environment afterwards, fails on one that was absent before.
-        # Present (empty, matching no folder) before the first launch, workers inherit it.
-        os.environ[RESUME_ENV] = ""
     if study.trials:
         # A fresh sampler with the same seed would propose the killed search's points again.
         study.sampler = make_sampler(settings, offset=len(study.trials))

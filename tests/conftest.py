@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -122,6 +123,22 @@ def write_idx(raw: Path, arrays: dict[str, np.ndarray]) -> None:
     raw.mkdir(parents=True, exist_ok=True)
     for key, name in IDX_NAMES.items():
         (raw / name).write_bytes(idx_bytes(arrays[key]))
+
+
+@pytest.fixture(scope="session")
+def built_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel of this source tree, built from a clean copy (setuptools would reuse a stale
+    build/ folder, which could hide a file the build no longer ships)."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    skip = shutil.ignore_patterns(".*", "build", "outputs", "*.egg-info", "__pycache__")
+    shutil.copytree(Path(__file__).parents[1], tmp / "src", ignore=skip)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp), str(tmp / "src")],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp.glob("distillrun-*.whl")
+    return wheel
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

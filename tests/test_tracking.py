@@ -258,20 +258,14 @@ def test_parallel_joblib_trials_share_the_study(cwd: Path) -> None:
 
 
 @pytest.mark.slow
-def test_the_wheel_ships_the_sweeper_where_hydra_finds_it(tmp_path: Path) -> None:
+def test_the_wheel_ships_the_sweeper_where_hydra_finds_it(
+    built_wheel: Path, tmp_path: Path
+) -> None:
     """Installed from the wheel, Hydra's own plugin scan finds hydra/sweeper=optuna (an
     editable install hides it from that scan; the dispatcher registers it then)."""
     import zipfile
 
-    root = tmp_path / "src"  # a clean copy: setuptools reuses a stale build/ folder
-    skip = shutil.ignore_patterns(".*", "build", "outputs", "*.egg-info", "__pycache__")
-    shutil.copytree(Path(__file__).parents[1], root, ignore=skip)
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(root)],
-        check=True,
-        capture_output=True,
-    )
-    (wheel,) = tmp_path.glob("distillrun-*.whl")
+    wheel = built_wheel
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
     assert (tmp_path / "site" / "distillrun" / "conf" / "logger" / "mlflow.yaml").is_file()
     code = (

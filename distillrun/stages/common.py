@@ -117,7 +117,8 @@ def _run_locked(
     hydra_cfg: DictConfig,
     run_dir: Path,
 ) -> float | None:
-    resuming = os.environ.pop(RESUME_ENV, None) == str(run_dir.resolve())
+    # Only the folder the variable names resumes (a sweep's other jobs start afresh).
+    resuming = os.environ.get(RESUME_ENV) == str(run_dir.resolve())
     config = OmegaConf.to_container(cfg, resolve=True)
     record: dict[str, Any] = {
         "stage": stage,
