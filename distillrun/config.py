@@ -130,6 +130,11 @@ def _dataset(cfg: DictConfig, p: _Problems) -> None:
         )
     if OmegaConf.is_missing(d, "path"):
         p.append(f"dataset={d.name} needs a file: add dataset.path=/path/to/data.npz")
+    if "normalize" in d:
+        p.need(
+            d.normalize in choices.NORMALIZATIONS,
+            f"dataset.normalize={d.normalize}: use {one_of(choices.NORMALIZATIONS)}",
+        )
     for key in ("download", "standardize"):
         if key in d:
             p.need(isinstance(d[key], bool), f"dataset.{key}={d[key]}: use true or false")
