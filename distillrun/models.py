@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -96,6 +97,23 @@ BUILDERS: dict[str, Callable[[Mapping[str, Any], tuple[int, ...], int], nn.Modul
     "resnet18": lambda cfg, shape, classes: resnet18(shape, classes),
 }
 IMAGE_MODELS = ("cnn", "resnet18")
+TORCHVISION = "torchvision:"  # model name prefix: torchvision's classifiers as they are
+
+
+def torchvision_model(arch: str, num_classes: int) -> nn.Module:
+    """torchvision's classification architecture `arch` (e.g. resnet18), untrained, with a head
+    of `num_classes` outputs (imported teachers bring their own weights)."""
+    from torchvision import models as tv
+
+    names = tv.list_models(module=tv)
+    if arch not in names:
+        close = difflib.get_close_matches(arch, names, n=1)
+        hint = f" (did you mean '{TORCHVISION}{close[0]}'?)" if close else ""
+        raise UserError(
+            f"unknown torchvision classification architecture '{arch}'{hint}: use one of "
+            f"torchvision.models.list_models(), e.g. arch={TORCHVISION}resnet18"
+        )
+    return tv.get_model(arch, weights=None, num_classes=num_classes)
 
 
 def build_model(
@@ -103,6 +121,8 @@ def build_model(
 ) -> nn.Module:
     """Build the model named by `cfg["name"]` for inputs of `input_shape` (without the batch)."""
     name = cfg["name"]
+    if name.startswith(TORCHVISION):
+        return torchvision_model(name[len(TORCHVISION) :], num_classes)
     if name not in BUILDERS:
         raise UserError(f"unknown model.name '{name}': use {one_of(tuple(BUILDERS))}")
     if name in IMAGE_MODELS and len(input_shape) != 3:

@@ -161,7 +161,7 @@ def find_teachers(
 def _newest_source(output_root: Path, data: Data, say: Callable[[str], None]) -> Path:
     """The newest complete train-teachers run or whole sweep on this data."""
     base = output_root / STAGE
-    sweeps = sorted(base.glob("multirun/*")) if base.is_dir() else []
+    sweeps = sorted(s for name in artifacts.stages_for(STAGE) for s in _sweeps(output_root / name))
     candidates, skipped = [], 0
     for folder in artifacts.run_folders(output_root, STAGE):
         if folder.parent.parent.name == "multirun":
@@ -194,6 +194,10 @@ def _newest_source(output_root: Path, data: Data, say: Callable[[str], None]) ->
             f"`distillrun {STAGE}` first, or pass teachers=<run or sweep folder>"
         )
     return max(candidates)[1]
+
+
+def _sweeps(base: Path) -> list[Path]:
+    return sorted(base.glob("multirun/*")) if base.is_dir() else []
 
 
 def _holds_logits(cache: Any, data: Data) -> bool:
