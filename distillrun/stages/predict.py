@@ -42,7 +42,7 @@ def main(cfg: DictConfig) -> float | None:
     return run_stage("predict", cfg, predict)
 
 
-def _model(source: Path, member: int | None, device: torch.device) -> tuple[Any, dict, str]:
+def load_predictor(source: Path, member: int | None, device: torch.device) -> tuple[Any, dict, str]:
     """(a function of normalised inputs -> logits, the export config, the runtime's name)."""
     manifest = artifacts.read_manifest(source) if source.is_dir() else None
     if manifest and manifest.get("stage") == EXPORT_STAGE:
@@ -61,7 +61,7 @@ def _model(source: Path, member: int | None, device: torch.device) -> tuple[Any,
 
 def predict(cfg: DictConfig, run: Run) -> dict[str, Any]:
     source = Path(str(cfg.run)).expanduser().resolve()
-    forward, config, runtime = _model(source, cfg.member, run.device)
+    forward, config, runtime = load_predictor(source, cfg.member, run.device)
     run.add_input("run", source)
     given = Path(str(cfg.input)).expanduser().resolve()
     ids, raw = read_inputs(given, config["input_shape"])

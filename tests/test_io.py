@@ -1,0 +1,316 @@
+"""Teacher in, student out (issue #14): import-teachers, export and predict.
+
+The round trip: train-teachers -> export a member to every format -> import-teachers from each
+-> the imported logits equal the original cache, and distill on the import gives the same
+student as on the original run. Plus the ways a user's file can be wrong, each one line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_cli import assert_one_line_error, distillrun, manifest, runs
+
+from distillrun.data import load_dataset
+from distillrun.errors import UserError
+from distillrun.formats import normalize
+from distillrun.imported import (
+    MemberSpec,
+    _unwrap,
+    import_member,
+    infer_kind,
+    near_chance,
+)
+from distillrun.inputs import read_inputs
+from distillrun.models import build_model
+from distillrun.stages.predict import load_predictor
+
+TEACHERS = [
+    "teachers.n=1",
+    "train.epochs=4",
+    "train.batch_size=32",
+    "model.hidden=[32]",
+    "progress=false",
+    "threads=1",
+]
+STUDENT = ["train.epochs=2", "model.hidden=[16]", "baseline=false", "progress=false", "threads=1"]
+DIGITS = {"name": "digits", "test_fraction": 0.25, "val_fraction": 0.1, "split_seed": 0}
+MLP = {"name": "mlp", "hidden": [8]}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("io")
+
+
+@pytest.fixture(scope="module")
+def teachers(workdir: Path) -> Path:
+    distillrun(workdir, "train-teachers", *TEACHERS)
+    (folder,) = runs(workdir, "train-teachers")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exported(workdir: Path, teachers: Path) -> Path:
+    distillrun(workdir, "export", f"run={teachers}", "member=0", "latency_repeats=3")
+    (folder,) = runs(workdir, "export")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def imported(workdir: Path, teachers: Path, exported: Path) -> Path:
+    """One import-teachers run whose members are the exported member in every format, and its
+    cached logits both aligned with the splits and over the whole training set."""
+    cache = torch.load(teachers / "logits.pt", weights_only=True)
+    split = {s: cache[s][0].numpy() for s in ("train", "val", "test")}
+    np.savez(workdir / "aligned.npz", **split)
+    data = load_dataset(DIGITS)
+    whole = np.zeros((len(data.train_rows) + len(data.val_rows), 10), np.float32)
+    whole[data.train_rows.numpy()], whole[data.val_rows.numpy()] = split["train"], split["val"]
+    np.savez(workdir / "whole.npz", train=whole, test=split["test"])
+    files = [exported / "model.safetensors", exported / "model.ts", exported / "model.onnx"]
+    files += [workdir / "aligned.npz", workdir / "whole.npz"]
+    distillrun(workdir, "import-teachers", f"members=[{','.join(map(str, files))}]", "threads=1")
+    (folder,) = runs(workdir, "import-teachers")
+    return folder
+
+
+# --- the round trip ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_export_writes_every_format_checked_and_timed(exported: Path, teachers: Path) -> None:
+    names = {p.name for p in exported.iterdir()}
+    files = {"model.safetensors", "config.json", "model.ts", "model.onnx", "model.md"}
+    assert files <= names
+    m = manifest(exported)
+    assert m["stage"] == "export" and m["status"] == "complete"
+    assert m["inputs"]["run"] == str(teachers.resolve())
+    metrics = m["metrics"]
+    assert set(metrics["parity_max_abs_diff"]) == {"eager", "torchscript", "onnxruntime"}
+    assert all(d <= 1e-4 for d in metrics["parity_max_abs_diff"].values())
+    for runtime in ("eager", "torchscript", "onnxruntime"):
+        assert set(metrics["latency_ms"][runtime]) == {"batch_1", "batch_256"}
+        assert all(t > 0 for t in metrics["latency_ms"][runtime].values())
+    teacher = manifest(teachers)["metrics"]["members"][0]
+    assert metrics["test_errors"] == teacher["test_errors"]
+    config = json.loads((exported / "config.json").read_text())
+    assert config["input_shape"] == [1, 8, 8] and config["classes"] == [str(c) for c in range(10)]
+    assert config["normalization"]["normalize"] == "standardize"
+    assert len(config["normalization"]["mean"]) == 1  # one channel
+    card = (exported / "model.md").read_text()
+    assert "model.onnx" in card and str(teachers.resolve()) in card and "batch 256" in card
+
+
+@pytest.mark.slow
+def test_import_from_every_format_gives_the_original_logits(imported: Path, teachers: Path) -> None:
+    original = torch.load(teachers / "logits.pt", weights_only=True)
+    cache = torch.load(imported / "logits.pt", weights_only=True)
+    assert cache["fingerprint"] == original["fingerprint"]
+    for split in ("train", "val", "test"):
+        assert cache[split].shape[0] == 5
+        torch.testing.assert_close(cache[split], original[split][:1].expand_as(cache[split]))
+    m = manifest(imported)
+    assert m["stage"] == "import-teachers" and m["status"] == "complete"
+    kinds = [member["kind"] for member in m["metrics"]["members"]]
+    assert kinds == ["state_dict", "torchscript", "onnx", "logits", "logits"]
+    errors = manifest(teachers)["metrics"]["members"][0]["test_errors"]
+    assert all(member["test_errors"] == errors for member in m["metrics"]["members"])
+    assert all("val_accuracy" in member for member in m["metrics"]["members"])
+    # Only the PyTorch member has a checkpoint; the others say why they have none.
+    assert torch.load(imported / "member_0.pt", weights_only=True)["num_classes"] == 10
+    for i in (1, 2, 3, 4):
+        assert not (imported / f"member_{i}.pt").exists()
+        assert "no PyTorch weights" in (imported / f"member_{i}.pt.absent").read_text()
+
+
+@pytest.mark.slow
+def test_distill_on_the_import_gives_the_same_student(
+    workdir: Path, teachers: Path, imported: Path, tmp_path: Path
+) -> None:
+    """The import's five members have the original's logits, so their ensemble teaches the
+    student what the original did (to rounding: their mean is not bit-identical)."""
+    distillrun(tmp_path, "distill", f"teachers={teachers}", *STUDENT)
+    # No teachers=: the newest complete teachers run is the import (import-teachers counts).
+    distillrun(workdir, "distill", *STUDENT)
+    (original,) = runs(tmp_path, "distill")
+    (from_import,) = runs(workdir, "distill")
+    assert manifest(from_import)["inputs"]["teachers"] == str(imported.resolve())
+    a, b = manifest(original)["metrics"], manifest(from_import)["metrics"]
+    assert a["test_errors"] == b["test_errors"]
+    sa = torch.load(original / "student.pt", weights_only=True)["state_dict"]
+    sb = torch.load(from_import / "student.pt", weights_only=True)["state_dict"]
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_predict_on_png_images_with_onnx_and_with_pytorch(
+    teachers: Path, exported: Path, tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    raw = load_dataset({**DIGITS, "normalize": "none"})  # pixels in [0, 1], as in a PNG / 255
+    images = tmp_path / "png"
+    images.mkdir()
+    for i in range(12):
+        pixels = (raw.x_test[i, 0].numpy() * 255).round().astype(np.uint8)
+        size = 8 if i < 10 else 16  # two larger ones, resized to the model's 8x8
+        Image.fromarray(pixels).resize((size, size), Image.Resampling.NEAREST).save(
+            images / f"{i:02d}.png"
+        )
+    out = distillrun(tmp_path, "predict", f"run={exported}", f"input={images}", "top_k=2")
+    assert "00.png" in out.stdout and "top 2" in out.stdout
+    (folder,) = runs(tmp_path, "predict")
+    assert manifest(folder)["metrics"]["runtime"] == "onnxruntime"
+    rows = [line.split(",") for line in (folder / "predictions.csv").read_text().splitlines()]
+    assert rows[0] == ["id", "class", "probability", "top_2"]
+    assert [r[0] for r in rows[1:]] == [f"{i:02d}.png" for i in range(12)]
+    assert all(r[3].startswith(f"{r[1]}:") for r in rows[1:])
+
+    # The run's PyTorch model reads the same images the same way, from the run's own config.
+    forward, config, runtime = load_predictor(teachers, 0, torch.device("cpu"))
+    ids, x = read_inputs(images, config["input_shape"])
+    assert runtime == "pytorch" and ids == [r[0] for r in rows[1:]]
+    assert forward(normalize(x, config)).argmax(dim=1).tolist() == [int(r[1]) for r in rows[1:]]
+    # Raw inputs through the export's preprocessing give exactly the cached test logits.
+    np.savez(tmp_path / "x.npz", x=raw.x_test.numpy())
+    forward, config, runtime = load_predictor(exported, None, torch.device("cpu"))
+    _, x = read_inputs(tmp_path / "x.npz", config["input_shape"])
+    expected = torch.load(teachers / "logits.pt", weights_only=True)["test"][0]
+    assert runtime == "onnxruntime"
+    torch.testing.assert_close(forward(normalize(x, config)), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_specialists_refuse_an_onnx_generalist_in_one_line(imported: Path, tmp_path: Path) -> None:
+    result = distillrun(
+        tmp_path,
+        "specialists",
+        f"generalist={imported}",
+        "specialists.member=2",
+        "specialists.k=2",
+        "dataset=digits",
+        "progress=false",
+        check=None,
+    )
+    assert_one_line_error(result, "member_2.pt", "onnx import", "kind=state_dict")
+
+
+@pytest.mark.slow
+def test_a_teacher_near_chance_is_refused_with_the_label_map_that_fixes_it(
+    teachers: Path, tmp_path: Path
+) -> None:
+    cache = torch.load(teachers / "logits.pt", weights_only=True)
+    order = [3, 7, 0, 9, 1, 5, 2, 8, 4, 6]  # the member's output j is our class order[j]
+    shuffled = {s: cache[s][0][:, order].numpy() for s in ("train", "val", "test")}
+    np.savez(tmp_path / "shuffled.npz", **shuffled)
+    result = distillrun(tmp_path, "import-teachers", "members=[shuffled.npz]", check=None)
+    assert_one_line_error(result, "near chance", "label_map=", "dataset.normalize", "input_scale")
+    assert f"label_map={order}".replace(" ", "") in result.stderr.replace(" ", "")
+
+
+# --- one member, in process -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset(DIGITS)
+
+
+def test_normalize_none_keeps_the_values_and_the_splits_are_recorded(digits) -> None:
+    raw = load_dataset({**DIGITS, "normalize": "none"})
+    assert raw.normalization == {"normalize": "none"}
+    assert float(raw.x_train.min()) == 0.0 and float(raw.x_train.max()) == 1.0
+    norm = digits.normalization
+    assert norm["normalize"] == "standardize" and len(norm["mean"]) == 1
+    restored = digits.x_train * norm["std"][0] + norm["mean"][0]
+    torch.testing.assert_close(restored, raw.x_train, atol=1e-5, rtol=0)
+    rows = torch.cat([digits.train_rows, digits.val_rows]).sort().values
+    assert torch.equal(rows, torch.arange(len(digits.y_train) + len(digits.y_val)))
+    assert raw.fingerprint != digits.fingerprint
+
+
+def test_state_dict_wrappers_and_module_prefix_are_understood(tmp_path: Path) -> None:
+    state = build_model(MLP, (1, 8, 8), 10).state_dict()
+    for wrapped in (state, {"model": state}, {"state_dict": state, "epoch": 3}):
+        prefixed = {f"module.{k}": v for k, v in state.items()}
+        for obj in (wrapped, {"state_dict": prefixed}):
+            got, ours = _unwrap(obj, tmp_path / "w.pt")
+            assert ours is None and got.keys() == state.keys()
+    with pytest.raises(UserError, match="not a tensor"):
+        _unwrap({"a": torch.zeros(1), "b": "text"}, tmp_path / "w.pt")
+
+
+def test_kinds_are_inferred_from_the_file(tmp_path: Path) -> None:
+    model = build_model(MLP, (1, 8, 8), 10)
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    torch.jit.save(torch.jit.trace(model, torch.zeros(1, 1, 8, 8)), tmp_path / "m.pt")
+    assert infer_kind(tmp_path / "w.pth") == "state_dict"
+    assert infer_kind(tmp_path / "m.pt") == "torchscript"
+    assert infer_kind(tmp_path / "x.onnx") == "onnx"
+    assert infer_kind(tmp_path / "l.npz") == "logits"
+    with pytest.raises(UserError, match="kind="):
+        infer_kind(tmp_path / "model.bin")
+
+
+def _member(digits, path: Path, kind: str, **kw):
+    spec = MemberSpec(path=path, kind=kind, **kw)
+    return import_member(0, spec, digits, MLP, 512, torch.device("cpu"))
+
+
+def test_safetensors_and_label_map(digits, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = build_model(MLP, (1, 8, 8), 10).eval()
+    save_file(model.state_dict(), tmp_path / "m.safetensors")
+    member = _member(digits, tmp_path / "m.safetensors", "state_dict")
+    with torch.no_grad():
+        torch.testing.assert_close(member.logits["test"], model(digits.x_test))
+    assert member.checkpoint["model"] == MLP and member.params == sum(
+        p.numel() for p in model.parameters()
+    )
+    order = list(range(1, 10)) + [0]
+    mapped = _member(digits, tmp_path / "m.safetensors", "state_dict", label_map=order)
+    torch.testing.assert_close(mapped.logits["test"][:, order], member.logits["test"])
+
+
+def test_unsafe_and_mismatched_files_are_one_line_errors(digits, tmp_path: Path) -> None:
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    torch.save({"w": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(UserError, match="other than tensors.*nothing in it was run"):
+        _member(digits, tmp_path / "evil.pt", "state_dict")
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(UserError, match="cannot load .* as an ONNX model"):
+        _member(digits, tmp_path / "junk.onnx", "onnx")
+    # Five classes where the dataset has ten.
+    torch.save(build_model(MLP, (1, 8, 8), 5).state_dict(), tmp_path / "five.pt")
+    with pytest.raises(UserError, match="outputs 5 classes but dataset=digits has 10"):
+        _member(digits, tmp_path / "five.pt", "state_dict")
+    # A model for 28x28 inputs.
+    torch.save(build_model(MLP, (1, 28, 28), 10).state_dict(), tmp_path / "big.pt")
+    with pytest.raises(UserError, match="does not fit the architecture mlp"):
+        _member(digits, tmp_path / "big.pt", "state_dict")
+    # Logits of the wrong length.
+    np.savez(tmp_path / "short.npz", train=np.zeros((5, 10)), test=np.zeros((450, 10)))
+    with pytest.raises(UserError, match="train has 5 rows.*whole training set \\(1347 rows\\)"):
+        _member(digits, tmp_path / "short.npz", "logits")
+
+
+def test_near_chance_names_the_causes_and_the_fixing_label_map() -> None:
+    y = torch.arange(100) % 4
+    good = torch.nn.functional.one_hot(y, 4).float()
+    assert near_chance(good, y, 4, None) is None
+    swapped = good[:, [1, 0, 3, 2]]  # output j is our class [1, 0, 3, 2][j]
+    why = near_chance(swapped, y, 4, None)
+    assert "label_map=[1, 0, 3, 2] would score 100.0%" in why
+    assert "dataset.normalize" in why and "input_scale" in why
+    assert near_chance(swapped, y, 4, 0.0) is None  # min_accuracy=0 takes anything
