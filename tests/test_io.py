@@ -314,3 +314,58 @@ def test_near_chance_names_the_causes_and_the_fixing_label_map() -> None:
     assert "label_map=[1, 0, 3, 2] would score 100.0%" in why
     assert "dataset.normalize" in why and "input_scale" in why
     assert near_chance(swapped, y, 4, 0.0) is None  # min_accuracy=0 takes anything
+
+
+def test_a_torchvision_architecture_by_name(tmp_path: Path) -> None:
+    """arch=torchvision:<name>: torchvision's own classifier with the dataset's class count,
+    from DataParallel weights in a {"model": ...} wrapper; its checkpoint rebuilds it."""
+    from distillrun.models import load_model
+
+    rng = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "rgb.npz",
+        x_train=rng.random((16, 3, 24, 24), np.float32),
+        y_train=np.arange(16) % 4,
+        x_test=rng.random((4, 3, 24, 24), np.float32),
+        y_test=np.arange(4) % 4,
+    )
+    data = load_dataset(
+        {
+            "name": "npz",
+            "path": str(tmp_path / "rgb.npz"),
+            "val_fraction": 0.1,
+            "split_seed": 0,
+            "standardize": True,
+        }
+    )
+    torch.manual_seed(0)
+    net = build_model({"name": "torchvision:squeezenet1_1"}, (3, 24, 24), 4).eval()
+    torch.save(
+        {"model": {f"module.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "w.pt"
+    )
+    spec = MemberSpec(path=tmp_path / "w.pt", kind="state_dict", arch="torchvision:squeezenet1_1")
+    member = import_member(0, spec, data, MLP, 64, torch.device("cpu"))
+    with torch.no_grad():
+        torch.testing.assert_close(member.logits["test"], net(data.x_test))
+    assert member.info["arch"] == {"name": "torchvision:squeezenet1_1"}
+    torch.save(member.checkpoint, tmp_path / "member_0.pt")
+    with torch.no_grad():
+        rebuilt = load_model(tmp_path / "member_0.pt")(data.x_test)
+    torch.testing.assert_close(rebuilt, member.logits["test"])
+    with pytest.raises(UserError, match="did you mean 'torchvision:squeezenet1_1'"):
+        import_member(
+            0, MemberSpec(spec.path, "state_dict", "torchvision:squeezenet11"), data, MLP, 64, "cpu"
+        )
+
+
+def test_bad_settings_are_refused_before_any_run_folder(tmp_path: Path) -> None:
+    for args, fragment in (
+        (["import-teachers"], "members=[teacher.onnx]"),
+        (["import-teachers", "members=[a.pt]", "kind=keras"], "kind=keras"),
+        (["import-teachers", "members=[a.pt]", "label_map=[0,0,1]"], "distinct class ids"),
+        (["export"], "distillrun export run="),
+        (["predict", "run=x"], "input=<folder of PNG/JPEG"),
+    ):
+        result = distillrun(tmp_path, *args, check=None)
+        assert_one_line_error(result, fragment)
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.json"))
