@@ -50,6 +50,17 @@ class MemberSpec:
 
 
 @dataclass
+class Loaded:
+    """What a kind's loader read: a model (`forward`) or the logits themselves."""
+
+    forward: Forward | None = None
+    logits: dict[str, torch.Tensor] | None = None
+    params: int | None = None
+    checkpoint: dict[str, Any] | None = None  # distillrun's checkpoint format
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Member:
     """An imported member: its logits on every split (our label order) and what we know of it."""
 
@@ -199,7 +210,7 @@ def _architecture(spec: MemberSpec, model_cfg: Mapping[str, Any]) -> dict[str, A
 
 def _state_dict(
     spec: MemberSpec, data: Data, model_cfg: Mapping[str, Any], device: torch.device
-) -> tuple[Forward, int, dict[str, Any], dict[str, Any]]:
+) -> Loaded:
     state, ours = _unwrap(_weights(spec.path), spec.path)
     arch = ours["model"] if ours else _architecture(spec, model_cfg)
     if ours and tuple(ours["input_shape"]) != data.input_shape:
@@ -220,8 +231,8 @@ def _state_dict(
             "keys)"
         ) from e
     model = model.to(device).eval()
-    info = {"arch": arch}
-    return model, count_parameters(model), checkpoint(model, arch, data.input_shape, classes), info
+    ckpt = checkpoint(model, arch, data.input_shape, classes)
+    return Loaded(model, params=count_parameters(model), checkpoint=ckpt, info={"arch": arch})
 
 
 def _head_size(state: dict[str, torch.Tensor], arch: dict[str, Any], data: Data) -> int:
@@ -233,9 +244,9 @@ def _head_size(state: dict[str, torch.Tensor], arch: dict[str, Any], data: Data)
 
 def _torchscript(
     spec: MemberSpec, data: Data, model_cfg: Mapping[str, Any], device: torch.device
-) -> tuple[Forward, int, None, dict[str, Any]]:
+) -> Loaded:
     module = load_torchscript(spec.path, device)
-    return module, sum(p.numel() for p in module.parameters()), None, {}
+    return Loaded(module, params=sum(p.numel() for p in module.parameters()))
 
 
 def load_torchscript(path: Path, device: torch.device | str = "cpu") -> Any:
@@ -255,7 +266,7 @@ def load_torchscript(path: Path, device: torch.device | str = "cpu") -> Any:
 
 def _onnx(
     spec: MemberSpec, data: Data, model_cfg: Mapping[str, Any], device: torch.device
-) -> tuple[Forward, int, None, dict[str, Any]]:
+) -> Loaded:
     session, params = onnx_session(spec.path)
     first = session.get_inputs()[0]
     declared = first.shape[1:]
@@ -272,7 +283,8 @@ def _onnx(
         feed = x.detach().cpu().reshape(len(x), *shape).numpy()
         return torch.from_numpy(session.run(None, {first.name: feed})[0])
 
-    return forward, params, None, {"onnx_input": first.name, "onnx_input_shape": list(shape)}
+    info = {"onnx_input": first.name, "onnx_input_shape": list(shape)}
+    return Loaded(forward, params=params, info=info)
 
 
 def need_onnx() -> None:
@@ -309,7 +321,9 @@ def onnx_session(path: Path) -> tuple[Any, int]:
     return session, params
 
 
-def _logits_file(spec: MemberSpec, data: Data) -> dict[str, torch.Tensor]:
+def _logits_file(
+    spec: MemberSpec, data: Data, model_cfg: Mapping[str, Any], device: torch.device
+) -> Loaded:
     """`.npz` with train, val, test arrays aligned with our splits, or with `train` over the
     loader's whole training set (validation rows included, in their original order) and test."""
     try:
@@ -355,14 +369,16 @@ def _logits_file(spec: MemberSpec, data: Data) -> dict[str, torch.Tensor]:
             )
         if not torch.isfinite(out[split]).all():
             raise UserError(f"{spec.path}: {split} holds NaN or infinite logits: fix the file")
-    return out
+    return Loaded(logits=out)
 
 
-LOADERS: dict[str, Callable[..., tuple[Forward, int, dict[str, Any] | None, dict[str, Any]]]] = {
+# kind (choices.MEMBER_KINDS) -> its loader
+LOADERS: dict[str, Callable[[MemberSpec, Data, Mapping[str, Any], torch.device], Loaded]] = {
     "state_dict": _state_dict,
     "torchscript": _torchscript,
     "onnx": _onnx,
-}  # and "logits", which needs no model (read by _logits_file)
+    "logits": _logits_file,
+}
 
 
 # --- one member --------------------------------------------------------------------------------
@@ -401,18 +417,16 @@ def import_member(
         "source": str(spec.path),
         "sha256": sha256(spec.path),
     }
-    if spec.kind == "logits":
-        logits, params, ckpt = _logits_file(spec, data), None, None
-    else:
-        forward, params, ckpt, extra = LOADERS[spec.kind](spec, data, model_cfg, device)
-        info |= extra
+    loaded = LOADERS[spec.kind](spec, data, model_cfg, device)
+    info |= loaded.info
+    logits = loaded.logits
+    if logits is None:
+        scale = spec.input_scale
         logits = {
-            s: _run(
-                forward, getattr(data, f"x_{s}").to(device) * spec.input_scale, batch_size, label
-            )
+            s: _run(loaded.forward, getattr(data, f"x_{s}").to(device) * scale, batch_size, label)
             for s in SPLITS
         }
-        info["input_scale"] = spec.input_scale
+        info["input_scale"] = scale
     classes = next(t.shape[1] for t in logits.values() if t.dim() == 2 and len(t))
     if spec.label_map is not None:
         logits = {
@@ -424,7 +438,7 @@ def import_member(
             f"{label} outputs {classes} classes but dataset={data.name} has "
             f"{data.num_classes}: import a model trained on these classes"
         )
-    return Member(logits, params, ckpt, info)
+    return Member(logits, loaded.params, loaded.checkpoint, info)
 
 
 def _relabel(t: torch.Tensor, label_map: list[int], num_classes: int, label: str) -> torch.Tensor:

@@ -369,3 +369,10 @@ def test_bad_settings_are_refused_before_any_run_folder(tmp_path: Path) -> None:
         result = distillrun(tmp_path, *args, check=None)
         assert_one_line_error(result, fragment)
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.json"))
+
+
+def test_every_member_kind_has_its_loader() -> None:
+    from distillrun.choices import MEMBER_KINDS
+    from distillrun.imported import LOADERS
+
+    assert tuple(LOADERS) == MEMBER_KINDS

@@ -65,7 +65,7 @@ def predict(cfg: DictConfig, run: Run) -> dict[str, Any]:
     run.add_input("run", source)
     given = Path(str(cfg.input)).expanduser().resolve()
     ids, raw = read_inputs(given, config["input_shape"])
-    run.add_input("input", given)
+    run.info["input"] = str(given)
     x = normalize(ensure_shape(raw, config["input_shape"], str(given)), config)
     batch = cfg.train.eval_batch_size
     logits = torch.cat([forward(x[i : i + batch]) for i in range(0, len(x), batch)])
