@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench reproduce lint clean-outputs
+.PHONY: venv demo test test-fast bench reproduce lint clean-outputs
 
 venv: $(STAMP)
 
@@ -28,6 +28,10 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# The inner loop: everything but the end-to-end runs of the command (marked slow), under a minute.
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # Benchmarks against plain PyTorch loops in the same process (not part of `make test`):
 # a table on the terminal and the figures in outputs/bench.json. MNIST from DISTILLRUN_DATA

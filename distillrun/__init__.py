@@ -1,3 +1,37 @@
-"""distillrun: an experiment runner for knowledge distillation (Hinton, Vinyals and Dean, 2015)."""
+"""distillrun: an experiment runner for knowledge distillation (Hinton, Vinyals and Dean, 2015).
+
+The command is `distillrun <stage>`; the method is also a library (README, "Use it as a
+library"):
+
+    from distillrun import combine, distillation_loss, load_model
+
+These names are imported on first use, so that `import distillrun` (and `distillrun --help`)
+does not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+# name -> the module that defines it
+_API = {
+    "load_model": "distillrun.models",
+    "build_model": "distillrun.models",
+    "distillation_loss": "distillrun.losses",
+    "combine": "distillrun.ensemble",
+    "combine_kl": "distillrun.inference",
+    "load_dataset": "distillrun.data",
+    "fit": "distillrun.train",
+    "TrainSettings": "distillrun.train",
+    "UserError": "distillrun.errors",
+}
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'distillrun' has no attribute {name!r}")
+    return getattr(importlib.import_module(_API[name]), name)

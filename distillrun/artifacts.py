@@ -8,6 +8,7 @@ written last: a folder whose manifest does not say "complete" is unfinished and 
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import os
 import platform
@@ -19,7 +20,7 @@ import warnings
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from distillrun.errors import UserError
 
@@ -27,6 +28,7 @@ MANIFEST = "manifest.json"
 # `<file>.absent` holds why a stage did not write `<file>` (e.g. an imported ONNX teacher has no
 # PyTorch checkpoint), so a consumer that needs the file fails with that reason.
 ABSENT = ".absent"
+LOCK = ".lock"  # held by the process running (or resuming) the run in this folder
 LIBRARIES = (
     "torch",
     "torchvision",
@@ -91,7 +93,7 @@ def save_tensors(path: Path, obj: Any) -> None:
     atomic_write(path, lambda f: torch.save(obj, f), "wb")
 
 
-def load_tensors(path: Path, map_location: Any = "cpu") -> Any:
+def load_tensors(path: str | Path, map_location: Any = "cpu") -> Any:
     """Load a checkpoint or cache without executing anything it contains (weights_only).
 
     Every way a file can be bad (missing, empty, truncated, random bytes, a pickle that asks
@@ -99,6 +101,7 @@ def load_tensors(path: Path, map_location: Any = "cpu") -> Any:
     """
     import torch  # here, so that sweep summaries and reports do not pay for importing torch
 
+    path = Path(path)
     if not path.is_file():
         absent = path.with_name(path.name + ABSENT)
         if absent.is_file():  # left out on purpose, and the stage said why
@@ -214,6 +217,33 @@ def read_manifest(run_dir: Path) -> dict[str, Any] | None:
     if not isinstance(manifest, dict):
         raise UserError(f"corrupt manifest {path}: not a JSON object; re-run its stage")
     return manifest
+
+
+def lock_run_folder(folder: Path) -> IO[str]:
+    """An exclusive lock on a run folder, held while the returned file stays open. The OS
+    releases it when the process dies, so a killed run can be resumed, but never by two
+    processes at once."""
+    f = open(folder / LOCK, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise UserError(
+            f"{folder} is in use by another distillrun process: wait for it to finish, or stop "
+            "it first"
+        ) from None
+    return f
+
+
+def is_locked(folder: Path) -> bool:
+    """Whether another process holds the run folder's lock (without creating anything)."""
+    if not (folder / LOCK).is_file():
+        return False
+    try:
+        lock_run_folder(folder).close()
+    except UserError:
+        return True
+    return False
 
 
 def is_complete(manifest: dict[str, Any] | None, stage: str) -> bool:

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from distillrun import artifacts
 from distillrun.config import RESUME_ENV, sweep_values
 from distillrun.errors import UserError, interrupted_exit_code, raise_terminated
 from distillrun.stages import STAGES, config_name, module_name
@@ -201,6 +202,11 @@ def _check_run_dir(overrides: list, multirun: bool) -> None:
             raise UserError(
                 f"{key}={value} cannot be written ({e.strerror or e}): choose a writable folder"
             ) from e
+        if artifacts.is_locked(folder):  # before Hydra rewrites its .hydra/
+            raise UserError(
+                f"{key}={value} is in use by another distillrun process: wait for it to finish, "
+                "or choose another folder"
+            )
 
 
 # --- resume=<run folder> -------------------------------------------------------------------------
@@ -243,11 +249,8 @@ def resume_args(stage: str, args: list[str]) -> list[str]:
     if status == "complete":
         print(f"distillrun {stage}: {folder} is already complete; nothing to resume")
         sys.exit(0)
-    if status == "running" and _still_running(manifest):
-        raise UserError(
-            f"resume={folder} is still running (process {manifest['environment']['pid']}): "
-            "wait for it, or stop it first"
-        )
+    if artifacts.is_locked(folder):
+        raise UserError(f"resume={folder} is still running: wait for it, or stop it first")
     changed = [a for a in others if a not in saved]
     if changed:
         raise UserError(
@@ -265,20 +268,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _still_running(manifest: dict[str, Any]) -> bool:
-    """Whether the process that wrote a "running" manifest is alive on this machine."""
-    import socket
-
-    env = manifest.get("environment", {})
-    if env.get("host") != socket.gethostname() or not isinstance(env.get("pid"), int):
-        return False
-    try:
-        cmdline = Path(f"/proc/{env['pid']}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return b"distillrun" in cmdline
-
-
 def call_stage(stage: str, args: list[str]) -> None:
     module = importlib.import_module(module_name(stage))
     sys.argv = [sys.argv[0], *args]
@@ -293,7 +282,10 @@ def call_stage(stage: str, args: list[str]) -> None:
 def main() -> None:
     argv = sys.argv[1:]
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print_help()
+        try:
+            print_help()
+        except BrokenPipeError:  # `distillrun --help | head`: the reader left, not an error
+            _quiet_stdout()
         return
     if argv[0] in ("-sc", "--shell-completion"):
         complete(argv)
@@ -314,13 +306,18 @@ def main() -> None:
         precheck(stage, args)
         call_stage(stage, args)
     except BrokenPipeError:  # `distillrun distill --help | head`: the reader left, not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _quiet_stdout()
         sys.exit(1)
     except KeyboardInterrupt as e:  # outside a run (a started run says how to resume it)
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"distillrun {stage}: interrupted", file=sys.stderr)
         sys.exit(interrupted_exit_code(e))
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's flush at exit does not fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _user_errors(stage: str, step: Any, *args: Any) -> Any:

@@ -18,7 +18,7 @@ from distillrun import choices
 from distillrun.choices import one_of
 from distillrun.errors import UserError
 
-GROUPS = ("dataset", "model", "optim", "experiment")
+GROUPS = ("dataset", "model", "optim", "experiment", "debug")
 # Set by the dispatcher for `resume=<folder>`: the run folder the stage continues.
 RESUME_ENV = "DISTILLRUN_RESUME"
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -110,6 +110,11 @@ def _basics(cfg: DictConfig, p: _Problems) -> None:
     for key in ("epochs", "batch_size", "eval_batch_size"):
         v = cfg.train[key]
         p.need(_is_int(v) and v >= 1, f"train.{key}={v} must be an integer >= 1")
+    every = cfg.train.checkpoint_every
+    p.need(
+        _in(every, 0, math.inf),
+        f"train.checkpoint_every={every} must be a number of seconds >= 0 (0: every epoch)",
+    )
 
 
 def _dataset(cfg: DictConfig, p: _Problems) -> None:

@@ -97,3 +97,8 @@ def results_table(
 def error_line(stage: str, message: str) -> None:
     err_console.print(f"distillrun {stage}: error: {message}", markup=False, soft_wrap=True)
     sys.stderr.flush()
+
+
+def warning_line(stage: str, message: str) -> None:
+    err_console.print(f"distillrun {stage}: warning: {message}", markup=False, soft_wrap=True)
+    sys.stderr.flush()

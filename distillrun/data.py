@@ -417,6 +417,8 @@ def _load_npz(cfg: Any) -> Data:
                     )
                 for key in ("x_train", "y_train", "x_test", "y_test"):
                     arrays[key] = loaded[key]
+    except UserError:
+        raise  # already the message (UserError is a ValueError too)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         reason = " ".join(str(exc).split())[:200]
         if "pickle" in reason:  # numpy's hint is to load it unsafely: never

@@ -16,7 +16,10 @@ from distillrun.choices import ENSEMBLES, one_of
 
 
 def combine(member_logits: torch.Tensor, method: str, T: float = 1.0) -> torch.Tensor:
-    """Log-probabilities [N, C] of the ensemble at temperature T, from logits [M, N, C]."""
+    """The ensemble's log-probabilities [N, C] at temperature T, from its M members' raw
+    logits [M, N, C] (`method`: "arithmetic" or "geometric", see above). The result is what
+    `distillation_loss` takes as `teacher_log_probs` when T is the distillation temperature.
+    An unknown method raises ValueError."""
     log_p = F.log_softmax(member_logits.float() / T, dim=-1)
     if method == "arithmetic":
         return torch.logsumexp(log_p, dim=0) - math.log(member_logits.shape[0])

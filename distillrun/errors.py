@@ -1,8 +1,9 @@
 """The exceptions that turn into a one-line message: UserError (exit code 2) and Terminated."""
 
 
-class UserError(Exception):
-    """Bad input the user can fix: the message names the problem and the fix, in one line."""
+class UserError(ValueError):
+    """Bad input the user can fix: the message names the problem and the fix, in one line.
+    A ValueError, so library callers can catch it as one."""
 
 
 class Terminated(KeyboardInterrupt):

@@ -35,7 +35,17 @@ def distillation_loss(
     T: float,
     alpha: float,
 ) -> torch.Tensor:
-    """The paper's loss. `labels=None` (an unlabeled transfer set) keeps the soft term only."""
+    """The paper's loss: alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE(labels, q_1).
+
+    student_logits [N, C]: the student's raw logits (at T = 1; divided by T here).
+    teacher_log_probs [N, C]: the teacher's *log-probabilities at temperature T*, not its
+        logits: e.g. `combine(member_logits, "arithmetic", T)`, or
+        `log_softmax(teacher_logits / T, dim=1)` for one teacher.
+    labels [N] (class ids) or None: None (an unlabeled transfer set) keeps the soft term only.
+    T > 0; alpha in [0, 1] weights the *soft* term, as in the paper (alpha=0: hard labels
+        only). Some tools use the opposite convention.
+    Returns the mean over the N examples (a scalar).
+    """
     soft = soft_loss(student_logits, teacher_log_probs, T)
     if labels is None:
         return soft

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -164,8 +165,11 @@ def checkpoint(
     }
 
 
-def load_model(path: Any, device: torch.device | str = "cpu") -> nn.Module:
-    """Rebuild and load a model saved with `checkpoint`; a bad file is a one-line UserError."""
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+    """The model in a distillrun checkpoint (`member_<i>.pt`, `student.pt`, `baseline.pt`,
+    `specialist_<m>.pt` of a run folder), rebuilt from the architecture it records, on `device`
+    and in eval mode. Loaded with weights_only: nothing in the file is run. A missing, damaged
+    or foreign file raises UserError (a ValueError) naming the file and the fix."""
     from distillrun.artifacts import load_tensors
 
     ckpt = load_tensors(path, map_location=device)

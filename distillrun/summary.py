@@ -31,6 +31,7 @@ TABLE = (
     ("agrees with teachers", "teacher_agreement"),
     ("hard-label errors", "baseline_test_errors"),
     ("inference speedup", "inference_speedup"),
+    ("diverged", "diverged"),  # 1 where a model of the run looks diverged
 )
 # Horizontal reference lines on the plots: (label, manifest metric).
 REFERENCES = (
@@ -91,7 +92,7 @@ def _row(source: str, folder: Path) -> Row:
     metrics = {
         k: float(v)
         for k, v in (manifest.get("metrics") or {}).items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool)
+        if isinstance(v, (int, float)) and (not isinstance(v, bool) or k == "diverged")
     }
     return Row(
         source,

@@ -1,12 +1,13 @@
-"""The training loop and the metrics, shared by every stage.
+"""The training loop, shared by every stage.
 
 Data lives on the device as tensors; a batch is an index slice of a random permutation, never a
 per-sample DataLoader. The loss is a function of (logits, batch indices), so the same loop
 trains teachers on labels and students on cached teacher outputs looked up by example index.
 
-With a `state_path`, `fit` writes a resumable checkpoint after every epoch (model, optimiser,
-scheduler, best-so-far state, history and every random-number state) and, resuming, continues
-from it: the resumed run reaches exactly the numbers of an uninterrupted one on the CPU.
+With a `state_path`, `fit` writes a resumable checkpoint (model, optimiser, scheduler,
+best-so-far state, history and every random-number state) at the end of an epoch, at most every
+`checkpoint_every` seconds, and, resuming, continues from it: the resumed run reaches exactly
+the numbers of an uninterrupted one on the CPU, from whichever epoch was saved.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from __future__ import annotations
 import copy
 import math
 import random
+import signal
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,7 @@ from torch import nn
 
 from distillrun import artifacts
 from distillrun.choices import one_of
-from distillrun.errors import UserError
+from distillrun.errors import Terminated, UserError, raise_terminated
 from distillrun.metrics import classification_metrics
 from distillrun.models import apply_max_norm
 
@@ -135,6 +138,23 @@ def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
     return list(zip(starts, [*starts[1:], n], strict=True))
 
 
+@dataclass(frozen=True)
+class TrainSettings:
+    """How `fit` trains a model. Stages build it from their config (`train.*`, `optim`,
+    `model.max_norm`) with `stages.common.train_settings`; a new training option goes here."""
+
+    optim: Mapping[str, Any]  # an optim config: name, lr, schedule, ... (conf/optim/*.yaml)
+    epochs: int = 10
+    batch_size: int = 128
+    eval_batch_size: int = 1024
+    seed: int = 0  # batch order, jitter and anything else random in the loop
+    max_norm: float | None = None  # per-unit weight norm bound after every step
+    jitter_pixels: int = 0  # random translations of images by up to this many pixels
+    # A resumable checkpoint at most every this many seconds (0: after every epoch), and always
+    # after the last epoch and when SIGTERM stops a run.
+    checkpoint_every: float = 60.0
+
+
 @dataclass
 class Fit:
     """What a training run ended with: the model at its selected epoch and the history."""
@@ -143,6 +163,7 @@ class Fit:
     best_epoch: int
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    diverged: str | None = None  # why training looks diverged, or None
 
 
 # --- resumable checkpoints ---------------------------------------------------------------------
@@ -199,6 +220,7 @@ class _Progress:
     best_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    initial_loss: float = math.nan  # the loss of the first batch, before any step
 
 
 def _save_state(
@@ -227,6 +249,7 @@ def _save_state(
             "best_epoch": progress.best_epoch,
             "history": progress.history,
             "seconds": progress.seconds,
+            "initial_loss": progress.initial_loss,
             "rng": rng_state(generator, device),
         },
     )
@@ -257,6 +280,7 @@ def _load_state(
             best_epoch=int(ckpt["best_epoch"]),
             history=list(ckpt["history"]),
             seconds=float(ckpt["seconds"]),
+            initial_loss=float(ckpt.get("initial_loss", math.nan)),
         )
     except (AttributeError, KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
         reason = " ".join(str(e).split())[:120] or type(e).__name__
@@ -269,20 +293,54 @@ def _load_state(
     return progress, bool(ckpt["finished"])
 
 
+def divergence(history: list[dict[str, Any]], initial_loss: float, chance: float) -> str | None:
+    """Why a finished training run looks diverged, or None: its training loss ended far above
+    the first batch's, or its validation accuracy never left chance (`chance`: the share of
+    the most common validation label) while the loss did not fall."""
+    if not history:
+        return None
+    final = history[-1]["train_loss"]
+    if final > 10 * initial_loss:
+        return f"the training loss ended at {final:.3g}, up from {initial_loss:.3g} at the start"
+    best = max((r["val_accuracy"] for r in history if "val_accuracy" in r), default=None)
+    if best is not None and best <= chance + 0.02 and final >= 0.9 * initial_loss:
+        return (
+            f"the validation accuracy stayed at chance ({best:.3f}; always answering the most "
+            f"common class gives {chance:.3f}) and the training loss did not fall"
+        )
+    return None
+
+
+@contextmanager
+def _sigterm_at_epoch_end(enabled: bool) -> Iterator[list[int]]:
+    """In a stage (where SIGTERM already stops the run cleanly), SIGTERM during training lets
+    the epoch in progress finish, so that its checkpoint is written before the run stops; a
+    second SIGTERM stops at once. Yields a list that is non-empty once SIGTERM came."""
+    requested: list[int] = []
+
+    def defer(signum: int, frame: Any) -> None:
+        if requested:
+            raise_terminated(signum, frame)
+        requested.append(signum)
+
+    if not enabled or signal.getsignal(signal.SIGTERM) is not raise_terminated:
+        yield requested
+        return
+    signal.signal(signal.SIGTERM, defer)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGTERM, raise_terminated)
+
+
 def fit(
     model: nn.Module,
     x: torch.Tensor,
     loss_fn: LossFn,
+    settings: TrainSettings,
     *,
     x_val: torch.Tensor,
     y_val: torch.Tensor,
-    optim: Mapping[str, Any],
-    epochs: int,
-    batch_size: int,
-    seed: int,
-    jitter_pixels: int = 0,
-    max_norm: float | None = None,
-    eval_batch_size: int = 1024,
     on_epoch: Callable[[dict[str, Any]], None] = lambda record: None,
     on_batch: Callable[[], None] = lambda: None,
     state_path: Path | None = None,
@@ -297,77 +355,120 @@ def fit(
     validation errors (then the lowest validation NLL) is kept. With no validation split the
     last epoch is kept. The test set is never looked at here.
 
-    With `state_path`, a resumable checkpoint is written there after every epoch and, once
-    training ends, replaced by the selected model alone. With `resume`, training continues
-    from that file (a finished one is simply loaded); `on_resume` gets the history so far.
+    With `state_path`, a resumable checkpoint is written there (see
+    `TrainSettings.checkpoint_every`) and, once training ends, replaced by the selected model
+    alone. With `resume`, training continues from that file (a finished one is simply loaded);
+    `on_resume` gets the history so far.
 
-    By default each epoch is a shuffled pass over `x` in batches of `batch_size`; `batches`
-    draws each epoch's index batches from the generator instead (specialists: half from their
-    classes, half from the rest). `val_view` maps validation logits to the labels of `y_val`.
+    By default each epoch is a shuffled pass over `x` in batches of `settings.batch_size`;
+    `batches` draws each epoch's index batches from the generator instead (specialists: half
+    from their classes, half from the rest). `val_view` maps validation logits to the labels of
+    `y_val`.
     """
-    generator = torch.Generator().manual_seed(seed)
-    opt, sched = make_optimizer(model.parameters(), optim, epochs)
-    progress = _Progress(best_epoch=epochs)
+    s = settings
+    generator = torch.Generator().manual_seed(s.seed)
+    opt, sched = make_optimizer(model.parameters(), s.optim, s.epochs)
+    progress = _Progress(best_epoch=s.epochs)
     if resume and state_path is not None and state_path.is_file():
-        progress, finished = _load_state(state_path, epochs, model, opt, sched, generator)
+        progress, finished = _load_state(state_path, s.epochs, model, opt, sched, generator)
         on_resume(progress.history)
         if finished:
             model.eval()
-            return Fit(model, progress.best_epoch, progress.history, progress.seconds)
-    n = len(x)
+            return _finish(model, progress, y_val)
+    saved_epoch, saved_at = progress.epoch, time.monotonic()
     model.train()
-    for epoch in range(progress.epoch + 1, epochs + 1):
-        t0 = time.perf_counter()
-        if batches is None:
-            perm = torch.randperm(n, generator=generator).to(x.device)
-            epoch_batches: Iterable[torch.Tensor] = (
-                perm[start:stop] for start, stop in batch_bounds(n, batch_size)
+    with _sigterm_at_epoch_end(state_path is not None) as sigterm:
+        for epoch in range(progress.epoch + 1, s.epochs + 1):
+            t0 = time.perf_counter()
+            if batches is None:
+                perm = torch.randperm(len(x), generator=generator).to(x.device)
+                epoch_batches: Iterable[torch.Tensor] = (
+                    perm[start:stop] for start, stop in batch_bounds(len(x), s.batch_size)
+                )
+            else:
+                epoch_batches = batches(generator)
+            lr = opt.param_groups[0]["lr"]
+            train_loss = _train_epoch(
+                model, x, loss_fn, s, opt, epoch_batches, generator, progress, on_batch
             )
-        else:
-            epoch_batches = batches(generator)
-        total, seen = torch.zeros((), device=x.device), 0
-        for idx in epoch_batches:
-            xb = x[idx]
-            if jitter_pixels:
-                xb = jitter(xb, jitter_pixels, generator)
-            loss = loss_fn(model(xb), idx)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if max_norm:
-                apply_max_norm(model, max_norm)
-            total += loss.detach() * len(idx)  # no .item(): no device sync per batch
-            seen += len(idx)
-            on_batch()
-        lr = opt.param_groups[0]["lr"]
-        sched.step()
-        train_loss = float(total) / seen  # one sync per epoch, which also catches NaN and inf
-        if not math.isfinite(train_loss):
-            kept = f" (the checkpoint of epoch {epoch - 1} is kept)" if epoch > 1 else ""
-            raise UserError(
-                f"the training loss became {train_loss} in epoch {epoch}{kept}: lower optim.lr "
-                "(or raise the temperature T, if distilling) and run again"
-            )
-        record: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": lr}
-        if len(y_val):
-            val_logits = predict(model, x_val, eval_batch_size)
-            if val_view is not None:
-                val_logits = val_view(val_logits)
-            record.update(classification_metrics(val_logits, y_val, "val"))
-            key = (record["val_errors"], record["val_nll"])
-            if key < progress.best:
-                progress.best, progress.best_epoch = key, epoch
-                progress.best_state = copy.deepcopy(model.state_dict())
-        record["seconds"] = time.perf_counter() - t0
-        progress.epoch = epoch
-        progress.history.append(record)
-        progress.seconds += record["seconds"]
-        if state_path is not None:
-            _save_state(state_path, progress, epochs, model, opt, sched, generator, x.device)
-        on_epoch(record)
+            sched.step()
+            if not math.isfinite(train_loss):
+                kept = f" (the checkpoint of epoch {saved_epoch} is kept)" if saved_epoch else ""
+                raise UserError(
+                    f"the training loss became {train_loss} in epoch {epoch}{kept}: lower "
+                    "optim.lr (or raise the temperature T, if distilling) and run again"
+                )
+            record: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": lr}
+            if len(y_val):
+                val_logits = predict(model, x_val, s.eval_batch_size)
+                if val_view is not None:
+                    val_logits = val_view(val_logits)
+                record.update(classification_metrics(val_logits, y_val, "val"))
+                key = (record["val_errors"], record["val_nll"])
+                if key < progress.best:
+                    progress.best, progress.best_epoch = key, epoch
+                    progress.best_state = copy.deepcopy(model.state_dict())
+            record["seconds"] = time.perf_counter() - t0
+            progress.epoch = epoch
+            progress.history.append(record)
+            progress.seconds += record["seconds"]
+            on_epoch(record)
+            stop = bool(sigterm)
+            # The last epoch is saved below, in the final form.
+            due = stop or time.monotonic() - saved_at >= s.checkpoint_every
+            if state_path is not None and due and epoch < s.epochs:
+                _save_state(state_path, progress, s.epochs, model, opt, sched, generator, x.device)
+                saved_epoch, saved_at = epoch, time.monotonic()
+            if stop and epoch < s.epochs:
+                raise Terminated
     if progress.best_state is not None:
         model.load_state_dict(progress.best_state)
     model.eval()
     if state_path is not None:
-        _save_state(state_path, progress, epochs, model, None, None, generator, x.device)
-    return Fit(model, progress.best_epoch, progress.history, progress.seconds)
+        _save_state(state_path, progress, s.epochs, model, None, None, generator, x.device)
+    if sigterm:  # it came during the last epoch: this model is saved, the run stops here
+        raise Terminated
+    return _finish(model, progress, y_val)
+
+
+def _train_epoch(
+    model: nn.Module,
+    x: torch.Tensor,
+    loss_fn: LossFn,
+    s: TrainSettings,
+    opt: torch.optim.Optimizer,
+    epoch_batches: Iterable[torch.Tensor],
+    generator: torch.Generator,
+    progress: _Progress,
+    on_batch: Callable[[], None],
+) -> float:
+    """One pass over the epoch's batches; the mean training loss (one device sync, which also
+    lets the caller catch NaN and inf)."""
+    total, seen = torch.zeros((), device=x.device), 0
+    for idx in epoch_batches:
+        xb = x[idx]
+        if s.jitter_pixels:
+            xb = jitter(xb, s.jitter_pixels, generator)
+        loss = loss_fn(model(xb), idx)
+        if math.isnan(progress.initial_loss):
+            progress.initial_loss = float(loss.detach())  # one sync, once per run
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if s.max_norm:
+            apply_max_norm(model, s.max_norm)
+        total += loss.detach() * len(idx)  # no .item(): no device sync per batch
+        seen += len(idx)
+        on_batch()
+    return float(total) / seen
+
+
+def _finish(model: nn.Module, progress: _Progress, y_val: torch.Tensor) -> Fit:
+    chance = float(torch.bincount(y_val).max()) / len(y_val) if len(y_val) else 0.0
+    return Fit(
+        model,
+        progress.best_epoch,
+        progress.history,
+        progress.seconds,
+        divergence(progress.history, progress.initial_loss, chance),
+    )

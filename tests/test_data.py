@@ -15,18 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import IDX_NAMES, idx_bytes, write_idx
 from omegaconf import OmegaConf
 from torchvision.datasets import CIFAR10, CIFAR100, MNIST
 
 from distillrun.data import Data, load_dataset
 from distillrun.errors import UserError
-
-IDX_NAMES = {
-    "train_x": "train-images-idx3-ubyte",
-    "train_y": "train-labels-idx1-ubyte",
-    "test_x": "t10k-images-idx3-ubyte",
-    "test_y": "t10k-labels-idx1-ubyte",
-}
 
 
 def one_line_error(excinfo: pytest.ExceptionInfo[UserError]) -> str:
@@ -117,12 +111,6 @@ def test_bad_config_is_a_user_error(over: dict, match: str) -> None:
 # --- MNIST / Fashion-MNIST: real IDX files ------------------------------------------------------
 
 
-def idx_bytes(array: np.ndarray) -> bytes:
-    """An uncompressed IDX file of uint8 data: magic 0x0000 08 <ndim>, big-endian sizes, data."""
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
-    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
-
-
 def fake_mnist() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     return {
@@ -131,12 +119,6 @@ def fake_mnist() -> dict[str, np.ndarray]:
         "test_x": rng.integers(0, 256, size=(20, 28, 28), dtype=np.uint8),
         "test_y": (np.arange(20, dtype=np.uint8) * 3) % 10,
     }
-
-
-def write_idx(raw: Path, arrays: dict[str, np.ndarray]) -> None:
-    raw.mkdir(parents=True, exist_ok=True)
-    for key, name in IDX_NAMES.items():
-        (raw / name).write_bytes(idx_bytes(arrays[key]))
 
 
 def idx_cfg(name: str, root: Path, **over: object) -> object:

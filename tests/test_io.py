@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_cli import assert_one_line_error, distillrun, manifest, runs
+from conftest import assert_one_line_error, distillrun, manifest, runs
 
 from distillrun.data import load_dataset
 from distillrun.errors import UserError

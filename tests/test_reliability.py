@@ -4,81 +4,57 @@ and a run folder that never looks complete when it is not."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import random
 import shlex
 import shutil
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_cli import DISTILLRUN, assert_one_line_error, distillrun, manifest, runs
+from conftest import (
+    ONE_THREAD,
+    assert_one_line_error,
+    distillrun,
+    manifest,
+    metric_lines,
+    runs,
+    signal_when,
+    start,
+    without_timings,
+)
 
 from distillrun import artifacts
-from distillrun.errors import UserError
+from distillrun.errors import Terminated, UserError, raise_terminated
 from distillrun.models import build_model
-from distillrun.train import fit
+from distillrun.train import TrainSettings, divergence, fit
 
-# Small enough for seconds, long enough to be killed in the middle of the second teacher.
+# Small enough for seconds, long enough to be killed in the middle of the second teacher; a
+# resumable checkpoint after every epoch, so that a kill lands between two of them.
+EVERY_EPOCH = "train.checkpoint_every=0"
 TEACHERS = [
     "teachers.n=2",
     "train.epochs=12",
     "train.batch_size=16",
     "model.hidden=[32]",
     "progress=false",
+    EVERY_EPOCH,
 ]
-STUDENT = ["train.epochs=12", "train.batch_size=16", "model.hidden=[16]", "progress=false"]
-# One thread: on a busy 2-core machine, two contending threads make tiny epochs 10x slower.
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+STUDENT = [
+    "train.epochs=12",
+    "train.batch_size=16",
+    "model.hidden=[16]",
+    "progress=false",
+    EVERY_EPOCH,
+]
 
 
 def cli(cwd: Path, *args: str, check: int | None = 0):
     return distillrun(cwd, *args, env=ONE_THREAD, check=check)
-
-
-TIMINGS = {"minutes", "seconds", "inference_speedup"}
-TIMINGS |= {"teacher_examples_per_s", "student_examples_per_s"}
-
-
-def without_timings(value):
-    """Metrics minus wall-clock times and speeds, which no two runs share."""
-    if isinstance(value, dict):
-        return {k: without_timings(v) for k, v in value.items() if k not in TIMINGS}
-    if isinstance(value, list):
-        return [without_timings(v) for v in value]
-    return value
-
-
-def metric_lines(folder: Path) -> list[dict]:
-    return [without_timings(json.loads(line)) for line in (folder / "metrics.jsonl").open()]
-
-
-def start(cwd: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [DISTILLRUN, *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "HYDRA_FULL_ERROR": "0", **ONE_THREAD},
-    )
-
-
-def signal_when(proc: subprocess.Popen, pattern: str, cwd: Path, signum: int) -> None:
-    """Send `signum` to `proc` as soon as a file matching `pattern` appears under cwd."""
-    deadline = time.monotonic() + 240
-    while not list(cwd.glob(pattern)):
-        assert proc.poll() is None, "the run ended before it could be stopped: " + str(
-            proc.communicate()
-        )
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.005)
-    proc.send_signal(signum)
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +75,7 @@ def copy_run(folder: Path, cwd: Path, name: str = "2026-01-01_00-00-00-000000") 
 # --- kill, resume, determinism ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_killed_run_is_never_consumed_and_resumes_to_the_same_numbers(
     reference: Path, tmp_path: Path
 ) -> None:
@@ -124,6 +101,7 @@ def test_a_killed_run_is_never_consumed_and_resumes_to_the_same_numbers(
         assert (killed / name).read_bytes() == (reference / name).read_bytes()
 
 
+@pytest.mark.slow
 def test_the_manifest_records_how_to_repeat_the_run(reference: Path) -> None:
     m = manifest(reference)
     assert m["command"] == shlex.join(["distillrun", "train-teachers", *TEACHERS])
@@ -134,6 +112,7 @@ def test_the_manifest_records_how_to_repeat_the_run(reference: Path) -> None:
     assert {"python", "torch", "numpy", "hydra-core"} <= set(m["libraries"])
 
 
+@pytest.mark.slow
 def test_ctrl_c_marks_the_run_interrupted_and_resume_keeps_its_teachers(
     reference: Path, tmp_path: Path
 ) -> None:
@@ -165,6 +144,7 @@ def test_ctrl_c_marks_the_run_interrupted_and_resume_keeps_its_teachers(
     assert metric_lines(folder) == metric_lines(whole)
 
 
+@pytest.mark.slow
 def test_resume_refuses_what_it_cannot_continue(reference: Path, tmp_path: Path) -> None:
     done = cli(tmp_path, "train-teachers", f"resume={reference}")
     assert "already complete; nothing to resume" in done.stdout
@@ -227,6 +207,7 @@ def other_class_count(logits: Path, tmp_path: Path) -> str:
     return "does not hold teacher logits for this dataset"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", [truncated, random_bytes, pickle_with_code])
 def test_each_kind_of_bad_file_gets_its_own_reason(damage, reference: Path, tmp_path: Path) -> None:
     path = tmp_path / "logits.pt"
@@ -247,6 +228,7 @@ def test_a_named_unfinished_run_says_how_to_finish_it(tmp_path: Path) -> None:
 
 
 # Through the command: the cache a distill run reads (the other kinds are covered just above).
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", [pickle_with_code, other_class_count])
 def test_bad_teacher_caches_are_one_line_errors_and_run_nothing(
     damage, reference: Path, tmp_path: Path
@@ -260,6 +242,7 @@ def test_bad_teacher_caches_are_one_line_errors_and_run_nothing(
     assert manifest(folder)["status"] == "failed"
 
 
+@pytest.mark.slow
 def test_a_resumable_checkpoint_of_another_architecture_is_refused(
     reference: Path, tmp_path: Path
 ) -> None:
@@ -279,6 +262,7 @@ def test_a_resumable_checkpoint_of_another_architecture_is_refused(
 # --- numerical and environment trouble ----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_nan_loss_stops_the_run_naming_the_epoch_and_the_fix(tmp_path: Path) -> None:
     args = ["optim=sgd", "optim.lr=1e30", "optim.momentum=0", *TEACHERS]
     result = cli(tmp_path, "train-teachers", *args, check=None)
@@ -287,6 +271,7 @@ def test_a_nan_loss_stops_the_run_naming_the_epoch_and_the_fix(tmp_path: Path) -
     assert manifest(folder)["status"] == "failed"
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_resumable(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
@@ -296,6 +281,7 @@ def test_a_full_disk_is_one_line_and_resumable(tmp_path: Path) -> None:
     assert manifest(run)["status"] == "failed"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "fragments"),
     [
@@ -321,6 +307,7 @@ def test_environment_and_config_trouble_is_one_line(
     assert_one_line_error(cli(tmp_path, "train-teachers", *args, *TEACHERS, check=None), *fragments)
 
 
+@pytest.mark.slow
 def test_an_npz_of_random_bytes_is_not_unpickled(tmp_path: Path) -> None:
     (tmp_path / "bad.npz").write_bytes(os.urandom(500))
     args = ["dataset=npz", f"dataset.path={tmp_path / 'bad.npz'}", *TEACHERS]
@@ -329,6 +316,7 @@ def test_an_npz_of_random_bytes_is_not_unpickled(tmp_path: Path) -> None:
     assert "allow_pickle" not in result.stderr
 
 
+@pytest.mark.slow
 def test_a_dataset_root_with_the_wrong_files_is_one_line(tmp_path: Path) -> None:
     raw = tmp_path / "data" / "MNIST" / "raw"
     raw.mkdir(parents=True)
@@ -344,18 +332,24 @@ def test_a_dataset_root_with_the_wrong_files_is_one_line(tmp_path: Path) -> None
 OPTIM = {"name": "adam", "lr": 0.01, "betas": [0.9, 0.999], "weight_decay": 0.0}
 
 
-def fit_resumable(model, x, y, state_path, epochs, resume=False, on_epoch=lambda r: None):
-    return fit(
-        model,
-        x,
-        lambda out, idx: F.cross_entropy(out, y[idx]),
-        x_val=x[:10],
-        y_val=y[:10],
-        optim={**OPTIM, "schedule": "cosine"},
+def fit_resumable(
+    model, x, y, state_path, epochs, resume=False, on_epoch=lambda r: None, checkpoint_every=0
+):
+    settings = TrainSettings(
+        {**OPTIM, "schedule": "cosine"},
         epochs=epochs,
         batch_size=8,
         seed=3,
         jitter_pixels=1 if x.dim() == 4 else 0,
+        checkpoint_every=checkpoint_every,
+    )
+    return fit(
+        model,
+        x,
+        lambda out, idx: F.cross_entropy(out, y[idx]),
+        settings,
+        x_val=x[:10],
+        y_val=y[:10],
         state_path=state_path,
         resume=resume,
         on_epoch=on_epoch,
@@ -408,12 +402,9 @@ def test_a_nan_loss_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
             model,
             x,
             loss_fn,
+            TrainSettings({**OPTIM, "schedule": "constant"}, 5, 8, checkpoint_every=0),
             x_val=x[:0],
             y_val=torch.zeros(0, dtype=torch.long),
-            optim={**OPTIM, "schedule": "constant"},
-            epochs=5,
-            batch_size=8,
-            seed=0,
             state_path=tmp_path / "s.pt",
         )
     assert torch.load(tmp_path / "s.pt", weights_only=True)["epoch"] == 2
@@ -443,3 +434,115 @@ def test_a_nearly_full_disk_is_refused_before_hydra_writes(tmp_path: Path, monke
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 2**20, 2**20))
     with pytest.raises(UserError, match="only 1 MB free under paths.output_root"):
         cli._check_output_root(str(tmp_path))
+
+
+# --- checkpoint cadence, SIGTERM, divergence, the folder lock -------------------------------
+
+
+def test_sigterm_finishes_the_epoch_and_writes_its_checkpoint_whatever_the_cadence(
+    tmp_path: Path,
+) -> None:
+    x = torch.randn(60, 6, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 3, (60,), generator=torch.Generator().manual_seed(1))
+    cfg = {"name": "mlp", "hidden": [8], "dropout": 0.3}
+
+    def run(path: Path, resume: bool = False, on_epoch=lambda r: None):
+        torch.manual_seed(0)
+        model = build_model(cfg, (6,), 3)
+        # 60 s, the default: never within these short epochs
+        return fit_resumable(model, x, y, path, 5, resume, on_epoch, checkpoint_every=60)
+
+    whole = run(tmp_path / "whole.pt")
+
+    def ctrl_c_at_3(record):
+        if record["epoch"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "c.pt", on_epoch=ctrl_c_at_3)
+    assert not (tmp_path / "c.pt").exists()  # within the cadence: nothing written mid-run
+
+    def sigterm_at_2(record):
+        if record["epoch"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)  # as in a stage
+    try:
+        with pytest.raises(Terminated):
+            run(tmp_path / "t.pt", on_epoch=sigterm_at_2)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    saved = torch.load(tmp_path / "t.pt", weights_only=True)
+    assert saved["epoch"] == 2 and not saved["finished"]
+    resumed = run(tmp_path / "t.pt", resume=True)
+    assert without_timings(resumed.history) == without_timings(whole.history)
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
+def test_divergence_is_told_from_the_history() -> None:
+    def history(losses, accuracies):
+        return [
+            {"train_loss": loss, "val_accuracy": acc}
+            for loss, acc in zip(losses, accuracies, strict=True)
+        ]
+
+    assert "ended at 5e+10" in divergence(history([1e26, 5e10], [0.1, 0.1]), 2.3, 0.1)
+    stuck = divergence(history([2.3, 2.3], [0.1, 0.11]), 2.3, 0.1)
+    assert "stayed at chance" in stuck and "0.110" in stuck
+    assert divergence(history([2.0, 1.2], [0.1, 0.11]), 2.3, 0.1) is None  # learning, slowly
+    assert divergence(history([1.0, 0.5], [0.6, 0.9]), 2.3, 0.1) is None
+    assert divergence([], 2.3, 0.1) is None
+
+
+def test_the_folder_lock_admits_one_process(tmp_path: Path) -> None:
+    held = artifacts.lock_run_folder(tmp_path)
+    assert artifacts.is_locked(tmp_path)
+    with pytest.raises(UserError, match="in use by another distillrun process"):
+        artifacts.lock_run_folder(tmp_path)
+    held.close()  # what the OS does when the process dies, however it dies
+    assert not artifacts.is_locked(tmp_path)
+    artifacts.lock_run_folder(tmp_path).close()
+    assert not artifacts.is_locked(tmp_path / "nothing")
+
+
+@pytest.mark.slow
+def test_a_running_folder_is_refused_to_a_second_process(reference: Path, tmp_path: Path) -> None:
+    proc = start(tmp_path, "train-teachers", *TEACHERS)
+    # SIGCONT changes nothing: this only waits until the run is under way
+    signal_when(proc, "outputs/train-teachers/*/resume/teacher_0.pt", tmp_path, signal.SIGCONT)
+    (folder,) = runs(tmp_path, "train-teachers")
+    hydra_files = {p.name: p.read_bytes() for p in (folder / ".hydra").iterdir()}
+    second = cli(tmp_path, "train-teachers", f"resume={folder}", check=None)
+    assert_one_line_error(second, f"resume={folder.resolve()} is still running")
+    same_dir = cli(tmp_path, "train-teachers", *TEACHERS, f"hydra.run.dir={folder}", check=None)
+    assert_one_line_error(same_dir, "is in use by another distillrun process")
+    assert {p.name: p.read_bytes() for p in (folder / ".hydra").iterdir()} == hydra_files
+    assert proc.wait(timeout=240) == 0  # the first run, undisturbed
+    assert without_timings(manifest(folder)["metrics"]) == without_timings(
+        manifest(reference)["metrics"]
+    )
+
+
+@pytest.mark.slow
+def test_a_diverging_run_completes_with_a_warning_and_the_flag(
+    reference: Path, tmp_path: Path
+) -> None:
+    teachers = copy_run(reference, tmp_path)
+    student = ["train.epochs=12", "train.batch_size=16", "model.hidden=[16]", "progress=false"]
+    args = ["-m", "optim.lr=0.001,1e12", "baseline=false", f"teachers={teachers}", *student]
+    result = cli(tmp_path, "distill", *args)
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert (
+        warnings == [warnings[0]]
+        and "distillrun distill: warning: student looks diverged: the training loss ended at"
+        in (warnings[0])
+    )
+    assert "lower optim.lr (now 1e+12)" in warnings[0]
+    sweep = next((tmp_path / "outputs/distill/multirun").iterdir())
+    fine, diverged = (manifest(sweep / job) for job in ("0", "1"))
+    assert fine["status"] == diverged["status"] == "complete"
+    assert "diverged" not in fine["metrics"] and diverged["metrics"]["diverged"] is True
+    assert "up from" in diverged["diverged_models"]["student"]
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert [r["diverged"] for r in rows] == ["", "1"]  # jobs 0 and 1

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_cli import manifest
-from test_data import write_idx
+from conftest import manifest, write_idx
 
 from distillrun import artifacts
 from distillrun.reproduce import GOALS, PAPER
+
+pytestmark = pytest.mark.slow  # the installed command, in subprocesses
 
 FAST = ["train.epochs=1", "progress=false"]
 REQUIRED = [  # the keys the issue asks report.json for

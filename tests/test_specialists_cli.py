@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 from pathlib import Path
 
 import pytest
 import torch
-from test_cli import assert_one_line_error, distillrun, manifest, runs
+from conftest import (
+    ONE_THREAD,
+    assert_one_line_error,
+    distillrun,
+    manifest,
+    metric_lines,
+    runs,
+    signal_when,
+    start,
+    without_timings,
+)
+
+pytestmark = pytest.mark.slow  # the installed command, in subprocesses
 
 DATA = [
     "dataset=hierarchical",
@@ -131,3 +144,30 @@ def test_bad_specialists_input_is_a_one_line_error(tmp_path: Path) -> None:
     assert_one_line_error(result, "no complete train-teachers run")
     result = distillrun(tmp_path, "specialists", "specialists.k=1", check=None)
     assert_one_line_error(result, "specialists.k=1")
+
+
+def test_a_specialists_run_killed_mid_specialist_resumes_to_the_same_numbers(
+    pipeline: Path, tmp_path: Path
+) -> None:
+    (generalist,) = runs(pipeline, "train-teachers")
+    args = [*SPECIALISTS, f"generalist={generalist}", "train.epochs=8", "train.checkpoint_every=0"]
+    whole = tmp_path / "whole"
+    distillrun(tmp_path, "specialists", *args, f"hydra.run.dir={whole}", env=ONE_THREAD)
+
+    proc = start(tmp_path, "specialists", *args)
+    # specialist 1's checkpoint appears after its first epoch: the kill lands inside it
+    signal_when(proc, "outputs/specialists/*/resume/specialist_1.pt", tmp_path, signal.SIGKILL)
+    assert proc.wait(timeout=120) == -signal.SIGKILL
+    (killed,) = runs(tmp_path, "specialists")
+    assert manifest(killed)["status"] == "running"
+    assert not (killed / "specialist_1.pt").exists()
+
+    distillrun(tmp_path, "specialists", f"resume={killed}", env=ONE_THREAD)
+    resumed, reference = manifest(killed), manifest(whole)
+    assert resumed["status"] == "complete" and len(resumed["resumed"]) == 1
+    assert without_timings(resumed["metrics"]) == without_timings(reference["metrics"])
+    assert metric_lines(killed) == metric_lines(whole)  # no line lost, none twice
+    assert (killed / "clusters.json").read_text() == (whole / "clusters.json").read_text()
+    for m in range(len(resumed["specialists"]["clusters"])):
+        name = f"specialist_{m}.pt"
+        assert (killed / name).read_bytes() == (whole / name).read_bytes(), name

@@ -12,12 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import DISTILLRUN, TINY_STUDENT, assert_one_line_error, distillrun, manifest
 from omegaconf import OmegaConf
-from test_cli import DISTILLRUN, TINY_STUDENT, assert_one_line_error, distillrun, manifest
 
 from distillrun import artifacts, summary
 from distillrun.cli import folders_to_override
 from distillrun.stages.common import job_threads
+
+pytestmark = pytest.mark.slow  # the installed command, in subprocesses
 
 TEACHER = ["teachers.n=1", "train.epochs=2", "model.hidden=[32]", "progress=false"]
 

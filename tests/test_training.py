@@ -12,7 +12,7 @@ from distillrun.errors import UserError
 from distillrun.metrics import classification_metrics
 from distillrun.models import apply_max_norm, build_model, checkpoint, load_model, output_layer
 from distillrun.stages.distill import fit_omit_bias, transfer_indices
-from distillrun.train import batch_bounds, fit, jitter
+from distillrun.train import TrainSettings, batch_bounds, fit, jitter
 
 OPTIM = {
     "name": "sgd",
@@ -27,18 +27,8 @@ OPTIM = {
 
 
 def fit_with_sgd(model, x, loss_fn, x_val, y_val, epochs, batch_size, **kwargs):
-    return fit(
-        model,
-        x,
-        loss_fn,
-        x_val=x_val,
-        y_val=y_val,
-        optim=OPTIM,
-        epochs=epochs,
-        batch_size=batch_size,
-        seed=0,
-        **kwargs,
-    )
+    settings = TrainSettings(OPTIM, epochs=epochs, batch_size=batch_size, seed=0)
+    return fit(model, x, loss_fn, settings, x_val=x_val, y_val=y_val, **kwargs)
 
 
 def test_jitter_translates_each_image_by_at_most_k_pixels():
@@ -247,3 +237,17 @@ def test_batchnorm_model_trains_when_the_last_batch_would_hold_one_example():
         batch_size=4,
     )
     assert result.best_epoch == 1
+
+
+@pytest.mark.gpu
+def test_fit_trains_on_cuda_with_the_data_on_the_device() -> None:
+    device = torch.device("cuda")
+    x = torch.randn(64, 5, device=device)
+    y = (x[:, 0] > 0).long()
+    torch.manual_seed(0)
+    model = build_model({"name": "mlp", "hidden": [16]}, (5,), 2).to(device)
+    fitted = fit_with_sgd(
+        model, x, lambda out, idx: F.cross_entropy(out, y[idx]), x[:16], y[:16], 20, 16
+    )
+    assert next(fitted.model.parameters()).device.type == "cuda"
+    assert fitted.history[-1]["train_loss"] < fitted.history[0]["train_loss"]

@@ -27,9 +27,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from distillrun import artifacts
 from distillrun.config import RESUME_ENV, validate
-from distillrun.console import error_line
+from distillrun.console import error_line, training_bars, warning_line
 from distillrun.errors import UserError, interrupted_exit_code, raise_terminated
-from distillrun.train import make_deterministic, pick_device
+from distillrun.train import (
+    Fit,
+    TrainSettings,
+    batch_bounds,
+    fit,
+    make_deterministic,
+    pick_device,
+)
 
 RESUME_DIR = "resume"  # resumable checkpoints of the models in training; removed once complete
 ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
@@ -47,6 +54,7 @@ class Run:
     resuming: bool = False
     record: dict[str, Any] = field(default_factory=dict)  # the manifest while running
     manifest_written: bool = False
+    diverged: dict[str, str] = field(default_factory=dict)  # model label -> why
 
     def write_manifest(self, record: dict[str, Any], **extra: Any) -> None:
         artifacts.write_manifest(self.dir, **record, inputs=self.inputs, **self.info, **extra)
@@ -87,6 +95,22 @@ def run_stage(
     validation split) for Hydra's optimising sweepers."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    try:
+        lock = artifacts.lock_run_folder(run_dir)
+    except UserError as e:  # another process runs in this folder: leave everything as it is
+        error_line(stage, str(e))
+        sys.exit(2)
+    with lock:  # for the life of the run; the OS releases it if the process is killed
+        return _run_locked(stage, cfg, body, hydra_cfg, run_dir)
+
+
+def _run_locked(
+    stage: str,
+    cfg: DictConfig,
+    body: Callable[[DictConfig, Run], dict[str, Any]],
+    hydra_cfg: DictConfig,
+    run_dir: Path,
+) -> float | None:
     resuming = os.environ.pop(RESUME_ENV, None) == str(run_dir.resolve())
     config = OmegaConf.to_container(cfg, resolve=True)
     record: dict[str, Any] = {
@@ -117,6 +141,9 @@ def run_stage(
         with _sigterm_interrupts():
             metrics = body(cfg, run)
         done = {**record, "status": "complete", "ended": artifacts.now()}
+        if run.diverged:  # the run completes, flagged (the sweep summary shows the flag)
+            metrics["diverged"] = True
+            done["diverged_models"] = run.diverged
         run.write_manifest(done, metrics=metrics)
     except BaseException as e:
         if _fail(run, record, e):
@@ -236,6 +263,20 @@ def _user_message(run: Run, error: BaseException) -> str | None:
     return None
 
 
+def train_settings(cfg: DictConfig, seed: int, **changes: Any) -> TrainSettings:
+    """The training settings of a stage's config (`train.*`, `optim`, `model.max_norm`)."""
+    settings: dict[str, Any] = {
+        "optim": OmegaConf.to_container(cfg.optim, resolve=True),
+        "epochs": cfg.train.epochs,
+        "batch_size": cfg.train.batch_size,
+        "eval_batch_size": cfg.train.eval_batch_size,
+        "seed": seed,
+        "max_norm": (cfg.get("model") or {}).get("max_norm"),
+        "checkpoint_every": cfg.train.checkpoint_every,
+    }
+    return TrainSettings(**{**settings, **changes})
+
+
 def train_one(
     run: Run,
     cfg: DictConfig,
@@ -245,40 +286,42 @@ def train_one(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x_val: torch.Tensor,
     y_val: torch.Tensor,
-    seed: int,
-    jitter_pixels: int = 0,
-) -> Any:
+    settings: TrainSettings,
+    **options: Any,
+) -> Fit:
     """Train one model with progress bars, logging each epoch to metrics.jsonl as `label`, with
-    a resumable checkpoint per epoch; resuming, it continues (or just loads) that model."""
-    from distillrun.console import training_bars
-    from distillrun.train import batch_bounds, fit
-
-    batches = len(batch_bounds(len(x), cfg.train.batch_size))
-    with training_bars(cfg.progress, label, cfg.train.epochs, batches) as bars:
+    resumable checkpoints; resuming, it continues (or just loads) that model. `options` go to
+    `fit` (`batches`, `val_view`). A run that looks diverged gets a warning line, and its
+    manifest says so."""
+    batches = len(batch_bounds(len(x), settings.batch_size))
+    with training_bars(cfg.progress, label, settings.epochs, batches) as bars:
 
         def on_epoch(record: dict[str, Any]) -> None:
             run.log({"model": label, **record})
             bars.epoch(record)
 
         try:
-            return fit(
+            fitted = fit(
                 model,
                 x,
                 loss_fn,
+                settings,
                 x_val=x_val,
                 y_val=y_val,
-                optim=cfg.optim,
-                epochs=cfg.train.epochs,
-                batch_size=cfg.train.batch_size,
-                seed=seed,
-                jitter_pixels=jitter_pixels,
-                max_norm=cfg.model.get("max_norm"),
-                eval_batch_size=cfg.train.eval_batch_size,
                 on_epoch=on_epoch,
                 on_batch=bars.batch,
                 state_path=run.state_path(label),
                 resume=run.resuming,
                 on_resume=lambda history: run.restore_log(label, history),
+                **options,
             )
         except UserError as e:
             raise UserError(f"{label}: {e}") from e
+    if fitted.diverged:
+        run.diverged[label] = fitted.diverged
+        warning_line(
+            run.stage,
+            f"{label} looks diverged: {fitted.diverged}; lower optim.lr "
+            f"(now {settings.optim['lr']:g}) and run again",
+        )
+    return fitted

@@ -28,7 +28,7 @@ from distillrun.errors import UserError
 from distillrun.losses import LOSSES
 from distillrun.metrics import agreement, classification_metrics
 from distillrun.models import build_model, checkpoint, count_parameters, load_model, output_layer
-from distillrun.stages.common import Run, run_stage, train_one
+from distillrun.stages.common import Run, run_stage, train_one, train_settings
 from distillrun.teachers import Teachers, find_teachers, parse_source, teacher_logits
 from distillrun.train import predict
 
@@ -128,14 +128,15 @@ def distill(cfg: DictConfig, run: Run) -> dict[str, Any]:
     def train_student(label: str, fn: Any) -> tuple[torch.nn.Module, Any]:
         torch.manual_seed(cfg.seed)  # the same initialisation for student and baseline
         model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
-        fitted = train_one(run, cfg, label, model, x, fn, data.x_val, y_val, cfg.seed)
+        settings = train_settings(cfg, cfg.seed)
+        fitted = train_one(run, cfg, label, model, x, fn, data.x_val, y_val, settings)
         artifacts.save_tensors(
             run.dir / f"{label.replace(' ', '_')}.pt",
             checkpoint(model, cfg.model, data.input_shape, data.num_classes),
         )
         return model, fitted
 
-    def report(model: torch.nn.Module) -> dict[str, Any]:
+    def scores(model: torch.nn.Module) -> dict[str, Any]:
         test_logits = predict(model, data.x_test, cfg.train.eval_batch_size)
         out = {
             **classification_metrics(
@@ -151,11 +152,11 @@ def distill(cfg: DictConfig, run: Run) -> dict[str, Any]:
     baseline: dict[str, Any] = {}
     if cfg.baseline and not (labels and alpha == 0):
         base_model, base_fit = train_student("baseline", lambda out, b: F.cross_entropy(out, y[b]))
-        baseline = {**report(base_model), "best_epoch": base_fit.best_epoch}
+        baseline = {**scores(base_model), "best_epoch": base_fit.best_epoch}
         say(f"  hard-label student: {baseline['test_errors']} test errors")
 
     student, fitted = train_student("student", loss_fn)
-    metrics: dict[str, Any] = {**report(student), "best_epoch": fitted.best_epoch}
+    metrics: dict[str, Any] = {**scores(student), "best_epoch": fitted.best_epoch}
     metrics["minutes"] = fitted.seconds / 60
     if omit:
         val_logits = predict(student, data.x_val, cfg.train.eval_batch_size)
@@ -172,7 +173,7 @@ def distill(cfg: DictConfig, run: Run) -> dict[str, Any]:
                 run.dir / "student.pt",
                 checkpoint(student, cfg.model, data.input_shape, data.num_classes),
             )
-            metrics.update(report(student))
+            metrics.update(scores(student))
         metrics.update(uncorrected, omit_bias=bias)
 
     teacher_metrics = classification_metrics(teacher_test, y_test, "test")

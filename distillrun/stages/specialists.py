@@ -36,10 +36,9 @@ from distillrun.specialists import (
     specialist_from,
     specialist_view,
 )
-from distillrun.stages.common import Run, run_stage
+from distillrun.stages.common import Run, run_stage, train_one, train_settings
 from distillrun.stages.train_teachers import dataset_info
 from distillrun.teachers import check_data, load_run_logits
-from distillrun.train import fit
 
 GENERALIST_STAGE = "train-teachers"
 
@@ -134,87 +133,11 @@ def specialists(cfg: DictConfig, run: Run) -> dict[str, Any]:
 
     indices = list(range(len(clusters))) if s.index is None else [int(s.index)]
     full = bool(s.soft_targets)
-    max_norm = generalist_run.get("config", {}).get("model", {}).get("max_norm")
     model_cfg = generalist_run.get("config", {}).get("model", {})
-    y, y_val, n = data.y_train, data.y_val, len(data.y_train)
-    trained = []
-    for m in indices:
-        classes = clusters[m]
-        in_s = torch.isin(y, torch.tensor(classes, device=device))
-        special, rest = torch.nonzero(in_s).flatten(), torch.nonzero(~in_s).flatten()
-        shift = math.log(oversampling_factor(len(special), n))
-        rest_classes = torch.tensor(
-            [c for c in range(data.num_classes) if c not in set(classes)], device=device
-        )
-        if full:
-
-            def loss_fn(out: torch.Tensor, b: torch.Tensor, rc: Any = rest_classes) -> Any:
-                return soft_target_loss(out, y[b], train_log_p[b], rc)
-        else:
-            target = dustbin_targets(y, classes, data.num_classes)
-
-            def loss_fn(out: torch.Tensor, b: torch.Tensor, t: Any = target) -> Any:
-                return F.cross_entropy(out, t[b])
-
-        def val_view(
-            logits: torch.Tensor, cl: Any = classes, rc: Any = rest_classes, sh: float = shift
-        ) -> Any:
-            # Selected on natural data, so judged with the dustbin correction applied.
-            shifted = logits.clone()
-            if full:
-                shifted[:, rc] += sh
-            else:
-                shifted[:, -1] += sh
-            return specialist_view(shifted, cl)
-
-        torch.manual_seed(cfg.seed + m)
-        model = specialist_from(generalist, classes, full).to(device)
-        label = f"specialist {m}"
-        try:
-            fitted = fit(
-                model,
-                data.x_train,
-                loss_fn,
-                x_val=data.x_val,
-                y_val=dustbin_targets(y_val, classes, data.num_classes),
-                optim=cfg.optim,
-                epochs=cfg.train.epochs,
-                batch_size=cfg.train.batch_size,
-                seed=cfg.seed + m,
-                max_norm=max_norm,
-                eval_batch_size=cfg.train.eval_batch_size,
-                on_epoch=lambda record, label=label: run.log({"model": label, **record}),
-                batches=lambda g, s=special, r=rest: half_and_half_batches(
-                    s, r, cfg.train.batch_size, g
-                ),
-                val_view=val_view,
-            )
-        except UserError as e:
-            raise UserError(f"{label}: {e}") from e
-        correct_dustbin(model, classes, full, shift)
-        ckpt = checkpoint(model, model_cfg, data.input_shape, output_layer(model).out_features)
-        artifacts.save_tensors(
-            run.dir / f"specialist_{m}.pt",
-            {**ckpt, "classes": classes, "dustbin_correction": shift, "soft_targets": full},
-        )
-        best = fitted.history[fitted.best_epoch - 1] if fitted.history else {}
-        trained.append(
-            {
-                "index": m,
-                "classes": classes,
-                "train_examples": len(special),
-                "oversampling_factor": math.exp(shift),
-                "dustbin_correction": shift,
-                "best_epoch": fitted.best_epoch,
-                "val_accuracy": best.get("val_accuracy"),
-                "seconds": fitted.seconds,
-            }
-        )
-        say(
-            f"  specialist {m}: classes {classes}, dustbin logit +{shift:.3f} "
-            f"(oversampled {math.exp(shift):.1f}x), epoch {fitted.best_epoch} of "
-            f"{cfg.train.epochs}, {fitted.seconds:.1f}s"
-        )
+    trained = [
+        train_specialist(run, cfg, data, generalist, model_cfg, m, clusters[m], train_log_p, full)
+        for m in indices
+    ]
 
     run.info["specialists"] = {
         "clusters": clusters,
@@ -239,3 +162,78 @@ def specialists(cfg: DictConfig, run: Run) -> dict[str, Any]:
     metrics["minutes"] = sum(t["seconds"] for t in trained) / 60
     metrics["members"] = trained
     return metrics
+
+
+def train_specialist(
+    run: Run,
+    cfg: DictConfig,
+    data: Data,
+    generalist: torch.nn.Module,
+    model_cfg: dict[str, Any],
+    m: int,
+    classes: list[int],
+    train_log_p: torch.Tensor,
+    full: bool,
+) -> dict[str, Any]:
+    """Specialist m: from the generalist's weights, on half-and-half batches, selected on the
+    validation split with its dustbin correction applied; saved as specialist_<m>.pt."""
+    device, y, n = run.device, data.y_train, len(data.y_train)
+    in_s = torch.isin(y, torch.tensor(classes, device=device))
+    special, rest = torch.nonzero(in_s).flatten(), torch.nonzero(~in_s).flatten()
+    shift = math.log(oversampling_factor(len(special), n))
+    rest_classes = torch.tensor(
+        [c for c in range(data.num_classes) if c not in set(classes)], device=device
+    )
+    target = dustbin_targets(y, classes, data.num_classes)
+
+    def loss_fn(out: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if full:
+            return soft_target_loss(out, y[b], train_log_p[b], rest_classes)
+        return F.cross_entropy(out, target[b])
+
+    def val_view(logits: torch.Tensor) -> torch.Tensor:
+        # Selected on natural data, so judged with the dustbin correction applied.
+        shifted = logits.clone()
+        if full:
+            shifted[:, rest_classes] += shift
+        else:
+            shifted[:, -1] += shift
+        return specialist_view(shifted, classes)
+
+    torch.manual_seed(cfg.seed + m)
+    model = specialist_from(generalist, classes, full).to(device)
+    fitted = train_one(
+        run,
+        cfg,
+        f"specialist {m}",
+        model,
+        data.x_train,
+        loss_fn,
+        data.x_val,
+        dustbin_targets(data.y_val, classes, data.num_classes),
+        train_settings(cfg, cfg.seed + m, max_norm=model_cfg.get("max_norm")),
+        batches=lambda g: half_and_half_batches(special, rest, cfg.train.batch_size, g),
+        val_view=val_view,
+    )
+    correct_dustbin(model, classes, full, shift)
+    ckpt = checkpoint(model, model_cfg, data.input_shape, output_layer(model).out_features)
+    artifacts.save_tensors(
+        run.dir / f"specialist_{m}.pt",
+        {**ckpt, "classes": classes, "dustbin_correction": shift, "soft_targets": full},
+    )
+    say(
+        f"  specialist {m}: classes {classes}, dustbin logit +{shift:.3f} "
+        f"(oversampled {math.exp(shift):.1f}x), epoch {fitted.best_epoch} of "
+        f"{cfg.train.epochs}, {fitted.seconds:.1f}s"
+    )
+    best = fitted.history[fitted.best_epoch - 1] if fitted.history else {}
+    return {
+        "index": m,
+        "classes": classes,
+        "train_examples": len(special),
+        "oversampling_factor": math.exp(shift),
+        "dustbin_correction": shift,
+        "best_epoch": fitted.best_epoch,
+        "val_accuracy": best.get("val_accuracy"),
+        "seconds": fitted.seconds,
+    }

@@ -22,7 +22,7 @@ from distillrun.ensemble import combine
 from distillrun.errors import UserError
 from distillrun.metrics import classification_metrics
 from distillrun.models import build_model, checkpoint, count_parameters
-from distillrun.stages.common import Run, run_stage, train_one
+from distillrun.stages.common import Run, run_stage, train_one, train_settings
 from distillrun.train import predict
 
 SPLITS = ("train", "val", "test")
@@ -89,8 +89,7 @@ def train_teachers(cfg: DictConfig, run: Run) -> dict[str, Any]:
             lambda out, idx: F.cross_entropy(out, y[idx]),
             data.x_val,
             data.y_val,
-            seed,
-            jitter,
+            train_settings(cfg, seed, jitter_pixels=jitter),
         )
         for split in SPLITS:
             logits[split].append(predict(model, getattr(data, f"x_{split}")).cpu())

@@ -1,0 +1,135 @@
+"""Shared helpers and settings of the test suite.
+
+Test modules import the helpers from here (`from conftest import distillrun, ...`), never from
+each other. Markers: `slow` (end-to-end runs of the installed command in a subprocess; `make
+test-fast` leaves them out) and `gpu` (needs CUDA; skipped without it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+DISTILLRUN = str(Path(sys.executable).parent / "distillrun")
+TINY_TEACHERS = [
+    "teachers.n=2",
+    "train.epochs=2",
+    "train.batch_size=32",
+    "model.hidden=[32]",
+    "progress=false",
+]
+TINY_STUDENT = ["train.epochs=2", "model.hidden=[16]", "progress=false"]
+
+
+def distillrun(cwd: Path, *args: str, env: dict[str, str] | None = None, check: int | None = 0):
+    result = subprocess.run(
+        [DISTILLRUN, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})},
+        timeout=300,
+    )
+    if check is not None:
+        assert result.returncode == check, result.stdout + result.stderr
+    return result
+
+
+def manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def runs(root: Path, stage: str) -> list[Path]:
+    base = root / "outputs" / stage
+    return sorted(p for p in base.iterdir() if p.name != "multirun") if base.is_dir() else []
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+# One thread: on a busy 2-core machine, two contending threads make tiny epochs 10x slower.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+TIMINGS = {"minutes", "seconds", "inference_speedup"}
+TIMINGS |= {"teacher_examples_per_s", "student_examples_per_s"}
+
+
+def without_timings(value):
+    """Metrics minus wall-clock times and speeds, which no two runs share."""
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if k not in TIMINGS}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
+def metric_lines(folder: Path) -> list[dict]:
+    return [without_timings(json.loads(line)) for line in (folder / "metrics.jsonl").open()]
+
+
+def start(cwd: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [DISTILLRUN, *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0", **ONE_THREAD},
+    )
+
+
+def signal_when(proc: subprocess.Popen, pattern: str, cwd: Path, signum: int) -> None:
+    """Send `signum` to `proc` as soon as a file matching `pattern` appears under cwd."""
+    deadline = time.monotonic() + 240
+    while not list(cwd.glob(pattern)):
+        assert proc.poll() is None, "the run ended before it could be stopped: " + str(
+            proc.communicate()
+        )
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.005)
+    proc.send_signal(signum)
+
+
+IDX_NAMES = {
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte",
+    "test_y": "t10k-labels-idx1-ubyte",
+}
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """An uncompressed IDX file of uint8 data: magic 0x0000 08 <ndim>, big-endian sizes, data."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def write_idx(raw: Path, arrays: dict[str, np.ndarray]) -> None:
+    raw.mkdir(parents=True, exist_ok=True)
+    for key, name in IDX_NAMES.items():
+        (raw / name).write_bytes(idx_bytes(arrays[key]))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if any("gpu" in item.keywords for item in items):
+        import torch
+
+        if not torch.cuda.is_available():
+            skip = pytest.mark.skip(reason="needs a CUDA GPU")
+            for item in items:
+                if "gpu" in item.keywords:
+                    item.add_marker(skip)
