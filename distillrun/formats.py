@@ -254,6 +254,8 @@ def latency(
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
     return "-" if v is None else str(v)
 
 

@@ -3,7 +3,8 @@
 A teachers source is one train-teachers run, a sweep folder of train-teachers jobs (e.g.
 `train-teachers -m seed=0,1,2,3,4`, one member per job, any launcher), or a list of such
 folders: every member of every run joins one ensemble. An evaluate run (a generalist plus its
-specialists) is a teacher too.
+specialists) is a teacher too, and an import-teachers run (teachers trained elsewhere) counts as
+a train-teachers run everywhere (artifacts.STANDS_IN_FOR).
 
 The teachers' logits on the train/val/test splits are computed once, by train-teachers, and
 saved with each run (logits.pt). A source of several runs stacks them once into

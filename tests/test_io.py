@@ -187,6 +187,20 @@ def test_predict_on_png_images_with_onnx_and_with_pytorch(
 
 
 @pytest.mark.slow
+def test_a_format_that_disagrees_fails_the_export_with_the_figures(
+    teachers: Path, tmp_path: Path
+) -> None:
+    from distillrun.formats import export_metrics, exportable, write_formats
+
+    exp = exportable(teachers, 0)
+    write_formats(exp, tmp_path)
+    with torch.no_grad():
+        exp.model.net[-1].bias.add_(0.01)  # the files no longer compute the model in memory
+    with pytest.raises(UserError, match=r"parity check failed.*eager 1\.00e-02.*tolerance 0\.0001"):
+        export_metrics(exp, tmp_path, 1e-4, 1, 256)
+
+
+@pytest.mark.slow
 def test_specialists_refuse_an_onnx_generalist_in_one_line(imported: Path, tmp_path: Path) -> None:
     result = distillrun(
         tmp_path,
@@ -299,6 +313,16 @@ def test_unsafe_and_mismatched_files_are_one_line_errors(digits, tmp_path: Path)
     torch.save(build_model(MLP, (1, 28, 28), 10).state_dict(), tmp_path / "big.pt")
     with pytest.raises(UserError, match="does not fit the architecture mlp"):
         _member(digits, tmp_path / "big.pt", "state_dict")
+    # ONNX and TorchScript models for 28x28 inputs.
+    big = build_model(MLP, (1, 28, 28), 10).eval()
+    torch.onnx.export(big, (torch.zeros(1, 1, 28, 28),), tmp_path / "big.onnx", dynamo=False)
+    with pytest.raises(UserError, match=r"takes inputs of shape \(1, 28, 28\) but .* \(1, 8, 8\)"):
+        _member(digits, tmp_path / "big.onnx", "onnx")
+    torch.jit.save(torch.jit.trace(big, torch.zeros(1, 1, 28, 28)), tmp_path / "big.ts")
+    with pytest.raises(
+        UserError, match=r"cannot run on this dataset's inputs of shape \(1, 8, 8\)"
+    ):
+        _member(digits, tmp_path / "big.ts", "torchscript")
     # Logits of the wrong length.
     np.savez(tmp_path / "short.npz", train=np.zeros((5, 10)), test=np.zeros((450, 10)))
     with pytest.raises(UserError, match="train has 5 rows.*whole training set \\(1347 rows\\)"):
