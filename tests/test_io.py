@@ -400,3 +400,56 @@ def test_every_member_kind_has_its_loader() -> None:
     from distillrun.imported import LOADERS
 
     assert tuple(LOADERS) == MEMBER_KINDS
+
+
+def test_which_model_a_run_exports(tmp_path: Path) -> None:
+    from distillrun.formats import classes_of, model_file
+
+    distill = {"stage": "distill"}
+    assert model_file(tmp_path, distill, None) == tmp_path / "student.pt"
+    with pytest.raises(UserError, match="drop member=1"):
+        model_file(tmp_path, distill, 1)
+    teachers = {"stage": "import-teachers", "metrics": {"members": [{}, {}]}}
+    assert model_file(tmp_path, teachers, 1) == tmp_path / "member_1.pt"
+    with pytest.raises(UserError, match="member=0..1"):
+        model_file(tmp_path, teachers, None)
+    with pytest.raises(UserError, match="use 0..1"):
+        model_file(tmp_path, teachers, 2)
+    with pytest.raises(UserError, match="evaluate run, which holds no model"):
+        model_file(tmp_path, {"stage": "evaluate"}, None)
+    (tmp_path / "clusters.json").write_text(json.dumps({"clusters": [[1, 2], [3, 4, 5]]}))
+    specialists = {"stage": "specialists", "metrics": {"members": [{}, {}]}}
+    assert model_file(tmp_path, specialists, 1) == tmp_path / "specialist_1.pt"
+    assert classes_of(tmp_path, specialists, 1, 4) == ["3", "4", "5", "dustbin"]
+    assert classes_of(tmp_path, specialists, 1, 10) == [str(c) for c in range(10)]  # full head
+
+
+def test_predict_reads_csv_rows_with_ids_and_refuses_other_shapes(tmp_path: Path) -> None:
+    from distillrun.formats import ensure_shape
+
+    (tmp_path / "x.csv").write_text("id,a,b,c,d\ncat,0,1,2,3\ndog,4,5,6,7\n")
+    ids, x = read_inputs(tmp_path / "x.csv", [2, 2])
+    assert ids == ["cat", "dog"] and x.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert ensure_shape(x, [1, 2, 2], "x.csv").shape == (2, 1, 2, 2)
+    with pytest.raises(UserError, match=r"shape \(4,\) but the model takes \(1, 8, 8\)"):
+        ensure_shape(x, [1, 8, 8], "x.csv")
+    (tmp_path / "ragged.csv").write_text("1,2\n3\n")
+    with pytest.raises(UserError, match="rows of \\[1, 2\\] values"):
+        read_inputs(tmp_path / "ragged.csv", [2])
+    with pytest.raises(UserError, match="not images"):
+        read_inputs(tmp_path, [4])
+
+
+def test_without_the_onnx_extra_one_line_says_how_to_get_it(monkeypatch) -> None:
+    import importlib.util
+
+    from distillrun.imported import need_onnx
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "onnxruntime" else real(name)
+    )
+    with pytest.raises(
+        UserError, match=r"onnxruntime, not installed: pip install 'distillrun\[onnx\]'"
+    ):
+        need_onnx()
