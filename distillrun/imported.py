@@ -29,6 +29,7 @@ from distillrun import artifacts
 from distillrun.choices import MEMBER_KINDS, one_of
 from distillrun.data import Data
 from distillrun.errors import UserError
+from distillrun.inputs import load_npz
 from distillrun.models import TORCHVISION, build_model, checkpoint, count_parameters
 
 SPLITS = ("train", "val", "test")
@@ -326,17 +327,9 @@ def _logits_file(
 ) -> Loaded:
     """`.npz` with train, val, test arrays aligned with our splits, or with `train` over the
     loader's whole training set (validation rows included, in their original order) and test."""
-    try:
-        with np.load(spec.path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, AttributeError) as e:
-        reason = " ".join(str(e).split())[:160]
-        if "pickle" in reason:
-            reason = "it would have to be unpickled, which could run code, so it was not loaded"
-        raise UserError(
-            f"{spec.path} is not a readable .npz of logits ({reason}): write it with "
-            "np.savez(path, train=..., val=..., test=...)"
-        ) from e
+    arrays = load_npz(
+        spec.path, "logits", "write it with np.savez(path, train=..., val=..., test=...)"
+    )
     sizes = {s: len(getattr(data, f"y_{s}")) for s in SPLITS}
     whole = sizes["train"] + sizes["val"]
     fix = (

@@ -69,25 +69,29 @@ def _images(path: Path, input_shape: list[int]) -> tuple[list[str], torch.Tensor
     return [f.name for f in files], torch.from_numpy(np.stack(arrays))
 
 
-def _npz(path: Path) -> tuple[list[str], torch.Tensor]:
-    """The array `x` (or `x_test`, or the only array) of an .npz file; ids are row numbers."""
+def load_npz(path: Path, what: str, fix: str) -> dict[str, np.ndarray]:
+    """Every array of an .npz file, never unpickling (which could run code); a file that cannot
+    be read is one UserError naming `what` it should be and the `fix`."""
     try:
         with np.load(path, allow_pickle=False) as npz:
-            keys = npz.files
-            key = next(
-                (k for k in ("x", "x_test") if k in keys), keys[0] if len(keys) == 1 else None
-            )
-            if key is None:
-                raise UserError(
-                    f"{path} holds arrays {', '.join(keys)}: name the inputs x "
-                    "(np.savez(path, x=...))"
-                )
-            x = npz[key]
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, AttributeError) as e:
+            if not hasattr(npz, "files"):
+                raise ValueError("it holds a single array (.npy), not named arrays")
+            return {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         reason = " ".join(str(e).split())[:160]
         if "pickle" in reason:
             reason = "it would have to be unpickled, which could run code, so it was not loaded"
-        raise UserError(f"{path} is not a readable .npz ({reason}): np.savez(path, x=...)") from e
+        raise UserError(f"{path} is not a readable .npz of {what} ({reason}): {fix}") from e
+
+
+def _npz(path: Path) -> tuple[list[str], torch.Tensor]:
+    """The array `x` (or `x_test`, or the only array) of an .npz file; ids are row numbers."""
+    arrays = load_npz(path, "inputs", "write it with np.savez(path, x=...)")
+    keys = list(arrays)
+    key = next((k for k in ("x", "x_test") if k in keys), keys[0] if len(keys) == 1 else None)
+    if key is None:
+        raise UserError(f"{path} holds arrays {', '.join(keys)}: name the inputs x (np.savez)")
+    x = arrays[key]
     if not np.issubdtype(x.dtype, np.number) or x.ndim < 2 or not np.isfinite(x).all():
         raise UserError(
             f"{path}: {key} has shape {x.shape} and dtype {x.dtype}: give finite numbers, one "

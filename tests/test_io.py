@@ -323,6 +323,10 @@ def test_unsafe_and_mismatched_files_are_one_line_errors(digits, tmp_path: Path)
         UserError, match=r"cannot run on this dataset's inputs of shape \(1, 8, 8\)"
     ):
         _member(digits, tmp_path / "big.ts", "torchscript")
+    # An .npz whose arrays would have to be unpickled.
+    np.savez(tmp_path / "objects.npz", train=np.array([{"a": 1}], dtype=object), test=np.zeros(1))
+    with pytest.raises(UserError, match="unpickled, which could run code, so it was not loaded"):
+        _member(digits, tmp_path / "objects.npz", "logits")
     # Logits of the wrong length.
     np.savez(tmp_path / "short.npz", train=np.zeros((5, 10)), test=np.zeros((450, 10)))
     with pytest.raises(UserError, match="train has 5 rows.*whole training set \\(1347 rows\\)"):
