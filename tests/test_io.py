@@ -201,6 +201,26 @@ def test_a_format_that_disagrees_fails_the_export_with_the_figures(
 
 
 @pytest.mark.slow
+def test_specialists_and_evaluate_take_an_imported_generalist(
+    imported: Path, tmp_path: Path
+) -> None:
+    distillrun(
+        tmp_path,
+        "specialists",
+        f"generalist={imported}",
+        "specialists.member=0",  # the state_dict member: PyTorch weights to fine-tune
+        "specialists.k=2",
+        "dataset=digits",
+        "debug=tiny",
+    )
+    distillrun(tmp_path, "evaluate", "progress=false")
+    (specialists,) = runs(tmp_path, "specialists")
+    (evaluate,) = runs(tmp_path, "evaluate")
+    assert manifest(specialists)["inputs"]["generalist"] == str(imported.resolve())
+    assert manifest(evaluate)["status"] == "complete"
+
+
+@pytest.mark.slow
 def test_specialists_refuse_an_onnx_generalist_in_one_line(imported: Path, tmp_path: Path) -> None:
     result = distillrun(
         tmp_path,
@@ -457,3 +477,16 @@ def test_without_the_onnx_extra_one_line_says_how_to_get_it(monkeypatch) -> None
         UserError, match=r"onnxruntime, not installed: pip install 'distillrun\[onnx\]'"
     ):
         need_onnx()
+
+
+def test_a_copy_of_a_loaded_model_checkpoints_its_own_architecture(tmp_path: Path) -> None:
+    """A specialist made from an imported generalist must not take the import run's `model`
+    config (which need not be the member's architecture) as its own."""
+    import copy
+
+    from distillrun.models import checkpoint, load_model
+
+    small = {"name": "mlp", "hidden": [4]}
+    torch.save(checkpoint(build_model(small, (3,), 2), small, (3,), 2), tmp_path / "m.pt")
+    specialist = copy.deepcopy(load_model(tmp_path / "m.pt"))
+    assert checkpoint(specialist, {"name": "mlp", "hidden": [1200]}, (3,), 2)["model"] == small
