@@ -431,7 +431,37 @@ def import_member(
             f"{label} outputs {classes} classes but dataset={data.name} has "
             f"{data.num_classes}: import a model trained on these classes"
         )
-    return Member(logits, loaded.params, loaded.checkpoint, info)
+    ckpt = loaded.checkpoint
+    if ckpt is not None and spec.input_scale != 1:
+        ckpt = None
+        info["no_checkpoint"] = f"its weights expect inputs times input_scale={spec.input_scale:g}"
+    elif ckpt is not None and spec.label_map is not None:
+        if _reorder_head(loaded.forward, spec.label_map, data.x_test.to(device), logits["test"]):
+            ckpt = {**ckpt, "state_dict": loaded.forward.state_dict()}
+        else:
+            ckpt = None
+            info["no_checkpoint"] = (
+                "label_map reorders its outputs and its last layer is not linear"
+            )
+    return Member(logits, loaded.params, ckpt, info)
+
+
+@torch.no_grad()
+def _reorder_head(
+    model: torch.nn.Module, label_map: list[int], x: torch.Tensor, expected: torch.Tensor
+) -> bool:
+    """Reorder the rows of the model's final linear layer so that its output c is our class c;
+    True when the model then gives the relabelled logits."""
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not linear or linear[-1].out_features != len(label_map):
+        return False
+    head = linear[-1]
+    inverse = torch.empty(len(label_map), dtype=torch.long)
+    inverse[torch.tensor(label_map)] = torch.arange(len(label_map))
+    head.weight.copy_(head.weight[inverse.to(head.weight.device)])
+    if head.bias is not None:
+        head.bias.copy_(head.bias[inverse.to(head.bias.device)])
+    return bool(torch.allclose(model(x).float().cpu(), expected, atol=1e-5, rtol=1e-5))
 
 
 def _relabel(t: torch.Tensor, label_map: list[int], num_classes: int, label: str) -> torch.Tensor:

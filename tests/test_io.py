@@ -26,7 +26,7 @@ from distillrun.imported import (
     near_chance,
 )
 from distillrun.inputs import read_inputs
-from distillrun.models import build_model
+from distillrun.models import build_model, load_model
 from distillrun.stages.predict import load_predictor
 
 TEACHERS = [
@@ -232,7 +232,7 @@ def test_specialists_refuse_an_onnx_generalist_in_one_line(imported: Path, tmp_p
         "progress=false",
         check=None,
     )
-    assert_one_line_error(result, "member_2.pt", "onnx import", "kind=state_dict")
+    assert_one_line_error(result, "member_2.pt", "imported as onnx", "kind=state_dict")
 
 
 @pytest.mark.slow
@@ -312,6 +312,13 @@ def test_safetensors_and_label_map(digits, tmp_path: Path) -> None:
     order = list(range(1, 10)) + [0]
     mapped = _member(digits, tmp_path / "m.safetensors", "state_dict", label_map=order)
     torch.testing.assert_close(mapped.logits["test"][:, order], member.logits["test"])
+    # Its checkpoint (for specialists and export) has the head's rows in our order too.
+    torch.save(mapped.checkpoint, tmp_path / "member.pt")
+    with torch.no_grad():
+        reordered = load_model(tmp_path / "member.pt")(digits.x_test)
+    torch.testing.assert_close(reordered, mapped.logits["test"])
+    scaled = _member(digits, tmp_path / "m.safetensors", "state_dict", input_scale=2.0)
+    assert scaled.checkpoint is None and "input_scale=2" in scaled.info["no_checkpoint"]
 
 
 def test_unsafe_and_mismatched_files_are_one_line_errors(digits, tmp_path: Path) -> None:

@@ -26,9 +26,9 @@ from distillrun.stages.common import Run, run_stage
 from distillrun.stages.train_teachers import dataset_info, ensemble_metrics
 
 NO_CHECKPOINT = (
-    "member {i} of this import-teachers run is a {kind} import, which has no PyTorch weights in "
-    "distillrun's format; specialists (which fine-tune the generalist's weights) and export need "
-    "one: import the member as kind=state_dict with its architecture, or use another member"
+    "member {i} of this import-teachers run has no PyTorch weights in distillrun's format ({why}); "
+    "specialists (which fine-tune the generalist's weights) and export need them: import the "
+    "member as kind=state_dict with its architecture, or use another member"
 )
 
 
@@ -61,7 +61,8 @@ def import_teachers(cfg: DictConfig, run: Run) -> dict[str, Any]:
         if member.checkpoint is not None:
             artifacts.save_tensors(target, member.checkpoint)
         else:
-            reason = NO_CHECKPOINT.format(i=i, kind=spec.kind)
+            why = member.info.get("no_checkpoint", f"it was imported as {spec.kind}")
+            reason = NO_CHECKPOINT.format(i=i, why=why)
             artifacts.write_bytes(target.with_name(target.name + artifacts.ABSENT), reason.encode())
         params.append(member.params)
         scores = {
