@@ -229,7 +229,8 @@ def latency(
     run: dict[str, Callable[[torch.Tensor], Any]], x: torch.Tensor, repeats: int
 ) -> dict[str, dict[str, float]]:
     """Median milliseconds per call of each format at batch 1 and 256 (test rows, repeated to
-    fill 256), after warm-up calls, in alternation so background load hits each alike."""
+    fill 256), after warm-up calls, in alternation so background load hits each alike. Every
+    runtime uses torch's thread count (`threads=`; ONNX Runtime's session is made so)."""
     batches = {n: x[torch.arange(n) % len(x)].contiguous() for n in (1, 256)}
     times: dict[str, dict[int, list[float]]] = {name: {n: [] for n in batches} for name in run}
     for fn in run.values():

@@ -308,6 +308,10 @@ def onnx_session(path: Path) -> tuple[Any, int]:
         params = sum(math.prod(t.dims) for t in proto.graph.initializer)
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: no warnings on the terminal
+        # As many threads as torch (`threads=`), and none spinning while idle (ORT's default),
+        # which would take the cores from torch when export times one after the other.
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnx raises DecodeError, ORT its own Fail / InvalidGraph, ...
         reason = " ".join(str(e).split())[:160] or type(e).__name__
