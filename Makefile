@@ -14,7 +14,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,launchers,tracking,search]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,launchers,tracking,search,onnx]"
 	touch $(STAMP)
 
 # The demo's settings were tuned on digits (1,213 training images of 8x8 pixels): five small

@@ -25,6 +25,9 @@ from typing import IO, Any
 from distillrun.errors import UserError
 
 MANIFEST = "manifest.json"
+# `<file>.absent` holds why a stage did not write `<file>` (e.g. an imported ONNX teacher has no
+# PyTorch checkpoint), so a consumer that needs the file fails with that reason.
+ABSENT = ".absent"
 LOCK = ".lock"  # held by the process running (or resuming) the run in this folder
 LIBRARIES = (
     "torch",
@@ -36,6 +39,18 @@ LIBRARIES = (
     "rich",
     "matplotlib",
 )
+
+
+# Runs of these stages stand in for runs of the key's stage wherever one is consumed: an
+# import-teachers run (teachers trained elsewhere) is a teachers run like a train-teachers run.
+STANDS_IN_FOR: dict[str, tuple[str, ...]] = {
+    "train-teachers": ("train-teachers", "import-teachers"),
+}
+
+
+def stages_for(stage: str) -> tuple[str, ...]:
+    """The stages whose complete runs a consumer of `stage` runs accepts."""
+    return STANDS_IN_FOR.get(stage, (stage,))
 
 
 _UMASK = os.umask(0)
@@ -88,6 +103,9 @@ def load_tensors(path: str | Path, map_location: Any = "cpu") -> Any:
 
     path = Path(path)
     if not path.is_file():
+        absent = path.with_name(path.name + ABSENT)
+        if absent.is_file():  # left out on purpose, and the stage said why
+            raise UserError(f"no {path.name} in {path.parent}: {absent.read_text().strip()}")
         raise UserError(f"missing file {path}: the run folder is incomplete; re-run its stage")
     try:
         with warnings.catch_warnings():
@@ -95,12 +113,12 @@ def load_tensors(path: str | Path, map_location: Any = "cpu") -> Any:
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise UserError(
-            f"cannot load {path}: {_why_unloadable(e)}; nothing in it was run. The file is "
+            f"cannot load {path}: {why_unloadable(e)}; nothing in it was run. The file is "
             "damaged or not a distillrun checkpoint: re-run the stage that wrote it"
         ) from e
 
 
-def _why_unloadable(e: Exception) -> str:
+def why_unloadable(e: Exception) -> str:
     text = str(e)
     if isinstance(e, EOFError) or "central directory" in text or "failed reading" in text:
         return "it is empty or truncated"
@@ -230,7 +248,9 @@ def is_locked(folder: Path) -> bool:
 
 def is_complete(manifest: dict[str, Any] | None, stage: str) -> bool:
     return (
-        bool(manifest) and manifest.get("status") == "complete" and manifest.get("stage") == stage
+        bool(manifest)
+        and manifest.get("status") == "complete"
+        and manifest.get("stage") in stages_for(stage)
     )
 
 
@@ -245,13 +265,15 @@ def sweep_jobs(folder: Path) -> list[Path]:
 
 
 def run_folders(output_root: Path, stage: str) -> list[Path]:
-    """Every run folder of a stage: single runs and the jobs of its sweeps."""
-    base = output_root / stage
-    if not base.is_dir():
-        return []
-    singles = [p for p in base.iterdir() if p.is_dir() and p.name != "multirun"]
-    jobs = [p for p in base.glob("multirun/*/*") if p.is_dir()]
-    return singles + jobs
+    """Every run folder of a stage (and of the stages that stand in for it): single runs and
+    the jobs of its sweeps."""
+    found = []
+    for name in stages_for(stage):
+        base = output_root / name
+        if base.is_dir():
+            found += [p for p in base.iterdir() if p.is_dir() and p.name != "multirun"]
+            found += [p for p in base.glob("multirun/*/*") if p.is_dir()]
+    return found
 
 
 def newest_complete_run(
@@ -301,7 +323,7 @@ def complete_run(folder: Path, stage: str) -> dict[str, Any]:
             f"{folder} is not a finished run (no {MANIFEST}): it was interrupted or is still "
             f"running; finish it with {resume} or pass another {stage} run"
         )
-    if manifest.get("stage") != stage:
+    if manifest.get("stage") not in stages_for(stage):
         raise UserError(
             f"{folder} is a {manifest.get('stage')} run, not a {stage} run: "
             f"pass the folder of a {stage} run"

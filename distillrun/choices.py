@@ -14,6 +14,8 @@ SCHEDULES = ("cosine", "step", "constant")  # train.SCHEDULES
 MODELS = ("mlp", "cnn", "resnet18")  # models.BUILDERS
 CLUSTERINGS = ("kmeans", "online")  # specialists.cluster_classes
 KL_OPTIMIZERS = ("preconditioned", "plain")  # inference.combine_kl
+NORMALIZATIONS = ("standardize", "none")  # data._finish: dataset.normalize
+MEMBER_KINDS = ("state_dict", "torchscript", "onnx", "logits")  # imported.LOADERS
 
 
 def one_of(names: tuple[str, ...]) -> str:

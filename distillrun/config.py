@@ -139,6 +139,11 @@ def _dataset(cfg: DictConfig, p: _Problems) -> None:
         )
     if OmegaConf.is_missing(d, "path"):
         p.append(f"dataset={d.name} needs a file: add dataset.path=/path/to/data.npz")
+    if "normalize" in d:
+        p.need(
+            d.normalize in choices.NORMALIZATIONS,
+            f"dataset.normalize={d.normalize}: use {one_of(choices.NORMALIZATIONS)}",
+        )
     for key in ("download", "standardize"):
         if key in d:
             p.need(isinstance(d[key], bool), f"dataset.{key}={d[key]}: use true or false")
@@ -345,6 +350,93 @@ def _evaluate(cfg: DictConfig, p: _Problems) -> None:
     p.need(_is_int(cfg.max_iter) and cfg.max_iter >= 1, f"max_iter={cfg.max_iter} must be >= 1")
 
 
+MEMBER_KEYS = ("path", "kind", "arch", "input_scale", "label_map")
+
+
+def _member_settings(where: str, m: Any, p: _Problems) -> None:
+    """kind, arch, input_scale and label_map: top-level defaults or one member's own."""
+    if m.get("kind") is not None:
+        p.need(
+            m.kind in choices.MEMBER_KINDS,
+            f"{where}kind={m.kind}: use {one_of(choices.MEMBER_KINDS)}, or null (from the file)",
+        )
+    if m.get("arch") is not None:
+        p.need(isinstance(m.arch, str) and m.arch != "", f"{where}arch must be a name or null")
+    if "input_scale" in m:
+        p.need(
+            _in(m.input_scale, 0, math.inf, lo_open=True),
+            f"{where}input_scale={m.input_scale} must be a number > 0",
+        )
+    if m.get("label_map") is not None:
+        lm = list(m.label_map) if OmegaConf.is_list(m.label_map) else None
+        p.need(
+            lm is not None and all(_is_int(c) and c >= 0 for c in lm) and len(set(lm)) == len(lm),
+            f"{where}label_map={m.label_map} must list distinct class ids, e.g. [1, 0, 2]",
+        )
+
+
+def _import_teachers(cfg: DictConfig, p: _Problems) -> None:
+    for check in (_basics, _dataset, _model):
+        check(cfg, p)
+    example = "members=[teacher.onnx] (or [a.pt,b.ts,c.npz])"
+    if OmegaConf.is_missing(cfg, "members"):
+        p.append(f"name the teacher files: {example}")
+        return
+    entries = list(cfg.members) if OmegaConf.is_list(cfg.members) else [cfg.members]
+    p.need(bool(entries), f"members=[] names no teachers: {example}")
+    _member_settings("", cfg, p)
+    for i, entry in enumerate(entries):
+        if OmegaConf.is_dict(entry):
+            unknown = sorted(set(entry) - set(MEMBER_KEYS))
+            p.need(not unknown, f"members[{i}] has unknown keys {unknown}: use {MEMBER_KEYS}")
+            p.need(isinstance(entry.get("path"), str), f"members[{i}] needs path: a file")
+            _member_settings(f"members[{i}].", entry, p)
+        else:
+            p.need(isinstance(entry, str) and entry != "", f"members[{i}]={entry} is not a file")
+    p.need(
+        cfg.min_accuracy is None or _in(cfg.min_accuracy, 0, 1),
+        f"min_accuracy={cfg.min_accuracy} must be in [0, 1] or null",
+    )
+
+
+def _named_run(cfg: DictConfig, p: _Problems, example: str) -> None:
+    if OmegaConf.is_missing(cfg, "run"):
+        p.append(f"name the run folder: {example}")
+    else:
+        p.need(isinstance(cfg.run, str) and cfg.run != "", f"run={cfg.run}: {example}")
+
+
+def _export(cfg: DictConfig, p: _Problems) -> None:
+    _basics(cfg, p)
+    _named_run(cfg, p, "distillrun export run=outputs/distill/<run>")
+    p.need(
+        cfg.member is None or (_is_int(cfg.member) and cfg.member >= 0),
+        f"member={cfg.member} must be null (a distill run's student) or a member number >= 0",
+    )
+    p.need(
+        _in(cfg.tolerance, 0, math.inf, lo_open=True),
+        f"tolerance={cfg.tolerance} must be a number > 0, e.g. 1e-4",
+    )
+    p.need(
+        _is_int(cfg.latency_repeats) and cfg.latency_repeats >= 1,
+        f"latency_repeats={cfg.latency_repeats} must be an integer >= 1",
+    )
+
+
+def _predict(cfg: DictConfig, p: _Problems) -> None:
+    _basics(cfg, p)
+    _named_run(cfg, p, "distillrun predict run=outputs/export/<run> input=<file or folder>")
+    if OmegaConf.is_missing(cfg, "input"):
+        p.append("name the inputs: input=<folder of PNG/JPEG images, .npz or .csv file>")
+    else:
+        p.need(isinstance(cfg.input, str) and cfg.input != "", f"input={cfg.input}: a path")
+    p.need(
+        cfg.member is None or (_is_int(cfg.member) and cfg.member >= 0),
+        f"member={cfg.member} must be null or a member number >= 0",
+    )
+    p.need(_is_int(cfg.top_k) and cfg.top_k >= 1, f"top_k={cfg.top_k} must be an integer >= 1")
+
+
 def validate(stage: str, cfg: DictConfig) -> None:
     """Check every value of a composed stage config; raise one UserError listing all problems."""
     p = _Problems()
@@ -355,6 +447,9 @@ def validate(stage: str, cfg: DictConfig) -> None:
         "specialists": _specialists,
         "evaluate": _evaluate,
         "report": _report,
+        "import-teachers": _import_teachers,
+        "export": _export,
+        "predict": _predict,
     }
     checks[stage](cfg, p)
     if p:

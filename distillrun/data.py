@@ -49,6 +49,14 @@ class Data:
     image_shape: tuple[int, int, int] | None
     fingerprint: str
     superclass: list[int] | None = None  # superclass of each class, where the dataset knows it
+    # What was done to the loader's values (images in [0, 1]): {"normalize": "standardize",
+    # "mean": [...], "std": [...]} per channel or feature, or {"normalize": "none"}. Exported
+    # models carry it, so `predict` prepares raw inputs exactly as training did.
+    normalization: dict[str, Any] | None = None
+    # Rows of the loader's training set that became the train and validation splits (sorted),
+    # so outputs computed elsewhere over the whole training set can be split the same way.
+    train_rows: torch.Tensor | None = None
+    val_rows: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Data:
         """A new Data with every tensor moved to `device`."""
@@ -133,13 +141,17 @@ def _split(y: np.ndarray, fraction: float, seed: int, what: str) -> tuple[np.nda
     return np.sort(kept), np.sort(held)
 
 
-def _standardize(train: torch.Tensor, others: tuple[torch.Tensor, ...]) -> None:
-    """In place: per channel for images (N, C, H, W), per feature for vectors, train statistics."""
+def _standardize(
+    train: torch.Tensor, others: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """In place: per channel for images (N, C, H, W), per feature for vectors, train statistics.
+    Returns the mean and std used."""
     dims = (0, 2, 3) if train.ndim == 4 else (0,)
     std, mean = torch.std_mean(train, dim=dims, keepdim=True, correction=0)
     std = torch.where(std > 1e-6, std, torch.ones_like(std))  # constant features: only centre
     for t in (train, *others):
         t.sub_(mean).div_(std)
+    return mean, std
 
 
 def _fingerprint(name: str, tensors: list[torch.Tensor]) -> str:
@@ -182,8 +194,18 @@ def _finish(
     y_all = torch.from_numpy(y_train)
     kept_t, held_t = torch.from_numpy(kept), torch.from_numpy(held)
     xs = [x_all[kept_t], x_all[held_t], torch.from_numpy(np.array(x_test, dtype=np.float32))]
-    if standardize:
-        _standardize(xs[0], (xs[1], xs[2]))
+    found = cfg.get("normalize") if isinstance(cfg, Mapping) else getattr(cfg, "normalize", None)
+    normalize = str(found or "standardize")  # datasets configured before the key existed
+    normalization: dict[str, Any] = {"normalize": "none"}
+    if standardize and normalize == "standardize":
+        mean, std = _standardize(xs[0], (xs[1], xs[2]))
+        normalization = {
+            "normalize": "standardize",
+            "mean": mean.flatten().tolist(),
+            "std": std.flatten().tolist(),
+        }
+    elif normalize not in ("standardize", "none"):
+        raise UserError(f"dataset.normalize={normalize}: use standardize or none")
     tensors = [xs[0], y_all[kept_t], xs[1], y_all[held_t], xs[2], torch.from_numpy(y_test)]
     tensors = [t.contiguous() for t in tensors]
     image_shape = tuple(xs[0].shape[1:]) if xs[0].ndim == 4 else None
@@ -193,6 +215,9 @@ def _finish(
         num_classes=num_classes,
         image_shape=image_shape,
         fingerprint=_fingerprint(name, tensors),
+        normalization=normalization,
+        train_rows=kept_t,
+        val_rows=held_t,
     )
 
 

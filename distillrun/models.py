@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -97,6 +98,24 @@ BUILDERS: dict[str, Callable[[Mapping[str, Any], tuple[int, ...], int], nn.Modul
     "resnet18": lambda cfg, shape, classes: resnet18(shape, classes),
 }
 IMAGE_MODELS = ("cnn", "resnet18")
+LOADED_FROM = "distillrun_architecture"  # set by load_model: the checkpoint's model config
+TORCHVISION = "torchvision:"  # model name prefix: torchvision's classifiers as they are
+
+
+def torchvision_model(arch: str, num_classes: int) -> nn.Module:
+    """torchvision's classification architecture `arch` (e.g. resnet18), untrained, with a head
+    of `num_classes` outputs (imported teachers bring their own weights)."""
+    from torchvision import models as tv
+
+    names = tv.list_models(module=tv)
+    if arch not in names:
+        close = difflib.get_close_matches(arch, names, n=1)
+        hint = f" (did you mean '{TORCHVISION}{close[0]}'?)" if close else ""
+        raise UserError(
+            f"unknown torchvision classification architecture '{arch}'{hint}: use one of "
+            f"torchvision.models.list_models(), e.g. arch={TORCHVISION}resnet18"
+        )
+    return tv.get_model(arch, weights=None, num_classes=num_classes)
 
 
 def build_model(
@@ -104,6 +123,8 @@ def build_model(
 ) -> nn.Module:
     """Build the model named by `cfg["name"]` for inputs of `input_shape` (without the batch)."""
     name = cfg["name"]
+    if name.startswith(TORCHVISION):
+        return torchvision_model(name[len(TORCHVISION) :], num_classes)
     if name not in BUILDERS:
         raise UserError(f"unknown model.name '{name}': use {one_of(tuple(BUILDERS))}")
     if name in IMAGE_MODELS and len(input_shape) != 3:
@@ -134,7 +155,12 @@ def count_parameters(model: nn.Module) -> int:
 def checkpoint(
     model: nn.Module, cfg: Mapping[str, Any], input_shape: tuple[int, ...], num_classes: int
 ) -> dict[str, Any]:
-    """A self-describing checkpoint of plain containers and tensors (loadable weights_only)."""
+    """A self-describing checkpoint of plain containers and tensors (loadable weights_only).
+
+    A model rebuilt by `load_model` (or a copy of one, like a specialist made from its
+    generalist) records the architecture its own checkpoint named, whatever `cfg` says: an
+    imported teacher's architecture is not its run's `model` config."""
+    cfg = getattr(model, LOADED_FROM, None) or cfg
     if OmegaConf.is_config(cfg):
         cfg = OmegaConf.to_container(cfg, resolve=True)  # plain types: no omegaconf in the pickle
     return {
@@ -166,4 +192,5 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> nn.Modul
             f"{path} does not match its own architecture ({str(e).splitlines()[0][:100]}): "
             "the file is corrupt; re-run the stage that wrote it"
         ) from e
+    setattr(model, LOADED_FROM, dict(ckpt["model"]))
     return model.to(device).eval()

@@ -3,7 +3,8 @@
 A teachers source is one train-teachers run, a sweep folder of train-teachers jobs (e.g.
 `train-teachers -m seed=0,1,2,3,4`, one member per job, any launcher), or a list of such
 folders: every member of every run joins one ensemble. An evaluate run (a generalist plus its
-specialists) is a teacher too.
+specialists) is a teacher too, and an import-teachers run (teachers trained elsewhere) counts as
+a train-teachers run everywhere (artifacts.STANDS_IN_FOR).
 
 The teachers' logits on the train/val/test splits are computed once, by train-teachers, and
 saved with each run (logits.pt). A source of several runs stacks them once into
@@ -161,7 +162,7 @@ def find_teachers(
 def _newest_source(output_root: Path, data: Data, say: Callable[[str], None]) -> Path:
     """The newest complete train-teachers run or whole sweep on this data."""
     base = output_root / STAGE
-    sweeps = sorted(base.glob("multirun/*")) if base.is_dir() else []
+    sweeps = sorted(s for name in artifacts.stages_for(STAGE) for s in _sweeps(output_root / name))
     candidates, skipped = [], 0
     for folder in artifacts.run_folders(output_root, STAGE):
         if folder.parent.parent.name == "multirun":
@@ -194,6 +195,10 @@ def _newest_source(output_root: Path, data: Data, say: Callable[[str], None]) ->
             f"`distillrun {STAGE}` first, or pass teachers=<run or sweep folder>"
         )
     return max(candidates)[1]
+
+
+def _sweeps(base: Path) -> list[Path]:
+    return sorted(base.glob("multirun/*")) if base.is_dir() else []
 
 
 def _holds_logits(cache: Any, data: Data) -> bool:

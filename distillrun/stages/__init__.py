@@ -23,6 +23,15 @@ STAGES: dict[str, tuple[str, str]] = {
         "classify with a generalist plus its specialists (the paper's KL combination)",
     ),
     "report": ("report", "a table, plots and a Markdown report of run and sweep folders"),
+    "import-teachers": (
+        "import_teachers",
+        "teachers trained elsewhere (weights, TorchScript, ONNX, logits) as a teachers run",
+    ),
+    "export": (
+        "export",
+        "a run's model as safetensors, TorchScript and ONNX, checked against PyTorch and timed",
+    ),
+    "predict": ("predict", "classify images, an .npz or a CSV with an export or a run's model"),
 }
 
 

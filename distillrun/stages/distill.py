@@ -257,7 +257,10 @@ def _print_table(
         return None if examples_per_s is None else round(examples_per_s)
 
     student_cost = (student["student_params"], speed(student["student_examples_per_s"]))
-    rows = [row(f"teacher {i} (seed {m.get('seed')})", m) for i, m in enumerate(teachers.members)]
+    rows = [
+        row(f"teacher {i} ({'seed ' + str(m['seed']) if 'seed' in m else m.get('kind')})", m)
+        for i, m in enumerate(teachers.members)
+    ]
     teacher_label = f"teacher ensemble ({cfg.ensemble})"
     combination = teachers.combination
     if combination:  # an evaluate run: show the generalist next to its combination

@@ -44,6 +44,18 @@ def dataset_info(data: Data, cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def ensemble_metrics(stacked: dict[str, torch.Tensor], data: Data) -> dict[str, Any]:
+    """Validation and test metrics of the members' ensemble [M, N, C], by each combination."""
+    y_val, y_test = data.y_val.cpu(), data.y_test.cpu()
+    return {
+        method: {
+            **classification_metrics(combine(stacked["val"], method), y_val, "val"),
+            **classification_metrics(combine(stacked["test"], method), y_test, "test"),
+        }
+        for method in ENSEMBLES
+    }
+
+
 def train_teachers(cfg: DictConfig, run: Run) -> dict[str, Any]:
     data = load_dataset(cfg.dataset)
     jitter = cfg.teachers.jitter
@@ -102,14 +114,8 @@ def train_teachers(cfg: DictConfig, run: Run) -> dict[str, Any]:
     stacked = {split: torch.stack(v) for split, v in logits.items()}
     save_tensors(run.dir / "logits.pt", {"fingerprint": data.fingerprint, **stacked})
 
-    y_val, y_test = data.y_val.cpu(), data.y_test.cpu()
-    ensemble = {
-        method: {
-            **classification_metrics(combine(stacked["val"], method), y_val, "val"),
-            **classification_metrics(combine(stacked["test"], method), y_test, "test"),
-        }
-        for method in ENSEMBLES
-    }
+    ensemble = ensemble_metrics(stacked, data)
+    y_test = data.y_test
     rows = [
         [f"teacher {i} (seed {m['seed']})", m["test_accuracy"], m["test_errors"], m["test_nll"]]
         for i, m in enumerate(members)

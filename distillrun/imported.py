@@ -1,0 +1,515 @@
+"""Teachers trained elsewhere: read one member of any kind and compute its logits on our splits.
+
+Kinds (`choices.MEMBER_KINDS`): `state_dict` (weights for a model config of ours or a
+torchvision architecture; `.pt`/`.pth` or `.safetensors`), `torchscript`, `onnx` (run with ONNX
+Runtime) and `logits` (precomputed, `.npz`). Nothing a file carries is ever run as Python:
+`.pt` files load with `torch.load(weights_only=True)`, the others are data formats
+(safetensors, TorchScript's own archive, ONNX, numpy without pickle).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import warnings
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from distillrun import artifacts
+from distillrun.choices import MEMBER_KINDS, one_of
+from distillrun.data import Data
+from distillrun.errors import UserError
+from distillrun.inputs import load_npz
+from distillrun.models import TORCHVISION, build_model, checkpoint, count_parameters
+
+SPLITS = ("train", "val", "test")
+EXPORT_CONFIG = "config.json"  # written by `distillrun export` beside model.safetensors
+CHECKPOINT_KEYS = ("model", "input_shape", "num_classes", "state_dict")
+ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxscript")  # the `onnx` extra
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class MemberSpec:
+    """One member as configured: its file and how to read and feed it."""
+
+    path: Path
+    kind: str
+    arch: str | None = None
+    input_scale: float = 1.0
+    label_map: list[int] | None = None
+
+
+@dataclass
+class Loaded:
+    """What a kind's loader read: a model (`forward`) or the logits themselves."""
+
+    forward: Forward | None = None
+    logits: dict[str, torch.Tensor] | None = None
+    params: int | None = None
+    checkpoint: dict[str, Any] | None = None  # distillrun's checkpoint format
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Member:
+    """An imported member: its logits on every split (our label order) and what we know of it."""
+
+    logits: dict[str, torch.Tensor]
+    params: int | None
+    checkpoint: dict[str, Any] | None  # distillrun's checkpoint format, for PyTorch members
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def infer_kind(path: Path) -> str:
+    """A member's kind from its file: the suffix, and for .pt/.pth whether it is TorchScript."""
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return "onnx"
+    if suffix == ".npz":
+        return "logits"
+    if suffix == ".safetensors":
+        return "state_dict"
+    if suffix in (".ts", ".torchscript", ".ptl"):
+        return "torchscript"
+    if suffix in (".pt", ".pth"):
+        return "torchscript" if _is_torchscript_archive(path) else "state_dict"
+    raise UserError(
+        f"cannot tell what {path} holds from its name: add kind=<{'|'.join(MEMBER_KINDS)}> "
+        "(or {path: ..., kind: ...} for one member)"
+    )
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    """torch.jit.save writes a zip with the module's code; torch.save's zip has none."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.split("/", 1)[-1].startswith("code/") for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def member_specs(cfg: DictConfig) -> list[MemberSpec]:
+    """`members=` (a file, a list of files, or of {path, kind, arch, input_scale, label_map})
+    with the top-level keys as every member's defaults."""
+    entries = cfg.members
+    entries = list(entries) if OmegaConf.is_list(entries) else [entries]
+    specs = []
+    for entry in entries:
+        given = OmegaConf.to_container(entry) if OmegaConf.is_dict(entry) else {"path": entry}
+        setting = {k: given.get(k, cfg.get(k)) for k in ("kind", "arch", "input_scale")}
+        label_map = given.get("label_map", cfg.label_map)
+        if OmegaConf.is_list(label_map):
+            label_map = list(label_map)
+        path = Path(os.path.expanduser(str(given["path"]))).resolve()
+        if not path.is_file():
+            what = "is a folder" if path.is_dir() else "does not exist"
+            raise UserError(f"teacher file {path} {what}: pass the model or logits file")
+        specs.append(
+            MemberSpec(
+                path=path,
+                kind=setting["kind"] or infer_kind(path),
+                arch=setting["arch"],
+                input_scale=float(setting["input_scale"]),
+                label_map=None if label_map is None else [int(c) for c in label_map],
+            )
+        )
+    return specs
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --- the kinds ---------------------------------------------------------------------------------
+
+
+def _weights(path: Path) -> Any:
+    """The tensors of a .safetensors or a .pt/.pth file, without running anything in it."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+            raise UserError(
+                f"cannot read {path} as safetensors ({reason}): pass a whole .safetensors file"
+            ) from e
+    try:
+        return artifacts.load_tensors(path)
+    except UserError as e:
+        why = artifacts.why_unloadable(e.__cause__) if e.__cause__ else str(e)
+        raise UserError(
+            f"cannot import {path}: {why}; nothing in it was run. Save the weights with "
+            "torch.save(model.state_dict(), path) or as .safetensors"
+        ) from e
+
+
+def _unwrap(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """(state_dict, distillrun checkpoint or None): a bare state_dict, {"model": ...} or
+    {"state_dict": ...} around one, or distillrun's own checkpoint; `module.` prefixes (from
+    DataParallel / DistributedDataParallel) are dropped."""
+    ours = None
+    if isinstance(obj, Mapping) and all(k in obj for k in CHECKPOINT_KEYS):
+        ours, obj = dict(obj), obj["state_dict"]
+    else:
+        for key in ("state_dict", "model"):
+            if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise UserError(
+            f"{path} holds no state_dict (a mapping of parameter names to tensors): save it with "
+            "torch.save(model.state_dict(), path)"
+        )
+    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        bad = next(k for k, v in obj.items() if not isinstance(v, torch.Tensor))
+        raise UserError(
+            f"{path}: entry '{bad}' is not a tensor, so this is not a state_dict: save "
+            "model.state_dict() (a {'model': ...} or {'state_dict': ...} wrapper is fine)"
+        )
+    state = {k.removeprefix("module."): v for k, v in obj.items()}
+    return state, ours
+
+
+def _architecture(spec: MemberSpec, model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """arch=torchvision:<name>, else the config.json of a distillrun export beside the file,
+    else this run's `model=` config."""
+    if spec.arch:
+        if not spec.arch.startswith(TORCHVISION):
+            raise UserError(
+                f"arch={spec.arch}: use arch={TORCHVISION}<name> for torchvision, or leave arch "
+                "null and give our architecture with model=<mlp|cnn|...> and its keys"
+            )
+        return {"name": spec.arch}
+    exported = spec.path.parent / EXPORT_CONFIG
+    if exported.is_file():
+        try:
+            config = json.loads(exported.read_text())
+        except ValueError as e:
+            raise UserError(f"{exported} is not JSON ({e}): re-run `distillrun export`") from e
+        if isinstance(config, dict) and isinstance(config.get("model"), dict):
+            return config["model"]
+    return dict(model_cfg)
+
+
+def _state_dict(
+    spec: MemberSpec, data: Data, model_cfg: Mapping[str, Any], device: torch.device
+) -> Loaded:
+    state, ours = _unwrap(_weights(spec.path), spec.path)
+    arch = ours["model"] if ours else _architecture(spec, model_cfg)
+    if ours and tuple(ours["input_shape"]) != data.input_shape:
+        raise UserError(
+            f"{spec.path} is a model for inputs of shape {tuple(ours['input_shape'])}, but "
+            f"dataset={data.name} has {data.input_shape}: import a model for this dataset"
+        )
+    classes = int(ours["num_classes"]) if ours else _head_size(state, arch, data)
+    model = build_model(arch, data.input_shape, classes)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        details = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()]
+        raise UserError(
+            f"{spec.path} does not fit the architecture {arch['name']} for inputs "
+            f"{data.input_shape} and {classes} classes ({'; '.join(details)[:240]}): state the "
+            f"architecture it was trained with (arch={TORCHVISION}<name>, or model=... and its "
+            "keys)"
+        ) from e
+    model = model.to(device).eval()
+    ckpt = checkpoint(model, arch, data.input_shape, classes)
+    return Loaded(model, params=count_parameters(model), checkpoint=ckpt, info={"arch": arch})
+
+
+def _head_size(state: dict[str, torch.Tensor], arch: dict[str, Any], data: Data) -> int:
+    """The class count the weights were trained for: their last 2-D weight's rows (the head),
+    so a mismatch with the dataset is said as such, not as a size mismatch deep in torch."""
+    heads = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
+    return int(heads[-1].shape[0]) if heads else data.num_classes
+
+
+def _torchscript(
+    spec: MemberSpec, data: Data, model_cfg: Mapping[str, Any], device: torch.device
+) -> Loaded:
+    module = load_torchscript(spec.path, device)
+    return Loaded(module, params=sum(p.numel() for p in module.parameters()))
+
+
+def load_torchscript(path: Path, device: torch.device | str = "cpu") -> Any:
+    """A TorchScript archive (its own format: code as TorchScript, no pickled Python)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export
+            module = torch.jit.load(str(path), map_location=device)
+    except Exception as e:  # torch raises RuntimeError, ValueError... for anything not an archive
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"cannot load {path} as TorchScript ({reason}): save it with "
+            "torch.jit.save(torch.jit.script(model), path), or say kind=state_dict for weights"
+        ) from e
+    return module.eval()
+
+
+def _onnx(
+    spec: MemberSpec, data: Data, model_cfg: Mapping[str, Any], device: torch.device
+) -> Loaded:
+    session, params = onnx_session(spec.path)
+    first = session.get_inputs()[0]
+    declared = first.shape[1:]
+    shape = data.input_shape
+    if all(isinstance(d, int) for d in declared) and tuple(declared) != shape:
+        if math.prod(declared) != math.prod(shape):
+            raise UserError(
+                f"{spec.path} takes inputs of shape {tuple(declared)} but dataset={data.name} "
+                f"has {shape}: export the model for inputs of shape {shape}"
+            )
+        shape = tuple(declared)  # the same values laid out another way, e.g. flattened
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        feed = x.detach().cpu().reshape(len(x), *shape).numpy()
+        return torch.from_numpy(session.run(None, {first.name: feed})[0])
+
+    info = {"onnx_input": first.name, "onnx_input_shape": list(shape)}
+    return Loaded(forward, params=params, info=info)
+
+
+def need_onnx() -> None:
+    """ONNX support is the `onnx` extra: without it, one line saying how to get it."""
+    missing = [m for m in ONNX_PACKAGES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(
+            f"ONNX needs {', '.join(missing)}, not installed: pip install 'distillrun[onnx]'"
+        )
+
+
+def onnx_session(path: Path) -> tuple[Any, int]:
+    """An ONNX Runtime session on the CPU and the model's parameter count (its initializers)."""
+    need_onnx()
+    import onnx
+    import onnxruntime as ort
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+        params = sum(math.prod(t.dims) for t in proto.graph.initializer)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: no warnings on the terminal
+        # As many threads as torch (`threads=`), and none spinning while idle (ORT's default),
+        # which would take the cores from torch when export times one after the other.
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnx raises DecodeError, ORT its own Fail / InvalidGraph, ...
+        reason = " ".join(str(e).split())[:160] or type(e).__name__
+        raise UserError(
+            f"cannot load {path} as an ONNX model ({reason}): export it with torch.onnx.export "
+            "or your framework's ONNX exporter"
+        ) from e
+    if session.get_inputs()[0].type != "tensor(float)":
+        raise UserError(
+            f"{path} takes {session.get_inputs()[0].type} inputs: export it for float32 inputs"
+        )
+    return session, params
+
+
+def _logits_file(
+    spec: MemberSpec, data: Data, model_cfg: Mapping[str, Any], device: torch.device
+) -> Loaded:
+    """`.npz` with train, val, test arrays aligned with our splits, or with `train` over the
+    loader's whole training set (validation rows included, in their original order) and test."""
+    arrays = load_npz(
+        spec.path, "logits", "write it with np.savez(path, train=..., val=..., test=...)"
+    )
+    sizes = {s: len(getattr(data, f"y_{s}")) for s in SPLITS}
+    whole = sizes["train"] + sizes["val"]
+    fix = (
+        f"save train ({sizes['train']} rows), val ({sizes['val']}) and test ({sizes['test']}) "
+        f"aligned with dataset={data.name}'s splits, or train over its whole training set "
+        f"({whole} rows) and test"
+    )
+    missing = [k for k in ("train", "test") if k not in arrays]
+    if missing:
+        raise UserError(f"{spec.path} lacks array(s) {', '.join(missing)}: {fix}")
+    for key, a in arrays.items():
+        if key in SPLITS and (a.ndim != 2 or not np.issubdtype(a.dtype, np.number)):
+            raise UserError(
+                f"{spec.path}: {key} has shape {a.shape} and dtype {a.dtype}; logits are numbers "
+                "shaped (examples, classes)"
+            )
+    train = torch.from_numpy(np.asarray(arrays["train"], dtype=np.float32))
+    out = {"test": torch.from_numpy(np.asarray(arrays["test"], dtype=np.float32))}
+    if "val" in arrays:
+        out |= {"train": train, "val": torch.from_numpy(np.asarray(arrays["val"], np.float32))}
+    elif len(train) == whole and data.train_rows is not None and data.val_rows is not None:
+        out |= {"train": train[data.train_rows], "val": train[data.val_rows]}
+    else:
+        out |= {"train": train, "val": train[:0]}
+    for split in SPLITS:
+        if len(out[split]) != sizes[split]:
+            raise UserError(
+                f"{spec.path}: {split} has {len(out[split])} rows, dataset={data.name}'s {split} "
+                f"split has {sizes[split]}: {fix}"
+            )
+        if not torch.isfinite(out[split]).all():
+            raise UserError(f"{spec.path}: {split} holds NaN or infinite logits: fix the file")
+    return Loaded(logits=out)
+
+
+# kind (choices.MEMBER_KINDS) -> its loader
+LOADERS: dict[str, Callable[[MemberSpec, Data, Mapping[str, Any], torch.device], Loaded]] = {
+    "state_dict": _state_dict,
+    "torchscript": _torchscript,
+    "onnx": _onnx,
+    "logits": _logits_file,
+}
+
+
+# --- one member --------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _run(forward: Forward, x: torch.Tensor, batch_size: int, label: str) -> torch.Tensor:
+    outs = []
+    for start in range(0, len(x), batch_size):
+        try:
+            outs.append(forward(x[start : start + batch_size]).float().cpu())
+        except Exception as e:  # shape errors surface as RuntimeError, ORT's own errors, ...
+            reason = " ".join(str(e).split())[:200] or type(e).__name__
+            raise UserError(
+                f"{label} cannot run on this dataset's inputs of shape {tuple(x.shape[1:])} "
+                f"({reason}): import a model for inputs of that shape (and channel count)"
+            ) from e
+    return torch.cat(outs) if outs else torch.zeros(0, 0)
+
+
+def import_member(
+    index: int,
+    spec: MemberSpec,
+    data: Data,
+    model_cfg: Mapping[str, Any],
+    batch_size: int,
+    device: torch.device,
+) -> Member:
+    """Read member `index` and compute its logits on the train, val and test splits, in this
+    dataset's label order (`label_map`); every mismatch is a one-line UserError."""
+    label = f"member {index} ({spec.path.name}, {spec.kind})"
+    if spec.kind not in MEMBER_KINDS:
+        raise UserError(f"kind={spec.kind} for {spec.path}: use {one_of(MEMBER_KINDS)}")
+    info: dict[str, Any] = {
+        "kind": spec.kind,
+        "source": str(spec.path),
+        "sha256": sha256(spec.path),
+    }
+    loaded = LOADERS[spec.kind](spec, data, model_cfg, device)
+    info |= loaded.info
+    logits = loaded.logits
+    if logits is None:
+        scale = spec.input_scale
+        logits = {
+            s: _run(loaded.forward, getattr(data, f"x_{s}").to(device) * scale, batch_size, label)
+            for s in SPLITS
+        }
+        info["input_scale"] = scale
+    classes = next(t.shape[1] for t in logits.values() if t.dim() == 2 and len(t))
+    if spec.label_map is not None:
+        logits = {
+            s: _relabel(t, spec.label_map, data.num_classes, label) for s, t in logits.items()
+        }
+        info["label_map"] = spec.label_map
+    elif classes != data.num_classes:
+        raise UserError(
+            f"{label} outputs {classes} classes but dataset={data.name} has "
+            f"{data.num_classes}: import a model trained on these classes"
+        )
+    ckpt = loaded.checkpoint
+    if ckpt is not None and spec.input_scale != 1:
+        ckpt = None
+        info["no_checkpoint"] = f"its weights expect inputs times input_scale={spec.input_scale:g}"
+    elif ckpt is not None and spec.label_map is not None:
+        if _reorder_head(loaded.forward, spec.label_map, data.x_test.to(device), logits["test"]):
+            ckpt = {**ckpt, "state_dict": loaded.forward.state_dict()}
+        else:
+            ckpt = None
+            info["no_checkpoint"] = (
+                "label_map reorders its outputs and its last layer is not linear"
+            )
+    return Member(logits, loaded.params, ckpt, info)
+
+
+@torch.no_grad()
+def _reorder_head(
+    model: torch.nn.Module, label_map: list[int], x: torch.Tensor, expected: torch.Tensor
+) -> bool:
+    """Reorder the rows of the model's final linear layer so that its output c is our class c;
+    True when the model then gives the relabelled logits."""
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not linear or linear[-1].out_features != len(label_map):
+        return False
+    head = linear[-1]
+    inverse = torch.empty(len(label_map), dtype=torch.long)
+    inverse[torch.tensor(label_map)] = torch.arange(len(label_map))
+    head.weight.copy_(head.weight[inverse.to(head.weight.device)])
+    if head.bias is not None:
+        head.bias.copy_(head.bias[inverse.to(head.bias.device)])
+    return bool(torch.allclose(model(x).float().cpu(), expected, atol=1e-5, rtol=1e-5))
+
+
+def _relabel(t: torch.Tensor, label_map: list[int], num_classes: int, label: str) -> torch.Tensor:
+    """Output j of the member is our class label_map[j]."""
+    if t.shape[1] != len(label_map) or sorted(label_map) != list(range(num_classes)):
+        raise UserError(
+            f"label_map={label_map} must list each of the {num_classes} classes once, one entry "
+            f"per output of {label} ({t.shape[1]} outputs)"
+        )
+    out = torch.empty_like(t)
+    out[:, label_map] = t
+    return out
+
+
+# --- is it a teacher at all? -------------------------------------------------------------------
+
+
+def near_chance(
+    logits: torch.Tensor, y: torch.Tensor, num_classes: int, min_accuracy: float | None
+) -> str | None:
+    """None when the member beats chance clearly (or `min_accuracy`), else what it scores and,
+    when a reordering of its outputs would fix it, the label_map that does."""
+    from scipy.optimize import linear_sum_assignment
+
+    if len(y) == 0:
+        return None
+    chance = float(torch.bincount(y, minlength=num_classes).max()) / len(y)  # majority class
+    floor = min_accuracy if min_accuracy is not None else chance + 0.2 * (1 - chance)
+    pred = logits.argmax(dim=1)
+    accuracy = float((pred == y).float().mean())
+    if accuracy >= floor:
+        return None
+    counts = torch.zeros(num_classes, num_classes)
+    counts.index_put_((pred, y), torch.ones(len(y)), accumulate=True)  # [output, true class]
+    outputs, classes = linear_sum_assignment(counts.numpy(), maximize=True)
+    mapped = float(counts[outputs, classes].sum()) / len(y)
+    guess = [int(c) for _, c in sorted(zip(outputs, classes, strict=True))]
+    hint = ""
+    if mapped >= floor and guess != list(range(num_classes)):
+        hint = f" (label_map={guess} would score {mapped:.1%})"
+    return (
+        f"accuracy {accuracy:.1%}, at or near chance ({chance:.1%}; the floor is {floor:.1%}): "
+        f"likely another label order: set label_map=[...]{hint}; or another input "
+        "normalisation: dataset.normalize=none for inputs as loaded, input_scale=255 for 0-255 "
+        "pixels; or a wrong input shape: import a model for this dataset's inputs. "
+        "min_accuracy=0 imports it anyway"
+    )

@@ -1,0 +1,53 @@
+"""`distillrun export run=<run folder>`: a run's model as files other tools read.
+
+Writes to its own run folder: model.safetensors and config.json (architecture, classes, input
+shape, the normalisation the model expects), model.ts (TorchScript), model.onnx (dynamic batch
+axis) and model.md (a model card), then manifest.json with the parity figures (every format's
+logits on the test split against the PyTorch model's) and the latency of each runtime at batch
+1 and 256. A format that disagrees with the PyTorch model fails the export.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from distillrun import artifacts
+from distillrun.console import results_table, say
+from distillrun.formats import FILES, export_metrics, exportable, model_card, write_formats
+from distillrun.stages.common import Run, run_stage
+
+
+@hydra.main(version_base="1.3", config_path="pkg://distillrun.conf", config_name="export")
+def main(cfg: DictConfig) -> float | None:
+    return run_stage("export", cfg, export)
+
+
+def export(cfg: DictConfig, run: Run) -> dict[str, Any]:
+    source = Path(str(cfg.run)).expanduser().resolve()
+    exp = exportable(source, cfg.member)
+    run.add_input("run", source)
+    run.info["dataset"] = exp.manifest.get("dataset")
+    run.info["model"] = {k: exp.config[k] for k in ("model", "input_shape", "num_classes")}
+    say(f"export: {exp.file} ({exp.manifest.get('stage')} run) -> {run.dir}")
+    write_formats(exp, run.dir)
+    metrics = export_metrics(
+        exp, run.dir, float(cfg.tolerance), int(cfg.latency_repeats), cfg.train.eval_batch_size
+    )
+    artifacts.atomic_write(
+        run.dir / FILES["card"], lambda f: f.write(model_card(exp, metrics, run.dir)), "w"
+    )
+    results_table(
+        f"export of {exp.file.name}: test accuracy {metrics['test_accuracy']:.4f}, "
+        f"{metrics['params']:,} parameters",
+        ["runtime", "max abs diff (test)", "ms at batch 1", "ms at batch 256"],
+        [
+            [name, f"{metrics['parity_max_abs_diff'][name]:.2e}", t["batch_1"], t["batch_256"]]
+            for name, t in metrics["latency_ms"].items()
+        ],
+    )
+    say(f"export folder: {run.dir}")
+    return metrics

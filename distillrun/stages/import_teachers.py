@@ -1,0 +1,100 @@
+"""`distillrun import-teachers`: teachers trained elsewhere, as a teachers run like any other.
+
+Each member (a state_dict, a TorchScript archive, an ONNX model or precomputed logits; see
+imported.py) is scored on the validation and test splits; one at or near chance is refused
+with the likely causes. Writes what a train-teachers run writes: logits.pt (every member's
+logits on the train, val and test splits), member_<i>.pt for the members that are PyTorch
+models of a known architecture (for the others, member_<i>.pt.absent says why there is none),
+and manifest.json last, so distill, specialists and evaluate consume it unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from distillrun import artifacts
+from distillrun.console import results_table, say
+from distillrun.data import load_dataset
+from distillrun.errors import UserError
+from distillrun.imported import SPLITS, import_member, member_specs, near_chance
+from distillrun.metrics import classification_metrics
+from distillrun.stages.common import Run, run_stage
+from distillrun.stages.train_teachers import dataset_info, ensemble_metrics
+
+NO_CHECKPOINT = (
+    "member {i} of this import-teachers run has no PyTorch weights in distillrun's format ({why}); "
+    "specialists (which fine-tune the generalist's weights) and export need them: import the "
+    "member as kind=state_dict with its architecture, or use another member"
+)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://distillrun.conf", config_name="import_teachers")
+def main(cfg: DictConfig) -> float | None:
+    return run_stage("import-teachers", cfg, import_teachers)
+
+
+def import_teachers(cfg: DictConfig, run: Run) -> dict[str, Any]:
+    data = load_dataset(cfg.dataset)
+    run.info["dataset"] = dataset_info(data, cfg)
+    specs = member_specs(cfg)
+    say(
+        f"import-teachers: {len(specs)} member(s) on {data.name} ({len(data.y_train)} train / "
+        f"{len(data.y_val)} val / {len(data.y_test)} test) on {run.device} -> {run.dir}"
+    )
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    members: list[dict[str, Any]] = []
+    logits: dict[str, list[torch.Tensor]] = {s: [] for s in SPLITS}
+    params: list[int | None] = []
+    for i, spec in enumerate(specs):
+        member = import_member(i, spec, data, model_cfg, cfg.train.eval_batch_size, run.device)
+        check = ("val", data.y_val) if len(data.y_val) else ("train", data.y_train)
+        why = near_chance(member.logits[check[0]], check[1], data.num_classes, cfg.min_accuracy)
+        if why:
+            raise UserError(f"member {i} ({spec.path}) on the {check[0]} split: {why}")
+        for split in SPLITS:
+            logits[split].append(member.logits[split])
+        target = run.dir / f"member_{i}.pt"
+        if member.checkpoint is not None:
+            artifacts.save_tensors(target, member.checkpoint)
+        else:
+            why = member.info.get("no_checkpoint", f"it was imported as {spec.kind}")
+            reason = NO_CHECKPOINT.format(i=i, why=why)
+            artifacts.write_bytes(target.with_name(target.name + artifacts.ABSENT), reason.encode())
+        params.append(member.params)
+        scores = {
+            **classification_metrics(member.logits["val"], data.y_val, "val"),
+            **classification_metrics(member.logits["test"], data.y_test, "test"),
+        }
+        members.append({**member.info, "params": member.params, **scores})
+        say(
+            f"  member {i} ({spec.kind}, {spec.path.name}): {scores['test_errors']} test errors, "
+            f"accuracy {scores['test_accuracy']:.4f}"
+        )
+
+    stacked = {split: torch.stack(v) for split, v in logits.items()}
+    artifacts.save_tensors(run.dir / "logits.pt", {"fingerprint": data.fingerprint, **stacked})
+    ensemble = ensemble_metrics(stacked, data)
+    rows = [
+        [f"member {i} ({m['kind']})", m["test_accuracy"], m["test_errors"], m["test_nll"]]
+        for i, m in enumerate(members)
+    ]
+    rows += [
+        [f"ensemble, {method} mean", e["test_accuracy"], e["test_errors"], e["test_nll"]]
+        for method, e in ensemble.items()
+    ]
+    results_table(
+        f"import-teachers on {data.name}: {len(data.y_test)} test examples",
+        ["model", "test accuracy", "test errors", "test NLL"],
+        rows,
+    )
+    say(f"run folder: {run.dir}")
+    return {
+        **ensemble["arithmetic"],
+        "teacher_params": None if None in params else sum(params),
+        "ensemble": ensemble,
+        "members": members,
+    }

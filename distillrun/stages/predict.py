@@ -1,0 +1,102 @@
+"""`distillrun predict run=<export or run folder> input=<images folder, .npz or .csv>`.
+
+Classifies the inputs with an export folder's model.onnx on ONNX Runtime, or with a run's
+PyTorch model (`member=` as for export), preprocessed as in training from the model's own
+config. Writes predictions.csv (id, class, probability, top-k) to its run folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from distillrun import artifacts
+from distillrun.console import results_table, say
+from distillrun.errors import UserError
+from distillrun.formats import (
+    EXPORT_STAGE,
+    FILES,
+    ONNX_INPUT,
+    ensure_shape,
+    exportable,
+    load_export,
+    normalize,
+)
+from distillrun.imported import onnx_session
+from distillrun.inputs import read_inputs
+from distillrun.stages.common import Run, run_stage
+from distillrun.train import predict as torch_predict
+
+PREDICTIONS = "predictions.csv"
+SHOWN = 10  # rows of the table on the terminal
+
+
+@hydra.main(version_base="1.3", config_path="pkg://distillrun.conf", config_name="predict")
+def main(cfg: DictConfig) -> float | None:
+    return run_stage("predict", cfg, predict)
+
+
+def load_predictor(source: Path, member: int | None, device: torch.device) -> tuple[Any, dict, str]:
+    """(a function of normalised inputs -> logits, the export config, the runtime's name)."""
+    manifest = artifacts.read_manifest(source) if source.is_dir() else None
+    if manifest and manifest.get("stage") == EXPORT_STAGE:
+        if manifest.get("status") != "complete":
+            raise UserError(f"{source} is an unfinished export: re-run `distillrun export`")
+        config = load_export(source)
+        session, _ = onnx_session(source / FILES["onnx"])
+
+        def run_onnx(x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(session.run(None, {ONNX_INPUT: x.numpy()})[0])
+
+        return run_onnx, config, "onnxruntime"
+    exp = exportable(source, member, device)
+    return lambda x: torch_predict(exp.model, x.to(device)).cpu(), exp.config, "pytorch"
+
+
+def predict(cfg: DictConfig, run: Run) -> dict[str, Any]:
+    source = Path(str(cfg.run)).expanduser().resolve()
+    forward, config, runtime = load_predictor(source, cfg.member, run.device)
+    run.add_input("run", source)
+    given = Path(str(cfg.input)).expanduser().resolve()
+    ids, raw = read_inputs(given, config["input_shape"])
+    run.info["input"] = str(given)
+    x = normalize(ensure_shape(raw, config["input_shape"], str(given)), config)
+    batch = cfg.train.eval_batch_size
+    logits = torch.cat([forward(x[i : i + batch]) for i in range(0, len(x), batch)])
+    probs = torch.softmax(logits.float(), dim=1)
+    k = min(int(cfg.top_k), probs.shape[1])
+    top_p, top_c = probs.topk(k, dim=1)
+    classes = config["classes"]
+    rows = [
+        [
+            ids[n],
+            classes[int(top_c[n, 0])],
+            float(top_p[n, 0]),
+            " ".join(
+                f"{classes[int(c)]}:{float(p):.4f}" for c, p in zip(top_c[n], top_p[n], strict=True)
+            ),
+        ]
+        for n in range(len(ids))
+    ]
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["id", "class", "probability", f"top_{k}"])
+    writer.writerows([[i, c, f"{p:.6f}", t] for i, c, p, t in rows])
+    artifacts.write_bytes(run.dir / PREDICTIONS, text.getvalue().encode())
+    results_table(
+        f"predict: {len(ids)} inputs from {given.name} with {runtime}"
+        + (f" (first {SHOWN})" if len(ids) > SHOWN else ""),
+        ["id", "class", "probability", f"top {k}"],
+        rows[:SHOWN],
+    )
+    say(f"predictions: {run.dir / PREDICTIONS}")
+    counts: dict[str, int] = {}
+    for _, c, _, _ in rows:
+        counts[c] = counts.get(c, 0) + 1
+    return {"examples": len(ids), "runtime": runtime, "class_counts": counts}
