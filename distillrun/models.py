@@ -98,7 +98,6 @@ BUILDERS: dict[str, Callable[[Mapping[str, Any], tuple[int, ...], int], nn.Modul
     "resnet18": lambda cfg, shape, classes: resnet18(shape, classes),
 }
 IMAGE_MODELS = ("cnn", "resnet18")
-LOADED_FROM = "distillrun_architecture"  # set by load_model: the checkpoint's model config
 TORCHVISION = "torchvision:"  # model name prefix: torchvision's classifiers as they are
 
 
@@ -155,12 +154,7 @@ def count_parameters(model: nn.Module) -> int:
 def checkpoint(
     model: nn.Module, cfg: Mapping[str, Any], input_shape: tuple[int, ...], num_classes: int
 ) -> dict[str, Any]:
-    """A self-describing checkpoint of plain containers and tensors (loadable weights_only).
-
-    A model rebuilt by `load_model` (or a copy of one, like a specialist made from its
-    generalist) records the architecture its own checkpoint named, whatever `cfg` says: an
-    imported teacher's architecture is not its run's `model` config."""
-    cfg = getattr(model, LOADED_FROM, None) or cfg
+    """A self-describing checkpoint of plain containers and tensors (loadable weights_only)."""
     if OmegaConf.is_config(cfg):
         cfg = OmegaConf.to_container(cfg, resolve=True)  # plain types: no omegaconf in the pickle
     return {
@@ -176,6 +170,14 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> nn.Modul
     `specialist_<m>.pt` of a run folder), rebuilt from the architecture it records, on `device`
     and in eval mode. Loaded with weights_only: nothing in the file is run. A missing, damaged
     or foreign file raises UserError (a ValueError) naming the file and the fix."""
+    return load_checkpoint(path, device)[0]
+
+
+def load_checkpoint(
+    path: str | Path, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """`load_model`, and the model config the checkpoint records (its architecture: for an
+    imported teacher, not necessarily its run's `model` config)."""
     from distillrun.artifacts import load_tensors
 
     ckpt = load_tensors(path, map_location=device)
@@ -192,5 +194,4 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> nn.Modul
             f"{path} does not match its own architecture ({str(e).splitlines()[0][:100]}): "
             "the file is corrupt; re-run the stage that wrote it"
         ) from e
-    setattr(model, LOADED_FROM, dict(ckpt["model"]))
-    return model.to(device).eval()
+    return model.to(device).eval(), dict(ckpt["model"])

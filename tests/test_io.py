@@ -486,14 +486,12 @@ def test_without_the_onnx_extra_one_line_says_how_to_get_it(monkeypatch) -> None
         need_onnx()
 
 
-def test_a_copy_of_a_loaded_model_checkpoints_its_own_architecture(tmp_path: Path) -> None:
-    """A specialist made from an imported generalist must not take the import run's `model`
-    config (which need not be the member's architecture) as its own."""
-    import copy
-
-    from distillrun.models import checkpoint, load_model
+def test_a_checkpoint_tells_its_own_architecture(tmp_path: Path) -> None:
+    """What specialists start from: the member's own architecture, which for an imported
+    generalist need not be its run's `model` config."""
+    from distillrun.models import checkpoint, load_checkpoint
 
     small = {"name": "mlp", "hidden": [4]}
     torch.save(checkpoint(build_model(small, (3,), 2), small, (3,), 2), tmp_path / "m.pt")
-    specialist = copy.deepcopy(load_model(tmp_path / "m.pt"))
-    assert checkpoint(specialist, {"name": "mlp", "hidden": [1200]}, (3,), 2)["model"] == small
+    model, model_cfg = load_checkpoint(str(tmp_path / "m.pt"))
+    assert model_cfg == small and model.net[1].out_features == 4

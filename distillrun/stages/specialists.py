@@ -22,7 +22,7 @@ from distillrun import artifacts
 from distillrun.console import results_table, say
 from distillrun.data import Data, load_dataset
 from distillrun.errors import UserError
-from distillrun.models import checkpoint, load_model, output_layer
+from distillrun.models import checkpoint, load_checkpoint, output_layer
 from distillrun.specialists import (
     adjusted_rand_index,
     cluster_classes,
@@ -90,7 +90,8 @@ def specialists(cfg: DictConfig, run: Run) -> dict[str, Any]:
             f"{n_members - 1}"
         )
     cache = load_run_logits(folder, data)
-    generalist = load_model(folder / f"member_{member}.pt", run.device)
+    # The member's own architecture (an imported one need not be its run's `model` config).
+    generalist, model_cfg = load_checkpoint(folder / f"member_{member}.pt", run.device)
     run.info["dataset"] = dataset_info(data, cfg)
     data = data.to(run.device)
     device = run.device
@@ -133,7 +134,6 @@ def specialists(cfg: DictConfig, run: Run) -> dict[str, Any]:
 
     indices = list(range(len(clusters))) if s.index is None else [int(s.index)]
     full = bool(s.soft_targets)
-    model_cfg = generalist_run.get("config", {}).get("model", {})
     trained = [
         train_specialist(run, cfg, data, generalist, model_cfg, m, clusters[m], train_log_p, full)
         for m in indices
