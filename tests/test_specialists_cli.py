@@ -150,7 +150,7 @@ def test_a_specialists_run_killed_mid_specialist_resumes_to_the_same_numbers(
     pipeline: Path, tmp_path: Path
 ) -> None:
     (generalist,) = runs(pipeline, "train-teachers")
-    args = [*SPECIALISTS, f"generalist={generalist}", "train.epochs=8", "train.checkpoint_every=0"]
+    args = [*SPECIALISTS, f"generalist={generalist}", "train.epochs=4", "train.checkpoint_every=0"]
     whole = tmp_path / "whole"
     distillrun(tmp_path, "specialists", *args, f"hydra.run.dir={whole}", env=ONE_THREAD)
 
