@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -83,6 +84,8 @@ def metric_lines(folder: Path) -> list[dict]:
 
 
 def start(cwd: Path, *args: str) -> subprocess.Popen:
+    """The command in the background, with SIGINT as at a terminal: a suite started in the
+    background of a non-interactive shell inherits SIGINT ignored, and Python keeps it so."""
     return subprocess.Popen(
         [DISTILLRUN, *args],
         cwd=cwd,
@@ -90,6 +93,7 @@ def start(cwd: Path, *args: str) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "HYDRA_FULL_ERROR": "0", **ONE_THREAD},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
