@@ -17,13 +17,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from distillrun import artifacts
-from distillrun.console import results_table, say
+from distillrun.console import say
 from distillrun.data import load_dataset
 from distillrun.errors import UserError
 from distillrun.imported import SPLITS, import_member, member_specs, near_chance
 from distillrun.metrics import classification_metrics
 from distillrun.stages.common import Run, run_stage
-from distillrun.stages.train_teachers import dataset_info, ensemble_metrics
+from distillrun.stages.train_teachers import dataset_info, finish_ensemble
 
 NO_CHECKPOINT = (
     "member {i} of this import-teachers run has no PyTorch weights in distillrun's format ({why}); "
@@ -75,26 +75,6 @@ def import_teachers(cfg: DictConfig, run: Run) -> dict[str, Any]:
             f"accuracy {scores['test_accuracy']:.4f}"
         )
 
-    stacked = {split: torch.stack(v) for split, v in logits.items()}
-    artifacts.save_tensors(run.dir / "logits.pt", {"fingerprint": data.fingerprint, **stacked})
-    ensemble = ensemble_metrics(stacked, data)
-    rows = [
-        [f"member {i} ({m['kind']})", m["test_accuracy"], m["test_errors"], m["test_nll"]]
-        for i, m in enumerate(members)
-    ]
-    rows += [
-        [f"ensemble, {method} mean", e["test_accuracy"], e["test_errors"], e["test_nll"]]
-        for method, e in ensemble.items()
-    ]
-    results_table(
-        f"import-teachers on {data.name}: {len(data.y_test)} test examples",
-        ["model", "test accuracy", "test errors", "test NLL"],
-        rows,
-    )
-    say(f"run folder: {run.dir}")
-    return {
-        **ensemble["arithmetic"],
-        "teacher_params": None if None in params else sum(params),
-        "ensemble": ensemble,
-        "members": members,
-    }
+    labels = [f"member {i} ({m['kind']})" for i, m in enumerate(members)]
+    teacher_params = None if None in params else sum(params)
+    return finish_ensemble(run, data, logits, labels, members, teacher_params)

@@ -111,29 +111,40 @@ def train_teachers(cfg: DictConfig, run: Run) -> dict[str, Any]:
             f"{cfg.train.epochs}, {fitted.seconds:.1f}s"
         )
 
+    labels = [f"teacher {i} (seed {m['seed']})" for i, m in enumerate(members)]
+    return finish_ensemble(run, data, logits, labels, members, count_parameters(model) * n)
+
+
+def finish_ensemble(
+    run: Run,
+    data: Data,
+    logits: dict[str, list[torch.Tensor]],
+    labels: list[str],
+    members: list[dict[str, Any]],
+    teacher_params: int | None,
+) -> dict[str, Any]:
+    """What a teachers run ends with, trained or imported: logits.pt (every member's logits on
+    each split), the table of members and ensembles, and the run's metrics."""
     stacked = {split: torch.stack(v) for split, v in logits.items()}
     save_tensors(run.dir / "logits.pt", {"fingerprint": data.fingerprint, **stacked})
-
     ensemble = ensemble_metrics(stacked, data)
-    y_test = data.y_test
     rows = [
-        [f"teacher {i} (seed {m['seed']})", m["test_accuracy"], m["test_errors"], m["test_nll"]]
-        for i, m in enumerate(members)
+        [label, m["test_accuracy"], m["test_errors"], m["test_nll"]]
+        for label, m in zip(labels, members, strict=True)
     ]
     rows += [
         [f"ensemble, {method} mean", e["test_accuracy"], e["test_errors"], e["test_nll"]]
         for method, e in ensemble.items()
     ]
     results_table(
-        f"train-teachers on {data.name}: {len(y_test)} test examples",
+        f"{run.stage} on {data.name}: {len(data.y_test)} test examples",
         ["model", "test accuracy", "test errors", "test NLL"],
         rows,
     )
     say(f"run folder: {run.dir}")
-    main_metrics = ensemble["arithmetic"]
     return {
-        **main_metrics,
-        "teacher_params": count_parameters(model) * n,
+        **ensemble["arithmetic"],
+        "teacher_params": teacher_params,
         "ensemble": ensemble,
         "members": members,
     }
