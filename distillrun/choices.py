@@ -16,6 +16,9 @@ CLUSTERINGS = ("kmeans", "online")  # specialists.cluster_classes
 KL_OPTIMIZERS = ("preconditioned", "plain")  # inference.combine_kl
 NORMALIZATIONS = ("standardize", "none")  # data._finish: dataset.normalize
 MEMBER_KINDS = ("state_dict", "torchscript", "onnx", "logits")  # imported.LOADERS
+AUGMENTATIONS = ("none", "shift", "crop_flip", "mixup")  # augment.from_config
+BORDERS = ("replicate", "reflect", "zeros")  # augment.BORDERS: augment.border
+TEACHER_OUTPUTS = ("auto", "cached", "online")  # stages.distill: teacher_outputs.mode
 
 
 def one_of(names: tuple[str, ...]) -> str:

@@ -18,7 +18,17 @@ from distillrun import choices
 from distillrun.choices import one_of
 from distillrun.errors import UserError
 
-GROUPS = ("dataset", "model", "optim", "experiment", "debug", "logger")
+GROUPS = (
+    "dataset",
+    "model",
+    "optim",
+    "experiment",
+    "debug",
+    "logger",
+    "augment",
+    "teacher_outputs",
+)
+VECTOR_DATASETS = ("hierarchical", "mnist1d")  # vectors whatever their settings
 # Set by the dispatcher for `resume=<folder>`: the run folder the stage continues.
 RESUME_ENV = "DISTILLRUN_RESUME"
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -237,13 +247,80 @@ def _common(cfg: DictConfig, p: _Problems) -> None:
         check(cfg, p)
 
 
+def _augment(cfg: DictConfig, p: _Problems) -> None:
+    a = cfg.augment
+    name = a.name
+    if name not in choices.AUGMENTATIONS:
+        p.append(f"augment.name={name}: use {one_of(choices.AUGMENTATIONS)}")
+        return
+    if name in ("shift", "crop_flip") and cfg.dataset.name in VECTOR_DATASETS:
+        p.append(
+            f"augment={name} moves pixels, but dataset={cfg.dataset.name} holds vectors: use "
+            "augment=none (or augment=mixup, which mixes vectors as well)"
+        )
+    if name == "shift":
+        p.need(
+            _is_int(a.pixels) and a.pixels >= 1,
+            f"augment.pixels={a.pixels} must be an integer >= 1 (no shift: augment=none)",
+        )
+    if name == "crop_flip":
+        p.need(_is_int(a.padding) and a.padding >= 0, "augment.padding must be an integer >= 0")
+        p.need(isinstance(a.flip, bool), f"augment.flip={a.flip}: use true or false")
+        if a.padding == 0 and a.flip is False:
+            p.append("augment=crop_flip with padding=0 and flip=false has one view: augment=none")
+    if name in ("shift", "crop_flip"):
+        p.need(
+            a.border in choices.BORDERS,
+            f"augment.border={a.border}: use {one_of(choices.BORDERS)}",
+        )
+    if name == "mixup":
+        p.need(
+            _in(a.alpha, 0, math.inf, lo_open=True),
+            f"augment.alpha={a.alpha} must be a number > 0 (mixup's Beta(alpha, alpha))",
+        )
+
+
+def _teacher_outputs(cfg: DictConfig, p: _Problems) -> None:
+    t = cfg.teacher_outputs
+    if t.mode not in choices.TEACHER_OUTPUTS:
+        p.append(f"teacher_outputs.mode={t.mode}: use {one_of(choices.TEACHER_OUTPUTS)}")
+        return
+    if t.mode == "cached" and cfg.augment.name == "mixup":
+        p.append(
+            "augment=mixup mixes every batch anew, so its views cannot be cached: use "
+            "teacher_outputs=online"
+        )
+    if t.mode == "online":
+        return
+    p.need(
+        t.top_k is None or (_is_int(t.top_k) and t.top_k >= 1),
+        f"teacher_outputs.top_k={t.top_k} must be null (every logit) or an integer >= 1",
+    )
+    p.need(
+        _in(t.max_mb, 0, math.inf, lo_open=True),
+        f"teacher_outputs.max_mb={t.max_mb} must be a number of MB > 0",
+    )
+    m = t.views_per_example
+    p.need(
+        m is None or (_is_int(m) and m >= 1),
+        f"teacher_outputs.views_per_example={m} must be null (every view) or an integer >= 1",
+    )
+    p.need(_is_seed(t.views_seed), f"teacher_outputs.views_seed={t.views_seed} must be a seed")
+
+
 def _train_teachers(cfg: DictConfig, p: _Problems) -> None:
     _common(cfg, p)
+    _augment(cfg, p)
     t = cfg.teachers
     p.need(_is_int(t.n) and t.n >= 1, f"teachers.n={t.n} must be an integer >= 1")
     p.need(
         _is_int(t.jitter) and t.jitter >= 0, f"teachers.jitter={t.jitter} must be an integer >= 0"
     )
+    if _is_int(t.jitter) and t.jitter > 0 and cfg.augment.name != "none":
+        p.append(
+            f"teachers.jitter={t.jitter} and augment={cfg.augment.name} both augment: drop "
+            "teachers.jitter (it is augment=shift augment.pixels=N)"
+        )
 
 
 def _paths(value: Any) -> list[Any] | None:
@@ -254,6 +331,8 @@ def _paths(value: Any) -> list[Any] | None:
 
 def _distill(cfg: DictConfig, p: _Problems) -> None:
     _common(cfg, p)
+    _augment(cfg, p)
+    _teacher_outputs(cfg, p)
     p.need(
         cfg.teachers is None or _paths(cfg.teachers) is not None,
         f"teachers={cfg.teachers} must be a run or sweep folder, or a list of them",

@@ -1,8 +1,10 @@
 """The training loop, shared by every stage.
 
 Data lives on the device as tensors; a batch is an index slice of a random permutation, never a
-per-sample DataLoader. The loss is a function of (logits, batch indices), so the same loop
-trains teachers on labels and students on cached teacher outputs looked up by example index.
+per-sample DataLoader. The loss is a function of (logits, batch), where the batch (augment.Batch)
+holds the examples' indices, the augmented inputs and the views drawn: so the same loop trains
+teachers on labels and students on teacher outputs looked up by example and view, or computed
+on the batch's inputs.
 
 With a `state_path`, `fit` writes a resumable checkpoint (model, optimiser, scheduler,
 best-so-far state, history and every random-number state) at the end of an epoch, at most every
@@ -25,16 +27,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from distillrun import artifacts
+from distillrun.augment import Augmentation, Batch
 from distillrun.choices import one_of
 from distillrun.errors import Terminated, UserError, raise_terminated
 from distillrun.metrics import classification_metrics
 from distillrun.models import apply_max_norm
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[[torch.Tensor, Batch], torch.Tensor]
 
 
 def make_deterministic() -> dict[str, Any]:
@@ -104,21 +106,6 @@ def make_optimizer(
     return opt, SCHEDULES[cfg["schedule"]](opt, cfg, epochs)
 
 
-def jitter(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """Translate each image by its own random offset of up to k pixels in x and y.
-
-    Borders are filled by replicating the edge (the background, for digits).
-    """
-    n, _, h, w = x.shape
-    padded = F.pad(x, (k, k, k, k), mode="replicate")
-    offsets = torch.randint(0, 2 * k + 1, (2, n), generator=generator).to(x.device)
-    rows = offsets[0][:, None] + torch.arange(h, device=x.device)  # [N, H]
-    cols = offsets[1][:, None] + torch.arange(w, device=x.device)  # [N, W]
-    batch = torch.arange(n, device=x.device)[:, None, None]
-    # Advanced indices around a slice put their dimensions first: [N, H, W, C].
-    return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-
-
 @torch.inference_mode()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
     """Logits of `model` in eval mode, batch by batch."""
@@ -147,9 +134,9 @@ class TrainSettings:
     epochs: int = 10
     batch_size: int = 128
     eval_batch_size: int = 1024
-    seed: int = 0  # batch order, jitter and anything else random in the loop
+    seed: int = 0  # batch order, views and anything else random in the loop
     max_norm: float | None = None  # per-unit weight norm bound after every step
-    jitter_pixels: int = 0  # random translations of images by up to this many pixels
+    augment: Augmentation | None = None  # each batch's augmentation (augment.py), drawn anew
     # A resumable checkpoint at most every this many seconds (0: after every epoch), and always
     # after the last epoch and when SIGTERM stops a run.
     checkpoint_every: float = 60.0
@@ -349,7 +336,7 @@ def fit(
     batches: Callable[[torch.Generator], Iterable[torch.Tensor]] | None = None,
     val_view: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Fit:
-    """Train `model` on the examples `x` with `loss_fn(logits, batch_indices)`.
+    """Train `model` on the examples `x` with `loss_fn(logits, batch)` (an augment.Batch).
 
     After each epoch the model is scored on the validation split; the epoch with the fewest
     validation errors (then the lowest validation NLL) is kept. With no validation split the
@@ -446,10 +433,8 @@ def _train_epoch(
     lets the caller catch NaN and inf)."""
     total, seen = torch.zeros((), device=x.device), 0
     for idx in epoch_batches:
-        xb = x[idx]
-        if s.jitter_pixels:
-            xb = jitter(xb, s.jitter_pixels, generator)
-        loss = loss_fn(model(xb), idx)
+        batch = Batch(idx, x[idx]) if s.augment is None else s.augment.batch(x, idx, generator)
+        loss = loss_fn(model(batch.x), batch)
         if math.isnan(progress.initial_loss):
             progress.initial_loss = float(loss.detach())  # one sync, once per run
         opt.zero_grad(set_to_none=True)

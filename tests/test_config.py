@@ -143,7 +143,8 @@ def test_infinite_temperature_is_refused() -> None:
 def test_the_paper_presets() -> None:
     teachers = composed("train-teachers", "+experiment=hinton_mnist_teachers")
     assert teachers.dataset.name == "mnist" and list(teachers.model.hidden) == [1200, 1200]
-    assert teachers.teachers.jitter == 2 and teachers.model.max_norm == 3.5
+    assert teachers.augment.name == "shift" and teachers.augment.pixels == 2
+    assert teachers.model.max_norm == 3.5
     student = composed("distill", "+experiment=hinton_mnist")
     assert list(student.model.hidden) == [800, 800] and student.T == 20
     assert student.model.dropout == 0 and student.dataset.name == "mnist"

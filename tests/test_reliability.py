@@ -29,6 +29,7 @@ from conftest import (
 )
 
 from distillrun import artifacts
+from distillrun.augment import Views
 from distillrun.errors import Terminated, UserError, raise_terminated
 from distillrun.models import build_model
 from distillrun.train import TrainSettings, divergence, fit
@@ -340,13 +341,13 @@ def fit_resumable(
         epochs=epochs,
         batch_size=8,
         seed=3,
-        jitter_pixels=1 if x.dim() == 4 else 0,
+        augment=Views(1, False, "replicate") if x.dim() == 4 else None,
         checkpoint_every=checkpoint_every,
     )
     return fit(
         model,
         x,
-        lambda out, idx: F.cross_entropy(out, y[idx]),
+        lambda out, b: F.cross_entropy(out, y[b.idx]),
         settings,
         x_val=x[:10],
         y_val=y[:10],
@@ -356,7 +357,7 @@ def fit_resumable(
     )
 
 
-def test_fit_resumes_bit_identically_with_dropout_and_jitter(tmp_path: Path) -> None:
+def test_fit_resumes_bit_identically_with_dropout_and_shifted_views(tmp_path: Path) -> None:
     cfg = {"name": "cnn", "channels": [4], "hidden": 16, "dropout": 0.5}
     x = torch.randn(60, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     y = torch.randint(0, 3, (60,), generator=torch.Generator().manual_seed(1))
@@ -391,7 +392,7 @@ def test_a_nan_loss_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
     x = torch.randn(32, 4)
     calls = []
 
-    def loss_fn(out, idx):
+    def loss_fn(out, batch):
         calls.append(1)
         loss = out.logsumexp(1).mean()
         return loss * float("nan") if len(calls) > 8 else loss  # 4 batches an epoch: epoch 3

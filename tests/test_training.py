@@ -1,4 +1,4 @@
-"""Pieces of the training stages: jitter, model selection, transfer sets, checkpoints."""
+"""Pieces of the training stages: model selection, transfer sets, checkpoints."""
 
 import json
 
@@ -12,7 +12,7 @@ from distillrun.errors import UserError
 from distillrun.metrics import classification_metrics
 from distillrun.models import apply_max_norm, build_model, checkpoint, load_model, output_layer
 from distillrun.stages.distill import fit_omit_bias, transfer_indices
-from distillrun.train import TrainSettings, batch_bounds, fit, jitter
+from distillrun.train import TrainSettings, batch_bounds, fit
 
 OPTIM = {
     "name": "sgd",
@@ -31,19 +31,6 @@ def fit_with_sgd(model, x, loss_fn, x_val, y_val, epochs, batch_size, **kwargs):
     return fit(model, x, loss_fn, settings, x_val=x_val, y_val=y_val, **kwargs)
 
 
-def test_jitter_translates_each_image_by_at_most_k_pixels():
-    x = torch.zeros(64, 1, 9, 9)
-    x[:, 0, 4, 4] = 1.0  # one bright pixel in the middle, background 0 everywhere
-    out = jitter(x, 2, torch.Generator().manual_seed(0))
-    assert out.shape == x.shape
-    flat = out.view(64, -1)
-    assert torch.all(flat.sum(1) == 1)  # the pixel survives, nothing else appears
-    rows, cols = flat.argmax(1) // 9, flat.argmax(1) % 9
-    assert (rows - 4).abs().max() <= 2 and (cols - 4).abs().max() <= 2
-    shifts = set(zip(rows.tolist(), cols.tolist(), strict=True))
-    assert len(shifts) > 10  # offsets are drawn per image, not per batch
-
-
 def test_fit_keeps_the_epoch_with_fewest_validation_errors():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, 5, generator=g)
@@ -54,7 +41,7 @@ def test_fit_keeps_the_epoch_with_fewest_validation_errors():
     result = fit_with_sgd(
         model,
         x,
-        lambda out, idx: F.cross_entropy(out, y[idx]),
+        lambda out, b: F.cross_entropy(out, y[b.idx]),
         x[:50],
         y[:50],
         epochs=6,
@@ -74,7 +61,7 @@ def test_fit_stops_on_a_nan_loss_naming_the_epoch():
         fit_with_sgd(
             model,
             x,
-            lambda out, idx: out.sum() * float("nan"),
+            lambda out, b: out.sum() * float("nan"),
             x[:0],
             y[:0],
             epochs=3,
@@ -230,7 +217,7 @@ def test_batchnorm_model_trains_when_the_last_batch_would_hold_one_example():
     result = fit_with_sgd(
         model,
         x,
-        lambda out, idx: F.cross_entropy(out, y[idx]),
+        lambda out, b: F.cross_entropy(out, y[b.idx]),
         x[:0],
         y[:0],
         epochs=1,
@@ -247,7 +234,7 @@ def test_fit_trains_on_cuda_with_the_data_on_the_device() -> None:
     torch.manual_seed(0)
     model = build_model({"name": "mlp", "hidden": [16]}, (5,), 2).to(device)
     fitted = fit_with_sgd(
-        model, x, lambda out, idx: F.cross_entropy(out, y[idx]), x[:16], y[:16], 20, 16
+        model, x, lambda out, b: F.cross_entropy(out, y[b.idx]), x[:16], y[:16], 20, 16
     )
     assert next(fitted.model.parameters()).device.type == "cuda"
     assert fitted.history[-1]["train_loss"] < fitted.history[0]["train_loss"]

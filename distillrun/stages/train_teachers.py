@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from distillrun import augment
 from distillrun.artifacts import save_tensors
 from distillrun.choices import ENSEMBLES
-from distillrun.console import results_table, say
+from distillrun.console import results_table, say, warning_line
 from distillrun.data import Data, load_dataset
 from distillrun.ensemble import combine
-from distillrun.errors import UserError
 from distillrun.metrics import classification_metrics
 from distillrun.models import build_model, checkpoint, count_parameters
 from distillrun.stages.common import Run, run_stage, train_one, train_settings
@@ -58,19 +58,23 @@ def ensemble_metrics(stacked: dict[str, torch.Tensor], data: Data) -> dict[str, 
 
 def train_teachers(cfg: DictConfig, run: Run) -> dict[str, Any]:
     data = load_dataset(cfg.dataset)
-    jitter = cfg.teachers.jitter
-    if jitter and data.image_shape is None:
-        raise UserError(
-            f"teachers.jitter={jitter} translates images, but dataset={data.name} holds vectors: "
-            "set teachers.jitter=0"
+    augment_cfg = cfg.augment
+    if cfg.teachers.jitter:  # the key before augment=; the same views, drawn the same way
+        warning_line(
+            run.stage,
+            f"teachers.jitter={cfg.teachers.jitter} is deprecated: use augment=shift "
+            f"augment.pixels={cfg.teachers.jitter} (the same views)",
         )
+        augment_cfg = {"name": "shift", "pixels": cfg.teachers.jitter, "border": "replicate"}
+    augmentation = augment.from_config(augment_cfg, data.image_shape, data.normalization)
     run.info["dataset"] = dataset_info(data, cfg)
     data = data.to(run.device)
     n = cfg.teachers.n
     say(
         f"train-teachers: {n} x {cfg.model.name} on {data.name} "
         f"({len(data.y_train)} train / {len(data.y_val)} val / {len(data.y_test)} test) "
-        f"on {run.device} -> {run.dir}"
+        + (f"on {augmentation.describe()} " if augmentation else "")
+        + f"on {run.device} -> {run.dir}"
     )
 
     y = data.y_train
@@ -86,10 +90,10 @@ def train_teachers(cfg: DictConfig, run: Run) -> dict[str, Any]:
             f"teacher {i}",
             model,
             data.x_train,
-            lambda out, idx: F.cross_entropy(out, y[idx]),
+            lambda out, batch: F.cross_entropy(out, batch.labels(y, data.num_classes)),
             data.x_val,
             data.y_val,
-            train_settings(cfg, seed, jitter_pixels=jitter),
+            train_settings(cfg, seed, augment=augmentation),
         )
         for split in SPLITS:
             logits[split].append(predict(model, getattr(data, f"x_{split}")).cpu())
