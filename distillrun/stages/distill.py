@@ -3,7 +3,8 @@
     loss = alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE(y, q_1)      (alpha weights soft)
 
 The teachers' logits on the transfer set come from the teachers' cache (see teachers.py), looked
-up by example index: no teacher forward pass here. The student is evaluated at T = 1. With
+up by example index, or with `augment=` from a view cache of every (example, view) or from the
+member checkpoints run on each batch (teaching.py). The student is evaluated at T = 1. With
 `baseline=true` the same student (same initialisation, same transfer set) is also trained on
 the hard labels alone (alpha = 0), so every run shows what distillation bought.
 """
@@ -20,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from distillrun import artifacts
+from distillrun import artifacts, augment
+from distillrun.augment import Augmentation, Batch, Mixup
 from distillrun.console import results_table, say
 from distillrun.data import Data, load_dataset
 from distillrun.ensemble import combine
@@ -30,6 +32,7 @@ from distillrun.metrics import agreement, classification_metrics
 from distillrun.models import build_model, checkpoint, count_parameters, load_model, output_layer
 from distillrun.stages.common import Run, run_stage, train_one, train_settings
 from distillrun.teachers import Teachers, find_teachers, parse_source, teacher_logits
+from distillrun.teaching import CachedLogits, OnlineTeachers, load_members, view_cache
 from distillrun.train import predict
 
 
@@ -92,6 +95,7 @@ def distill(cfg: DictConfig, run: Run) -> dict[str, Any]:
     run.add_input("teachers", teachers.source)
     cache, cache_path, built = teacher_logits(teachers, data)
     run.info["teacher_cache"] = {"path": str(cache_path), "built_by_this_run": built}
+    augmentation = augment.from_config(cfg.augment, data.image_shape, data.normalization)
     data = data.to(run.device)
     device = run.device
 
@@ -99,26 +103,31 @@ def distill(cfg: DictConfig, run: Run) -> dict[str, Any]:
     alpha = float(cfg.alpha) if labels else 1.0
     idx = transfer_indices(data.y_train.cpu(), cfg, cfg.seed).to(device)
     x, y = data.x_train[idx], data.y_train[idx]
-    teacher_train = cache["train"].to(device)[:, idx]  # [members, transfer examples, C]
-    y_hard = y if labels else None
-    loss = LOSSES[cfg.loss]
-    # Teacher targets: the ensemble's log-probabilities at T (kd) or at 1 (logit matching: any
-    # logits of the distribution do, since it removes the per-example shift by zero-meaning).
-    targets = combine(teacher_train, cfg.ensemble, T if loss.targets_at_T else 1.0)
-
-    def loss_fn(out: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return loss.fn(out, targets[b], None if y_hard is None else y_hard[b], T, alpha)
-
     members = cache["train"].shape[0]
     say(
         f"distill: teachers {teachers.source} ({members} member{'s' * (members > 1)}; "
         f"{'stacked their logits into' if built else 'logits from'} {cache_path or 'memory'})\n"
-        f"  student {cfg.model.name} on {len(idx)} transfer examples of {data.name}, "
-        f"loss={cfg.loss} T={T:g} alpha={alpha:g} ensemble={cfg.ensemble}"
+        f"  student {cfg.model.name} on {len(idx)} transfer examples of {data.name}"
+        + (f" ({augmentation.describe()})" if augmentation else "")
+        + f", loss={cfg.loss} T={T:g} alpha={alpha:g} ensemble={cfg.ensemble}"
         + ("" if labels else " (unlabeled transfer set: soft term only)")
         + (f", without classes {omit}" if omit else "")
         + f", on {device} -> {run.dir}"
     )
+    augmentation, teacher = teacher_outputs(cfg, run, teachers, data, idx, augmentation, cache)
+    y_hard = y if labels else None
+    loss = LOSSES[cfg.loss]
+    # Teacher targets: the ensemble's log-probabilities at T (kd) or at 1 (logit matching: any
+    # logits of the distribution do, since it removes the per-example shift by zero-meaning).
+    T_targets = T if loss.targets_at_T else 1.0
+    classes = data.num_classes
+
+    def loss_fn(out: torch.Tensor, b: Batch) -> torch.Tensor:
+        targets = combine(teacher.member_logits(b), cfg.ensemble, T_targets)
+        return loss.fn(
+            out, targets, None if y_hard is None else b.labels(y_hard, classes), T, alpha
+        )
+
     run.info["dataset"] = teachers.dataset
     run.info["transfer_size"] = len(idx)
 
@@ -128,7 +137,7 @@ def distill(cfg: DictConfig, run: Run) -> dict[str, Any]:
     def train_student(label: str, fn: Any) -> tuple[torch.nn.Module, Any]:
         torch.manual_seed(cfg.seed)  # the same initialisation for student and baseline
         model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
-        settings = train_settings(cfg, cfg.seed)
+        settings = train_settings(cfg, cfg.seed, augment=augmentation)
         fitted = train_one(run, cfg, label, model, x, fn, data.x_val, y_val, settings)
         artifacts.save_tensors(
             run.dir / f"{label.replace(' ', '_')}.pt",
@@ -151,7 +160,9 @@ def distill(cfg: DictConfig, run: Run) -> dict[str, Any]:
 
     baseline: dict[str, Any] = {}
     if cfg.baseline and not (labels and alpha == 0):
-        base_model, base_fit = train_student("baseline", lambda out, b: F.cross_entropy(out, y[b]))
+        base_model, base_fit = train_student(
+            "baseline", lambda out, b: F.cross_entropy(out, b.labels(y, classes))
+        )
         baseline = {**scores(base_model), "best_epoch": base_fit.best_epoch}
         say(f"  hard-label student: {baseline['test_errors']} test errors")
 
@@ -188,6 +199,58 @@ def distill(cfg: DictConfig, run: Run) -> dict[str, Any]:
     _print_table(cfg, data, teachers, teacher_metrics, baseline, metrics, alpha)
     say(savings(metrics))
     return metrics
+
+
+def teacher_outputs(
+    cfg: DictConfig,
+    run: Run,
+    teachers: Teachers,
+    data: Data,
+    idx: torch.Tensor,
+    augmentation: Augmentation | None,
+    cache: dict[str, torch.Tensor],
+) -> tuple[Augmentation | None, CachedLogits | OnlineTeachers]:
+    """Where the student's teacher outputs come from (`teacher_outputs=`), and the augmentation
+    it trains on (with `views_per_example`, a subset of the views)."""
+    t = cfg.teacher_outputs
+    mode = t.mode
+    if mode == "auto":
+        mode = "online" if isinstance(augmentation, Mixup) else "cached"
+    record: dict[str, Any] = {"mode": mode}
+    if augmentation is not None:
+        record["augment"] = augmentation.describe()
+    run.info["teacher_outputs"] = record
+    if mode == "online":
+        what = "teacher_outputs=online"
+        teacher = OnlineTeachers(load_members(teachers.member_files, run.device, what))
+        say(f"  teachers run on every batch ({len(teacher.models)} members, online)")
+        return augmentation, teacher
+    if augmentation is None:  # train-teachers' logits on the transfer set
+        logits = cache["train"][:, idx.cpu()]
+        return None, CachedLogits({"logits": logits}, data.num_classes).to(run.device)
+    m = t.views_per_example
+    if m is not None and m < augmentation.count:
+        augmentation = augment.subset(augmentation, len(idx), m, t.views_seed, run.device)
+        record["augment"] = augmentation.describe()
+    cached, record["view_cache"] = view_cache(
+        sources=[str(r) for r in teachers.runs],
+        member_files=teachers.member_files,
+        fingerprint=data.fingerprint,
+        cache_dir=teachers.cache_dir,
+        x=data.x_train[idx],
+        transfer=idx,
+        num_classes=data.num_classes,
+        augmentation=augmentation,
+        top_k=t.top_k,
+        max_mb=t.max_mb,
+        # On a CPU, batches of 256 images score about twice as fast as 1,024 (cache sizes).
+        batch_size=min(256, cfg.train.eval_batch_size)
+        if run.device.type == "cpu"
+        else cfg.train.eval_batch_size,
+        device=run.device,
+        say=say,
+    )
+    return augmentation, cached.to(run.device)
 
 
 def inference_cost(
