@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The demo's settings were tuned on digits (1,213 training images of 8x8 pixels): five small
-# CNN teachers with 1-pixel jitter, and a 64-unit student that needs many short epochs.
-DEMO_TEACHERS := model=cnn teachers.jitter=1 train.epochs=60
+# CNN teachers trained on views shifted by up to 1 pixel, and a 64-unit student that needs many short epochs.
+DEMO_TEACHERS := model=cnn augment=shift augment.pixels=1 train.epochs=60
 DEMO_STUDENT := T=2 alpha=0.7 train.epochs=200 train.batch_size=32
 
 demo: venv
@@ -39,14 +39,17 @@ test-fast: venv
 bench: venv
 	$(BIN)/python -m distillrun.bench --out outputs/bench.json
 
-# The paper's MNIST results (METHOD.md sections 3-4) with one command, about 35 minutes on 2 CPU
-# cores: outputs/reproduce/<timestamp>/report.md and report.json. MNIST=<root> (torchvision's
-# layout; default ../shared/data/mnist), DOWNLOAD=1 to fetch it there, RESUME=<that folder> to
-# continue an interrupted reproduction, ARGS="device=cuda" for overrides given to every stage.
+# The paper's MNIST results (METHOD.md sections 3-4), and students on consistent views (section
+# 8), with one command, about 45 minutes on 2 CPU cores: outputs/reproduce/<timestamp>/report.md,
+# report.json and errors_vs_T.png. MNIST=<root> (torchvision's layout; default
+# ../shared/data/mnist), DOWNLOAD=1 to fetch it there, SEEDS=n to train every student with n
+# seeds (mean and standard deviation; the teachers once), RESUME=<that folder> to continue an
+# interrupted reproduction, ARGS="device=cuda" for overrides given to every stage.
 MNIST ?= $(or $(DISTILLRUN_DATA),../shared/data/mnist)
+SEEDS ?= 1
 reproduce: venv
 	$(BIN)/python -m distillrun.reproduce --data-root $(MNIST) $(if $(DOWNLOAD),--download) \
-		$(if $(RESUME),--resume $(RESUME)) $(ARGS)
+		--seeds $(SEEDS) $(if $(RESUME),--resume $(RESUME)) $(ARGS)
 
 lint: venv
 	$(BIN)/ruff check .

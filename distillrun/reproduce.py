@@ -2,20 +2,25 @@
 
 Runs distillrun's stages with the experiment presets, one after another, into one folder
 outputs/reproduce/<timestamp>/ (a run or sweep folder per step), then writes report.md (each
-experiment: the paper's figure, ours, the command that produced it) and report.json there.
+experiment: the paper's figure, ours, the command that produced it), report.json and
+errors_vs_T.png there.
 
-    python -m distillrun.reproduce [--data-root ../shared/data/mnist] [--download]
+    python -m distillrun.reproduce [--data-root ../shared/data/mnist] [--download] [--seeds N]
         [--out outputs/reproduce] [--resume outputs/reproduce/<timestamp>] [override ...]
 
-Overrides (e.g. device=cuda) go to every step. An interrupted reproduction continues with
---resume: complete steps are kept, an interrupted run continues from its last epoch.
+Overrides (e.g. device=cuda) go to every step. With --seeds N every student step runs with
+seeds 0..N-1 (the teachers once) and the report gives each figure's mean and standard deviation.
+An interrupted reproduction continues with --resume: complete steps are kept, an interrupted run
+continues from its last epoch.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
+import math
 import os
 import platform
 import shlex
@@ -23,7 +28,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -44,14 +49,16 @@ PAPER = {  # METHOD.md sections 3 and 4
     "soft3pct_test_accuracy": 0.570,
     "full_test_accuracy": 0.589,
 }
-GOALS = {  # the issue's goals: (report.json key, operator, target)
+GOALS = {  # the issues' goals: (report.json key, operator, target)
     "distilled student": ("student_distilled_errors", "<=", 74),
     "teacher ensemble": ("teacher_ensemble_errors", "<=", 60),
     "omitted 3, corrected": ("omit3_corrected_errors", "<=", 109),
     "3%: gap recovered by soft targets": ("soft3pct_gap_recovered", ">=", 0.8),
+    "student on consistent views": ("student_views_errors", "<=", 65),
+    "3% on views: gap recovered by soft targets": ("soft3pct_views_gap_recovered", ">=", 0.8),
     "minutes": ("minutes", "<=", 45),
 }
-SWEEP_T = "3,8"  # the small sweep; with the T=20 run, the best T is chosen on validation errors
+SWEEP_T = ["3", "8"]  # the small sweep; with the T=20 run, the best T is chosen on validation
 STATE = "reproduce.json"  # the reproduction's own record: its arguments and its steps
 
 
@@ -60,29 +67,38 @@ class Step:
     name: str  # its folder in the reproduction folder
     stage: str
     overrides: list[str]
-    sweep: str | None = None  # "key=v1,v2": a -m sweep over it
+    sweep: dict[str, list[str]] = field(default_factory=dict)  # key -> values: a -m sweep
 
     def command(self, folder: Path) -> list[str]:
         where = f"hydra.sweep.dir={folder}" if self.sweep else f"hydra.run.dir={folder}"
-        sweep = ["-m", self.sweep] if self.sweep else []
+        sweep = ["-m", *(f"{k}={','.join(v)}" for k, v in self.sweep.items())] if self.sweep else []
         return ["distillrun", self.stage, *sweep, *self.overrides, where]
 
+    def jobs(self) -> list[list[str]]:
+        """Each job's sweep overrides, in the order of Hydra's job numbers (the product of
+        the values, the first key slowest)."""
+        keys = [[f"{k}={v}" for v in values] for k, values in self.sweep.items()]
+        return [list(job) for job in itertools.product(*keys)]
 
-def plan(root: Path, data: list[str], extra: list[str]) -> list[Step]:
-    """The steps, in order: teachers first; every student is distilled from them."""
+
+def plan(root: Path, data: list[str], extra: list[str], seeds: int = 1) -> list[Step]:
+    """The steps, in order: teachers first; every student is distilled from them, with seeds
+    0..seeds-1 (a sweep over the seed when there are several)."""
     teachers = [f"teachers={root / 'teachers'}"]
     student = [*teachers, *data, *extra]
+    seed = {"seed": [str(s) for s in range(seeds)]} if seeds > 1 else {}
+
+    def distill(name: str, preset: str, *more: str, **sweep: list[str]) -> Step:
+        return Step(name, "distill", [f"+experiment={preset}", *more, *student], {**sweep, **seed})
+
     return [
         Step("teachers", "train-teachers", ["+experiment=mnist_cnn_teachers", *data, *extra]),
-        Step("distill_T20", "distill", ["+experiment=hinton_mnist", *student]),
-        Step(
-            "T_sweep",
-            "distill",
-            ["+experiment=hinton_mnist", "baseline=false", *student],
-            sweep=f"T={SWEEP_T}",
-        ),
-        Step("omit3", "distill", ["+experiment=omit3", "baseline=false", *student]),
-        Step("soft_targets_3pct", "distill", ["+experiment=soft_targets_3pct", *student]),
+        distill("distill_T20", "hinton_mnist"),
+        distill("T_sweep", "hinton_mnist", "baseline=false", T=SWEEP_T),
+        distill("omit3", "omit3", "baseline=false"),
+        distill("soft_targets_3pct", "soft_targets_3pct"),
+        distill("views", "hinton_mnist_views"),
+        distill("soft_targets_3pct_views", "soft_targets_3pct_views"),
     ]
 
 
@@ -117,10 +133,9 @@ def run_step(step: Step, folder: Path) -> int:
             return 0
         return _stage([step.stage, f"resume={folder}"])
     # A sweep: resume its unfinished jobs, run the ones it never started, then summarise it.
-    key, listed = step.sweep.split("=", 1)
-    values = listed.split(",")
+    jobs = step.jobs()
     kept = 0
-    for n, value in enumerate(values):
+    for n, overrides in enumerate(jobs):
         job = folder / str(n)
         if job.exists() and _complete(job, step.stage):
             kept += 1
@@ -128,10 +143,10 @@ def run_step(step: Step, folder: Path) -> int:
         if job.exists():
             code = _stage([step.stage, f"resume={job}"])
         else:
-            code = _stage([step.stage, *step.overrides, f"{key}={value}", f"hydra.run.dir={job}"])
+            code = _stage([step.stage, *step.overrides, *overrides, f"hydra.run.dir={job}"])
         if code:
             return code
-    if kept == len(values):
+    if kept == len(jobs):
         print("complete: kept")
     else:
         rows = summary.collect(folder)
@@ -142,29 +157,47 @@ def run_step(step: Step, folder: Path) -> int:
 # --- the report ----------------------------------------------------------------------------------
 
 
-def _metrics(folder: Path, stage: str) -> dict[str, Any]:
-    return artifacts.complete_run(folder, stage)["metrics"]
+def _runs(folder: Path, stage: str) -> list[dict[str, Any]]:
+    """The complete runs of a step: itself, or every job of its sweep."""
+    if artifacts.is_sweep(folder):
+        return [artifacts.complete_run(job, stage) for job in artifacts.sweep_jobs(folder)]
+    return [artifacts.complete_run(folder, stage)]
 
 
-def results(root: Path) -> dict[str, Any]:
-    """report.json's figures, read from the steps' manifests."""
-    teachers_run = artifacts.complete_run(root / "teachers", "train-teachers")
-    teachers = teachers_run["metrics"]
-    t20 = _metrics(root / "distill_T20", "distill")
-    omit3 = _metrics(root / "omit3", "distill")
-    small = _metrics(root / "soft_targets_3pct", "distill")
+def _of_seed(runs: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    return [run for run in runs if run["config"]["seed"] == seed]
+
+
+def _gap(hard_few: float, soft_few: float, hard_all: float) -> float | None:
+    """The share of the gap between the hard-label students on few and on all the data that
+    soft targets close."""
+    return (hard_few - soft_few) / (hard_few - hard_all) if hard_few != hard_all else None
+
+
+def figures(root: Path, seed: int) -> dict[str, Any]:
+    """report.json's figures of the students with one seed, read from the steps' manifests."""
+    one = {
+        name: _of_seed(_runs(root / name, "distill"), seed)[0]["metrics"]
+        for name in (
+            "distill_T20",
+            "omit3",
+            "soft_targets_3pct",
+            "views",
+            "soft_targets_3pct_views",
+        )
+    }
+    t20, omit3, small = one["distill_T20"], one["omit3"], one["soft_targets_3pct"]
+    views, small_views = one["views"], one["soft_targets_3pct_views"]
     # The best T by validation errors (then NLL), never by test errors.
     by_T = {20.0: t20}
-    for job in artifacts.sweep_jobs(root / "T_sweep"):
-        run = artifacts.complete_run(job, "distill")
+    for run in _of_seed(_runs(root / "T_sweep", "distill"), seed):
         by_T[float(run["config"]["T"])] = run["metrics"]
     best_T = min(by_T, key=lambda t: (by_T[t]["val_errors"], by_T[t]["val_nll"]))
     hard = t20["baseline_test_errors"]
     hard3, soft3 = small["baseline_test_errors"], small["test_errors"]
+    hard_views = views["baseline_test_errors"]
+    hard3_views, soft3_views = small_views["baseline_test_errors"], small_views["test_errors"]
     return {
-        "device": teachers_run.get("device"),
-        "teacher_ensemble_errors": teachers["test_errors"],
-        "teacher_member_errors": [m["test_errors"] for m in teachers["members"]],
         "student_hard_errors": hard,
         "student_distilled_errors": t20["test_errors"],
         "student_distilled_best_errors": by_T[best_T]["test_errors"],
@@ -180,8 +213,55 @@ def results(root: Path) -> dict[str, Any]:
         "soft3pct_test_errors": soft3,
         "hard3pct_test_accuracy": small["baseline_test_accuracy"],
         "soft3pct_test_accuracy": small["test_accuracy"],
-        "soft3pct_gap_recovered": (hard3 - soft3) / (hard3 - hard) if hard3 != hard else None,
+        "soft3pct_gap_recovered": _gap(hard3, soft3, hard),
+        "student_hard_views_errors": hard_views,
+        "student_views_errors": views["test_errors"],
+        "hard3pct_views_test_errors": hard3_views,
+        "soft3pct_views_test_errors": soft3_views,
+        "soft3pct_views_gap_recovered": _gap(hard3_views, soft3_views, hard_views),
     }
+
+
+def results(root: Path, seeds: int = 1) -> dict[str, Any]:
+    """report.json's figures: the teachers', and each student figure's mean over the seeds
+    (with `spread`: its standard deviation and values, when there are several)."""
+    teachers_run = artifacts.complete_run(root / "teachers", "train-teachers")
+    teachers = teachers_run["metrics"]
+    per_seed = [figures(root, seed) for seed in range(seeds)]
+    r: dict[str, Any] = {
+        "device": teachers_run.get("device"),
+        "seeds": seeds,
+        "teacher_ensemble_errors": teachers["test_errors"],
+        "teacher_member_errors": [m["test_errors"] for m in teachers["members"]],
+    }
+    spread: dict[str, Any] = {}
+    for key, first in per_seed[0].items():
+        values = [f[key] for f in per_seed]
+        if isinstance(first, dict):  # by T: the mean of each T
+            r[key] = {t: _mean([v[t] for v in values]) for t in first}
+        elif key == "best_T":
+            r[key] = max(set(values), key=values.count)  # the T most seeds chose
+            if seeds > 1:
+                spread[key] = {"values": values}
+        else:
+            r[key] = _mean(values)
+            if seeds > 1 and None not in values:
+                spread[key] = {"std": _std(values), "values": values}
+    if seeds > 1:
+        r["spread"] = spread
+    return r
+
+
+def _mean(values: list[Any]) -> Any:
+    if len(values) == 1 or None in values:
+        return values[0] if len(values) == 1 else None
+    return sum(values) / len(values)
+
+
+def _std(values: list[float]) -> float:
+    """The sample standard deviation (n - 1)."""
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 def _met(value: Any, op: str, target: float) -> bool | None:
@@ -209,43 +289,73 @@ def _cmd(step: Step, root: Path) -> str:
 
 
 def markdown(r: dict[str, Any], steps: dict[str, Step], root: Path) -> str:
-    p, pct = PAPER, lambda x: f"{100 * x:.1f}%"
+    p = PAPER
+    spread = r.get("spread", {})
+
+    def n(key: str) -> str:
+        """A figure: the number, or with several seeds mean +- standard deviation."""
+        if key in spread and "std" in spread[key]:
+            return f"{r[key]:.1f} ± {spread[key]['std']:.1f}"
+        return "-" if r[key] is None else f"{r[key]:g}"
+
+    def pct(key: str, paper: bool = False) -> str:
+        value = p[key] if paper else r[key]
+        if value is None:
+            return "-"
+        if not paper and key in spread and "std" in spread[key]:
+            return f"{100 * value:.1f}% ± {100 * spread[key]['std']:.1f}"
+        return f"{100 * value:.1f}%"
+
     c = {name: _cmd(step, root) for name, step in steps.items()}
     rows = [
         ("teachers", f"{p['teacher_errors']} (one 1200x1200 net)",
          f"{r['teacher_ensemble_errors']} (ensemble; members "
          f"{', '.join(map(str, r['teacher_member_errors']))})", c["teachers"]),
-        ("800x800 student, hard labels", p["student_hard_errors"], r["student_hard_errors"],
+        ("800x800 student, hard labels", p["student_hard_errors"], n("student_hard_errors"),
          c["distill_T20"] + " (its baseline)"),
         ("800x800 student distilled at T=20", p["student_distilled_errors"],
-         r["student_distilled_errors"], c["distill_T20"]),
-        (f"the same at the best T of {{{SWEEP_T},20}} (by validation errors)",
-         "all T >= 8 similar", f"{r['student_distilled_best_errors']} (T={r['best_T']:g})",
+         n("student_distilled_errors"), c["distill_T20"]),
+        (f"the same at the best T of {{{','.join(SWEEP_T)},20}} (by validation errors)",
+         "all T >= 8 similar", f"{n('student_distilled_best_errors')} (T={r['best_T']:g})",
          c["T_sweep"]),
         ("no 3s in the transfer set", f"{p['omit3_errors']} ({p['omit3_errors_on_3']} on 3s)",
-         f"{r['omit3_errors']} ({r['omit3_errors_on_3']} on 3s)", c["omit3"]),
+         f"{n('omit3_errors')} ({n('omit3_errors_on_3')} on 3s)", c["omit3"]),
         ("... after raising the bias of class 3",
          f"{p['omit3_corrected_errors']} ({p['omit3_corrected_errors_on_3']} on 3s; "
          f"+{p['omit3_bias']})",
-         f"{r['omit3_corrected_errors']} ({r['omit3_corrected_errors_on_3']} on 3s; "
-         f"+{r['omit3_bias']:g}, fitted on validation)", c["omit3"]),
-        ("3% of the training set, hard targets", f"{pct(p['hard3pct_test_accuracy'])} (speech)",
-         f"{r['hard3pct_test_errors']} ({pct(r['hard3pct_test_accuracy'])})",
+         f"{n('omit3_corrected_errors')} ({n('omit3_corrected_errors_on_3')} on 3s; "
+         f"+{n('omit3_bias')}, fitted on validation)", c["omit3"]),
+        ("3% of the training set, hard targets", f"{pct('hard3pct_test_accuracy', True)} (speech)",
+         f"{n('hard3pct_test_errors')} ({pct('hard3pct_test_accuracy')})",
          c["soft_targets_3pct"] + " (its baseline)"),
-        ("3% of the training set, soft targets", f"{pct(p['soft3pct_test_accuracy'])} (speech)",
-         f"{r['soft3pct_test_errors']} ({pct(r['soft3pct_test_accuracy'])})",
+        ("3% of the training set, soft targets", f"{pct('soft3pct_test_accuracy', True)} (speech)",
+         f"{n('soft3pct_test_errors')} ({pct('soft3pct_test_accuracy')})",
          c["soft_targets_3pct"]),
         ("gap to the full-data student recovered by soft targets", "87%",
-         "-" if r["soft3pct_gap_recovered"] is None else pct(r["soft3pct_gap_recovered"]), "-"),
+         pct("soft3pct_gap_recovered"), "-"),
+        ("800x800 student, hard labels, shifted views", "-", n("student_hard_views_errors"),
+         c["views"] + " (its baseline)"),
+        ("800x800 student, consistent shifted views (T=20)", "-", n("student_views_errors"),
+         c["views"]),
+        ("3% of the training set, hard targets on shifted views", "-",
+         n("hard3pct_views_test_errors"), c["soft_targets_3pct_views"] + " (its baseline)"),
+        ("3% of the training set, soft targets on shifted views", "-",
+         n("soft3pct_views_test_errors"), c["soft_targets_3pct_views"]),
+        ("gap recovered on views (all three students on the same views)", "87%",
+         pct("soft3pct_views_gap_recovered"), "-"),
     ]  # fmt: skip
+    seeds = r["seeds"]
     lines = [
         "# distillrun: reproducing Hinton, Vinyals and Dean (2015) on MNIST",
         "",
         f"{r['date']} on {r['machine']} ({r['device']}); torch {r['torch']}; "
-        f"{r['minutes']:.1f} minutes.",
+        f"{r['minutes']:.1f} minutes; "
+        + (f"every student with seeds 0-{seeds - 1}: mean ± standard deviation." if seeds > 1
+           else "one seed."),
         "",
         "Test errors of 10,000 (the paper's section 4 figures are frame accuracies of its "
-        "speech model; ours are MNIST's, with accuracies in brackets).",
+        "speech model; ours are MNIST's, with accuracies in brackets). The rows on views go "
+        "beyond the paper (METHOD.md section 8).",
         "",
         "| experiment | paper | distillrun | command |",
         "| --- | --- | --- | --- |",
@@ -253,23 +363,61 @@ def markdown(r: dict[str, Any], steps: dict[str, Step], root: Path) -> str:
         "",
         "| goal | target | distillrun | met |",
         "| --- | --- | --- | --- |",
-    ]
+    ]  # fmt: skip
     for name, (key, op, target) in GOALS.items():
         value, ok = r[key], r["goals_met"][name]
         shown = f"{value:.2f}" if isinstance(value, float) else value
         lines.append(f"| {name} | {op} {target} | {shown} | {'yes' if ok else 'NO'} |")
     by_T = ", ".join(
-        f"T={t}: {e} ({r['val_errors_by_T'][t]} on validation)" for t, e in r["errors_by_T"].items()
+        f"T={t}: {e:g} ({r['val_errors_by_T'][t]:g} on validation)"
+        for t, e in r["errors_by_T"].items()
     )
     lines += [
         "",
-        f"Test errors by T: {by_T}. Plot of the sweep: "
-        "[T_sweep/errors_vs_T.png](T_sweep/errors_vs_T.png).",
+        f"Test errors by T: {by_T}. Plot: [errors_vs_T.png](errors_vs_T.png).",
         "",
         f"Reproduce: `{r['command']}`",
         "",
     ]
     return "\n".join(lines)
+
+
+def plot_T(r: dict[str, Any], path: Any) -> None:
+    """Test errors against T: the paper's setting and the views, side by side, each with its
+    hard-label student and the teachers as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    spread = r.get("spread", {})
+    panels = [
+        ("paper setting (no views)", r["errors_by_T"], "student_hard_errors"),
+        (
+            "consistent shifted views",
+            {"20": r["student_views_errors"]},
+            "student_hard_views_errors",
+        ),
+    ]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, (title, by_T, hard) in zip(axes, panels, strict=True):
+        ts = sorted(by_T, key=float)
+        ax.plot([float(t) for t in ts], [by_T[t] for t in ts], "o-", label="distilled student")
+        ax.axhline(r[hard], color="tab:red", ls="--", label="student, hard labels")
+        ax.axhline(r["teacher_ensemble_errors"], color="tab:green", ls=":", label="teachers")
+        if hard in spread and "std" in spread[hard]:
+            low, high = r[hard] - spread[hard]["std"], r[hard] + spread[hard]["std"]
+            ax.axhspan(low, high, color="tab:red", alpha=0.1)
+        ax.set_xscale("log")
+        ax.set_xticks([3, 8, 20], ["3", "8", "20"])
+        ax.set_title(title)
+        ax.set_xlabel("temperature T")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test errors (of 10,000)")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
 
 
 # --- the command ---------------------------------------------------------------------------------
@@ -283,10 +431,15 @@ def main(argv: list[str] | None = None) -> None:
         help="where MNIST is, in torchvision's layout (default: ../shared/data/mnist)",
     )
     parser.add_argument("--download", action="store_true", help="fetch MNIST into --data-root")
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="train every student with seeds 0..N-1 (default 1)"
+    )
     parser.add_argument("--out", default="outputs/reproduce", help="where reproductions go")
     parser.add_argument("--resume", help="an interrupted reproduction's folder, to continue")
     parser.add_argument("overrides", nargs="*", help="passed to every stage, e.g. device=cuda")
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds {args.seeds}: give a number of seeds >= 1")
     signal.signal(signal.SIGTERM, raise_terminated)
     try:
         sys.exit(reproduce(args))
@@ -301,14 +454,15 @@ def reproduce(args: argparse.Namespace) -> int:
         "data_root": str(Path(args.data_root).expanduser().resolve()),
         "download": args.download,
         "overrides": args.overrides,
+        "seeds": args.seeds,
     }
     if args.resume:
         root = Path(args.resume).expanduser().resolve()
         state = _read_state(root)
-        if state["arguments"] != wanted:
+        if {"seeds": 1, **state["arguments"]} != wanted:
             raise UserError(
                 f"--resume {root} was started with {state['arguments']}: resume it with the "
-                "same --data-root, --download and overrides, or start a new reproduction"
+                "same --data-root, --download, --seeds and overrides, or start a new reproduction"
             )
     else:
         stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
@@ -321,7 +475,7 @@ def reproduce(args: argparse.Namespace) -> int:
             why = e.strerror or e
             raise UserError(f"cannot write {root} ({why}): choose a writable --out") from e
     data = [f"dataset.root={wanted['data_root']}"] + (["dataset.download=true"] * args.download)
-    steps = plan(root, data, args.overrides)
+    steps = plan(root, data, args.overrides, args.seeds)
     print(f"distillrun reproduce: {len(steps)} steps into {root}")
     again = f"continue with `{state['command']} --resume {root}`"
     for i, step in enumerate(steps, 1):
@@ -347,7 +501,7 @@ def reproduce(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return code
-    return write_report(root, steps, state)
+    return write_report(root, steps, state, args.seeds)
 
 
 def _read_state(root: Path) -> dict[str, Any]:
@@ -362,8 +516,8 @@ def _read_state(root: Path) -> dict[str, Any]:
     return state
 
 
-def write_report(root: Path, steps: list[Step], state: dict[str, Any]) -> int:
-    r = results(root)
+def write_report(root: Path, steps: list[Step], state: dict[str, Any], seeds: int = 1) -> int:
+    r = results(root, seeds)
     r["minutes"] = sum(state["seconds"].values()) / 60
     r["goals_met"] = {name: _met(r[key], op, target) for name, (key, op, target) in GOALS.items()}
     r |= {
@@ -375,6 +529,7 @@ def write_report(root: Path, steps: list[Step], state: dict[str, Any]) -> int:
         "runs": {s.name: str(root / s.name) for s in steps},
     }
     artifacts.write_json(root / "report.json", r)
+    artifacts.atomic_write(root / "errors_vs_T.png", lambda f: plot_T(r, f), "wb")
     artifacts.atomic_write(
         root / "report.md", lambda f: f.write(markdown(r, {s.name: s for s in steps}, root)), "w"
     )

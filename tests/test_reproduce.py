@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from conftest import manifest, write_idx
 
 from distillrun import artifacts
-from distillrun.reproduce import GOALS, PAPER
+from distillrun.reproduce import GOALS, PAPER, markdown, plan, results
 
 pytestmark = pytest.mark.slow  # the installed command, in subprocesses
 
@@ -32,6 +33,11 @@ REQUIRED = [  # the keys the issue asks report.json for
     "omit3_corrected_errors_on_3",
     "hard3pct_test_errors",
     "soft3pct_test_errors",
+    "student_views_errors",
+    "student_hard_views_errors",
+    "soft3pct_views_test_errors",
+    "hard3pct_views_test_errors",
+    "soft3pct_views_gap_recovered",
     "minutes",
 ]
 
@@ -79,6 +85,8 @@ def test_every_step_is_a_complete_run_in_the_reproduction_folder(reproduction: P
         "distill_T20": "distill",
         "omit3": "distill",
         "soft_targets_3pct": "distill",
+        "views": "distill",
+        "soft_targets_3pct_views": "distill",
     }
     for name, stage in stages.items():
         assert artifacts.is_complete(manifest(reproduction / name), stage), name
@@ -86,6 +94,11 @@ def test_every_step_is_a_complete_run_in_the_reproduction_folder(reproduction: P
     jobs = artifacts.sweep_jobs(reproduction / "T_sweep")
     assert [manifest(j)["config"]["T"] for j in jobs] == [3, 8]
     assert (reproduction / "T_sweep" / "summary.csv").is_file()
+    for name in ("views", "soft_targets_3pct_views"):  # shifted views, from one view cache each
+        m = manifest(reproduction / name)
+        assert m["teacher_outputs"]["augment"].startswith("shifts of up to 1 px"), name
+        assert m["teacher_outputs"]["view_cache"]["built_by_this_run"] is True
+    assert (reproduction / "errors_vs_T.png").stat().st_size > 1000
 
 
 def test_report_json_holds_the_runs_figures(reproduction: Path) -> None:
@@ -116,6 +129,17 @@ def test_report_json_holds_the_runs_figures(reproduction: Path) -> None:
     if gap:
         recovered = (r["hard3pct_test_errors"] - r["soft3pct_test_errors"]) / gap
         assert r["soft3pct_gap_recovered"] == pytest.approx(recovered)
+    views = manifest(reproduction / "views")["metrics"]
+    small_views = manifest(reproduction / "soft_targets_3pct_views")["metrics"]
+    assert r["student_views_errors"] == views["test_errors"]
+    assert r["student_hard_views_errors"] == views["baseline_test_errors"]
+    assert r["soft3pct_views_test_errors"] == small_views["test_errors"]
+    assert r["hard3pct_views_test_errors"] == small_views["baseline_test_errors"]
+    gap = r["hard3pct_views_test_errors"] - r["student_hard_views_errors"]
+    if gap:
+        recovered = (r["hard3pct_views_test_errors"] - r["soft3pct_views_test_errors"]) / gap
+        assert r["soft3pct_views_gap_recovered"] == pytest.approx(recovered)
+    assert r["seeds"] == 1 and "spread" not in r
     for name, (key, op, target) in GOALS.items():
         expected = r[key] <= target if op == "<=" else r[key] >= target
         assert r["goals_met"][name] is expected, name
@@ -134,6 +158,68 @@ def test_report_md_has_a_row_per_experiment_with_its_command(reproduction: Path)
     assert f"{r['omit3_errors']} ({r['omit3_errors_on_3']} on 3s)" in omit3
     assert "+experiment=omit3" in omit3
     assert "distillrun train-teachers +experiment=mnist_cnn_teachers" in text
+    views = next(row for row in rows if row.startswith("| 800x800 student, consistent"))
+    assert f"| {r['student_views_errors']} |" in views and "+experiment=hinton_mnist_views" in views
+    assert "[errors_vs_T.png](errors_vs_T.png)" in text
+
+
+def test_seeds_make_every_student_step_a_seed_sweep_numbered_as_hydra_numbers_it() -> None:
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    steps = {s.name: s for s in plan(Path("r"), ["dataset.root=m"], [], seeds=3)}
+    assert steps["teachers"].sweep == {}  # the teachers once
+    assert steps["views"].command(Path("v"))[:4] == ["distillrun", "distill", "-m", "seed=0,1,2"]
+    t_sweep = steps["T_sweep"]
+    sweep_args = t_sweep.command(Path("t"))[3:5]
+    assert sweep_args == ["T=3,8", "seed=0,1,2"]
+    parsed = OverridesParser.create().parse_overrides(sweep_args)
+    (hydra_jobs,) = BasicSweeper.split_arguments(parsed, None)
+    assert t_sweep.jobs() == hydra_jobs  # job n resumes as the job Hydra numbered n
+    single = {s.name: s for s in plan(Path("r"), [], [], seeds=1)}
+    assert all(step.sweep == {} for name, step in single.items() if name != "T_sweep")
+
+
+def test_several_seeds_report_mean_and_standard_deviation(
+    reproduction: Path, tmp_path: Path
+) -> None:
+    """A reproduction of two seeds, made from the one-seed runs: seed 1's students make a few
+    more errors; the report gives each figure's mean and spread."""
+    root = tmp_path / "two_seeds"
+    shutil.copytree(reproduction / "teachers", root / "teachers")
+    for step in plan(root, [], [], seeds=2)[1:]:
+        source = reproduction / step.name
+        jobs = artifacts.sweep_jobs(source) if artifacts.is_sweep(source) else [source]
+        (root / step.name).mkdir(parents=True)
+        (root / step.name / "multirun.yaml").write_text("{}")
+        n = 0
+        for job in jobs:
+            for seed in (0, 1):
+                target = root / step.name / str(n)
+                shutil.copytree(job, target)
+                m = manifest(target)
+                m["config"]["seed"] = seed
+                for key in ("test_errors", "baseline_test_errors"):
+                    if key in m["metrics"]:
+                        m["metrics"][key] += 2 * seed
+                artifacts.write_json(target / "manifest.json", m)
+                n += 1
+    r = results(root, seeds=2)
+    one = json.loads((reproduction / "report.json").read_text())
+    assert r["seeds"] == 2
+    assert r["student_distilled_errors"] == one["student_distilled_errors"] + 1
+    assert r["spread"]["student_distilled_errors"]["values"] == [
+        one["student_distilled_errors"],
+        one["student_distilled_errors"] + 2,
+    ]
+    assert r["spread"]["student_views_errors"]["std"] == pytest.approx(2**0.5)
+    assert r["errors_by_T"]["3"] == one["errors_by_T"]["3"] + 1
+    steps = {s.name: s for s in plan(root, [], [], seeds=2)}
+    r |= {k: one[k] for k in ("date", "machine", "torch", "command")}
+    r |= {"minutes": 1.0, "goals_met": dict.fromkeys(GOALS, True)}
+    text = markdown(r, steps, root)
+    assert f"{one['student_views_errors'] + 1:.1f} ± 1.4" in text
+    assert "every student with seeds 0-1: mean ± standard deviation" in text
 
 
 def test_resume_keeps_finished_steps_and_runs_the_missing_ones(reproduction: Path) -> None:
