@@ -26,19 +26,25 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from distillrun.augment import Views
 from distillrun.ensemble import combine
 from distillrun.losses import distillation_loss
-from distillrun.models import build_model
+from distillrun.models import build_model, checkpoint
+from distillrun.teaching import CachedLogits, view_cache
 from distillrun.train import TrainSettings, fit, predict
 
 STUDENT = {"name": "mlp", "hidden": [800, 800], "dropout": 0.0, "input_dropout": 0.0}
 TEACHER = {"name": "mlp", "hidden": [1200, 1200], "dropout": 0.5, "input_dropout": 0.2}
+CNN_TEACHER = {"name": "cnn", "channels": [32, 64], "hidden": 128, "dropout": 0.3}  # reproduce's
+SHIFT = Views(1, False, "replicate")  # 9 views
 ADAM = {"name": "adam", "lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.0}
 ADAM |= {"schedule": "constant", "step_size": 10, "gamma": 0.1}
 BATCH, T, ALPHA = 128, 4.0, 0.9
 GOALS = {
     "train_throughput_ratio": (">=", 0.95),
     "sweep_speedup": (">=", 3.0),
+    "augmented_sweep_speedup": (">=", 3.0),
+    "views_throughput_ratio": (">=", 0.9),
     "kl_inference_examples_per_s": (">=", 20000),
     "matmul_fraction": (">=", 0.6),
     "help_seconds": ("<=", 0.5),
@@ -54,9 +60,9 @@ def mnist_like(root: str | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         data = load_dataset(
             {"name": "mnist", "root": root, "download": False, "val_fraction": 0.0, "split_seed": 0}
         )
-        return data.x_train[:n].flatten(1).contiguous(), data.y_train[:n]
+        return data.x_train[:n].contiguous(), data.y_train[:n]
     g = torch.Generator().manual_seed(0)
-    return torch.randn(n, 784, generator=g), torch.randint(0, 10, (n,), generator=g)
+    return torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
 def mlp_train_flops(model: torch.nn.Module) -> int:
@@ -79,9 +85,10 @@ def best_of(repeats: int, *sides: Callable[[], float]) -> list[float]:
 # --- the plain PyTorch references -----------------------------------------------------------
 
 
-def reference_epochs(model, x, y, soft, epochs: int, teachers=None) -> float:
+def reference_epochs(model, x, y, soft, epochs: int, teachers=None, views=None) -> float:
     """A minimal hand-written distillation loop; with `teachers`, their forward pass on every
-    batch instead of cached soft targets. Returns seconds."""
+    batch instead of cached soft targets, on a random view of each image with `views`.
+    Returns seconds."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)
     start = time.perf_counter()
@@ -90,6 +97,8 @@ def reference_epochs(model, x, y, soft, epochs: int, teachers=None) -> float:
         for i in range(0, len(x), BATCH):
             idx = perm[i : i + BATCH]
             xb = x[idx]
+            if views is not None:
+                xb = views.apply(xb, torch.randint(0, views.count, (len(idx),), generator=g))
             if teachers is None:
                 log_p = soft[idx]
             else:
@@ -106,16 +115,22 @@ def reference_epochs(model, x, y, soft, epochs: int, teachers=None) -> float:
     return time.perf_counter() - start
 
 
-def distillrun_epochs(model, x, y, soft, epochs: int, x_val, y_val) -> float:
-    """distillrun's training loop (train.fit) with the loss distill uses, validation and the
-    resumable checkpoints at the default cadence included, as in a run. Returns seconds."""
+def distillrun_epochs(model, x, y, cached, epochs: int, x_val, y_val, views=None) -> float:
+    """distillrun's training loop (train.fit) with the loss distill uses (the members' cached
+    logits combined at T batch by batch, CachedLogits), validation and the resumable
+    checkpoints at the default cadence included, as in a run. Returns seconds."""
     folder = tempfile.TemporaryDirectory()
+
+    def loss_fn(out: torch.Tensor, b: Any) -> torch.Tensor:
+        targets = combine(cached.member_logits(b), "arithmetic", T)
+        return distillation_loss(out, targets, y[b.idx], T, ALPHA)
+
     start = time.perf_counter()
     fit(
         model,
         x,
-        lambda out, b: distillation_loss(out, soft[b], y[b], T, ALPHA),
-        TrainSettings(ADAM, epochs=epochs, batch_size=BATCH),
+        loss_fn,
+        TrainSettings(ADAM, epochs=epochs, batch_size=BATCH, augment=views),
         x_val=x_val,
         y_val=y_val,
         state_path=Path(folder.name) / "student.pt",
@@ -132,17 +147,17 @@ def train_throughput(x, y, epochs: int, repeats: int) -> dict[str, float]:
     """Samples/s of distillrun's loop over the hand-written one, same student, data, batch."""
     n_val = len(x) // 10
     x_val, y_val, x_tr, y_tr = x[:n_val], y[:n_val], x[n_val:], y[n_val:]
-    soft = F.log_softmax(
-        torch.randn(len(x_tr), 10, generator=torch.Generator().manual_seed(1)) / T, dim=1
-    )
+    logits = torch.randn(5, len(x_tr), 10, generator=torch.Generator().manual_seed(1)) * 3
+    soft = combine(logits, "arithmetic", T)  # the reference: targets precomputed once
+    cached = CachedLogits({"logits": logits}, 10)
 
     def student() -> torch.nn.Module:
         torch.manual_seed(0)
-        return build_model(STUDENT, (784,), 10)
+        return build_model(STUDENT, (1, 28, 28), 10)
 
     ours, ref = best_of(
         repeats,
-        lambda: distillrun_epochs(student(), x_tr, y_tr, soft, epochs, x_val, y_val),
+        lambda: distillrun_epochs(student(), x_tr, y_tr, cached, epochs, x_val, y_val),
         lambda: reference_epochs(student(), x_tr, y_tr, soft, epochs),
     )
     samples = epochs * len(x_tr)
@@ -171,13 +186,13 @@ def sweep_speedup(x, y, jobs: int, epochs: int, members: int) -> dict[str, float
     """An 8-job T x alpha sweep: the reference runs the teachers' forward pass on every batch;
     distillrun computes their outputs once (as train-teachers does) and every job reads them."""
     torch.manual_seed(0)
-    teachers = [build_model(TEACHER, (784,), 10).eval() for _ in range(members)]
+    teachers = [build_model(TEACHER, (1, 28, 28), 10).eval() for _ in range(members)]
     n_val = len(x) // 10
     x_val, y_val, x_tr, y_tr = x[:n_val], y[:n_val], x[n_val:], y[n_val:]
 
     def student() -> torch.nn.Module:
         torch.manual_seed(0)
-        return build_model(STUDENT, (784,), 10)
+        return build_model(STUDENT, (1, 28, 28), 10)
 
     def reference() -> float:
         return sum(
@@ -187,10 +202,10 @@ def sweep_speedup(x, y, jobs: int, epochs: int, members: int) -> dict[str, float
     def ours() -> float:
         start = time.perf_counter()
         logits = torch.stack([predict(t, torch.cat([x_tr, x_val])) for t in teachers])
-        cached = time.perf_counter() - start
-        soft = combine(logits[:, : len(x_tr)], "arithmetic", T)
-        return cached + sum(
-            distillrun_epochs(student(), x_tr, y_tr, soft, epochs, x_val, y_val)
+        seconds = time.perf_counter() - start
+        cached = CachedLogits({"logits": logits[:, : len(x_tr)]}, 10)
+        return seconds + sum(
+            distillrun_epochs(student(), x_tr, y_tr, cached, epochs, x_val, y_val)
             for _ in range(jobs)
         )
 
@@ -199,6 +214,92 @@ def sweep_speedup(x, y, jobs: int, epochs: int, members: int) -> dict[str, float
         "sweep_speedup": ref_s / ours_s,
         "sweep_seconds": ours_s,
         "sweep_reference_seconds": ref_s,
+    }
+
+
+def augmented_sweep_speedup(x, y, jobs: int, epochs: int, members: int) -> dict[str, float]:
+    """An 8-job sweep on shifted views (SHIFT: 9 views) with 5 CNN teachers: the reference runs
+    the teachers on every batch's views (online); distillrun scores every view once into the
+    view cache (that time counted, teacher checkpoints loaded from disk as in a run), and every
+    job reads it."""
+    torch.manual_seed(0)
+    teachers = [build_model(CNN_TEACHER, (1, 28, 28), 10).eval() for _ in range(members)]
+    n_val = len(x) // 10
+    x_val, y_val, x_tr, y_tr = x[:n_val], y[:n_val], x[n_val:], y[n_val:]
+    folder = tempfile.TemporaryDirectory()
+    files = [Path(folder.name) / f"member_{i}.pt" for i in range(members)]
+    for f, t in zip(files, teachers, strict=True):
+        torch.save(checkpoint(t, CNN_TEACHER, (1, 28, 28), 10), f)
+
+    def student() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return build_model(STUDENT, (1, 28, 28), 10)
+
+    def reference() -> float:
+        return sum(
+            reference_epochs(student(), x_tr, y_tr, None, epochs, teachers, SHIFT)
+            for _ in range(jobs)
+        )
+
+    def ours() -> float:
+        for old in Path(folder.name).glob("view-cache/*.pt"):
+            old.unlink()  # every repeat builds the cache anew
+        start = time.perf_counter()
+        cached, _ = view_cache(
+            sources=[folder.name],
+            member_files=files,
+            fingerprint="bench",
+            cache_dir=Path(folder.name),
+            x=x_tr,
+            transfer=torch.arange(len(x_tr)),
+            num_classes=10,
+            augmentation=SHIFT,
+            top_k=None,
+            max_mb=math.inf,
+            batch_size=256,
+            device=torch.device("cpu"),
+            say=lambda line: None,
+        )
+        seconds = time.perf_counter() - start
+        return seconds + sum(
+            distillrun_epochs(student(), x_tr, y_tr, cached, epochs, x_val, y_val, SHIFT)
+            for _ in range(jobs)
+        )
+
+    ours_s, ref_s = best_of(2, ours, reference)
+    folder.cleanup()
+    return {
+        "augmented_sweep_speedup": ref_s / ours_s,
+        "augmented_sweep_seconds": ours_s,
+        "augmented_sweep_reference_seconds": ref_s,
+        "augmented_sweep_setup": f"{jobs} jobs x {epochs} epochs, {len(x_tr)} examples, "
+        f"{SHIFT.count} views, {members} CNN teachers",
+    }
+
+
+def views_throughput(x, y, epochs: int, repeats: int) -> dict[str, float]:
+    """Samples/s of a distill epoch on cached views (a random shifted view of each image and
+    the members' logits on that view, CachedLogits [M, N, V, C] in fp16) over the same epoch
+    without augmentation (logits [M, N, C])."""
+    n_val = len(x) // 10
+    x_val, y_val, x_tr, y_tr = x[:n_val], y[:n_val], x[n_val:], y[n_val:]
+    g = torch.Generator().manual_seed(1)
+    plain = CachedLogits({"logits": torch.randn(5, len(x_tr), 10, generator=g) * 3}, 10)
+    on_views = torch.randn(5, len(x_tr), SHIFT.count, 10, generator=g) * 3
+    views = CachedLogits({"logits": on_views.half()}, 10)
+
+    def student() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return build_model(STUDENT, (1, 28, 28), 10)
+
+    with_views, without = best_of(
+        repeats,
+        lambda: distillrun_epochs(student(), x_tr, y_tr, views, epochs, x_val, y_val, SHIFT),
+        lambda: distillrun_epochs(student(), x_tr, y_tr, plain, epochs, x_val, y_val),
+    )
+    return {
+        "views_throughput_ratio": without / with_views,
+        "views_samples_per_s": epochs * len(x_tr) / with_views,
     }
 
 
@@ -229,14 +330,15 @@ def teachers_scaling(x, y, members: list[int]) -> dict[str, float]:
     x_val, y_val = x[:200], y[:200]
     for n in members:
         torch.manual_seed(0)
-        teachers = [build_model(TEACHER, (784,), 10).eval() for _ in range(n)]
+        teachers = [build_model(TEACHER, (1, 28, 28), 10).eval() for _ in range(n)]
         start = time.perf_counter()
-        soft = combine(torch.stack([predict(t, x) for t in teachers]), "arithmetic", T)
+        cached = CachedLogits({"logits": torch.stack([predict(t, x) for t in teachers])}, 10)
         cache = time.perf_counter() - start
         torch.manual_seed(0)
-        ours = distillrun_epochs(build_model(STUDENT, (784,), 10), x, y, soft, 1, x_val, y_val)
+        student = build_model(STUDENT, (1, 28, 28), 10)
+        ours = distillrun_epochs(student, x, y, cached, 1, x_val, y_val)
         torch.manual_seed(0)
-        ref = reference_epochs(build_model(STUDENT, (784,), 10), x, y, None, 1, teachers)
+        ref = reference_epochs(build_model(STUDENT, (1, 28, 28), 10), x, y, None, 1, teachers)
         out[f"epoch_seconds_teachers_{n}"] = ours
         out[f"cache_seconds_teachers_{n}"] = cache
         out[f"reference_epoch_seconds_teachers_{n}"] = ref
@@ -299,6 +401,10 @@ def main(argv: list[str] | None = None) -> None:
     figures["matmul_fraction"] = figures["train_gflops"] / figures["matmul_gflops"]
     figures["reference_matmul_fraction"] = figures["reference_gflops"] / figures["matmul_gflops"]
     figures |= sweep_speedup(x[:2000] if quick else x[:10000], y, jobs=8, epochs=2, members=5)
+    figures |= augmented_sweep_speedup(
+        x[:1000] if quick else x[:2000], y, jobs=8, epochs=2 if quick else 5, members=5
+    )
+    figures |= views_throughput(x, y, epochs=1 if quick else 2, repeats=2 if quick else 3)
     figures["kl_inference_examples_per_s"] = kl_inference(100, 10, 2000 if quick else 10000)
     for classes in (20, 100, 1000):  # how evaluate's inference grows: specialists of 10 classes
         figures[f"kl_inference_examples_per_s_{classes}_classes"] = kl_inference(
