@@ -133,8 +133,13 @@ def view_cache(
     count = augmentation.count
     if top_k is not None and top_k >= num_classes:
         top_k = None  # every logit: nothing to leave out
+    if top_k is not None and num_classes > 2**15:
+        raise UserError(
+            f"teacher_outputs.top_k keeps class ids as int16: {num_classes} classes "
+            "are too many; use top_k=null"
+        )
     members = len(member_files)
-    size = cache_size(members or 1, len(x), count, num_classes, top_k)
+    size = cache_size(members, len(x), count, num_classes, top_k)
     key = _key(sources, fingerprint, transfer, _describe(augmentation, top_k))
     path = cache_dir / FOLDER / f"{key[:24]}.pt"
     info: dict[str, Any] = {"path": str(path), "views": count, "mb": size / 1e6}
@@ -147,11 +152,12 @@ def view_cache(
     try:
         if lock is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)  # the other jobs of a sweep wait while one builds
-            found = _read(path, key, (members, len(x), count))
+            found = _read(path, key, (len(x), count))
             if found is not None:
                 mb = size / 1e6
                 say(f"  view cache: {path} ({count} views x {len(x):,} examples, {mb:.1f} MB)")
                 return CachedLogits(found, num_classes), {**info, "built_by_this_run": False}
+        models = load_members(member_files, device, "caching the teachers' outputs on views")
         what = f"{augmentation.describe()}" + (f", top {top_k} logits" if top_k else "")
         say(
             f"  caching {count} views x {len(x):,} examples x {members} teachers = "
@@ -159,13 +165,12 @@ def view_cache(
         )
         if size / 1e6 > max_mb:
             raise UserError(
-                f"the view cache would take {size / 1e6:,.0f} MB, above "
+                f"the view cache would take {size / 1e6:,.1f} MB, above "
                 f"teacher_outputs.max_mb={max_mb:g}: cache fewer views per example "
                 f"(teacher_outputs.views_per_example=m, of {views.count}), keep the largest "
                 "logits only (teacher_outputs.top_k=k), raise teacher_outputs.max_mb, or score "
                 "the teachers on every batch (teacher_outputs=online)"
             )
-        models = load_members(member_files, device, "caching the teachers' outputs on views")
         start = time.perf_counter()
         tensors = _build(models, x, augmentation, num_classes, top_k, batch_size, device)
         seconds = time.perf_counter() - start
@@ -182,7 +187,7 @@ def view_cache(
             lock.close()  # releases the lock
 
 
-def _read(path: Path, key: str, shape: tuple[int, int, int]) -> dict[str, torch.Tensor] | None:
+def _read(path: Path, key: str, shape: tuple[int, int]) -> dict[str, torch.Tensor] | None:
     """The cache's tensors, or None when it is missing, damaged or of other views (rebuilt)."""
     try:
         found = artifacts.load_tensors(path) if path.is_file() else None
@@ -192,7 +197,7 @@ def _read(path: Path, key: str, shape: tuple[int, int, int]) -> dict[str, torch.
         return None
     tensors = {k: v for k, v in found.items() if isinstance(v, torch.Tensor)}
     first = tensors.get("logits", tensors.get("floor"))
-    if first is None or tuple(first.shape[:3]) != shape:
+    if first is None or tuple(first.shape[1:3]) != shape:
         return None
     return tensors
 
