@@ -123,9 +123,14 @@ def _complete(folder: Path, stage: str) -> bool:
         return False
 
 
+def _started(folder: Path) -> bool:
+    """Whether a run or sweep got as far as writing its folder (a kill can come before)."""
+    return (folder / ".hydra").is_dir() or (folder / "multirun.yaml").is_file()
+
+
 def run_step(step: Step, folder: Path) -> int:
     """Run a step into `folder`, keeping what an earlier, interrupted attempt finished."""
-    if not folder.exists():
+    if not _started(folder):
         return _stage(step.command(folder)[1:])
     if not step.sweep:
         if _complete(folder, step.stage):
@@ -137,10 +142,10 @@ def run_step(step: Step, folder: Path) -> int:
     kept = 0
     for n, overrides in enumerate(jobs):
         job = folder / str(n)
-        if job.exists() and _complete(job, step.stage):
+        if _complete(job, step.stage):
             kept += 1
             continue
-        if job.exists():
+        if _started(job):
             code = _stage([step.stage, f"resume={job}"])
         else:
             code = _stage([step.stage, *step.overrides, *overrides, f"hydra.run.dir={job}"])
