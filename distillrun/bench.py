@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> None:
     figures["reference_matmul_fraction"] = figures["reference_gflops"] / figures["matmul_gflops"]
     figures |= sweep_speedup(x[:2000] if quick else x[:10000], y, jobs=8, epochs=2, members=5)
     figures |= augmented_sweep_speedup(
-        x[:1000] if quick else x[:2000], y, jobs=8, epochs=2 if quick else 5, members=5
+        x[:500] if quick else x[:1111], y, jobs=8, epochs=2 if quick else 10, members=5
     )
     figures |= views_throughput(x, y, epochs=1 if quick else 2, repeats=2 if quick else 3)
     figures["kl_inference_examples_per_s"] = kl_inference(100, 10, 2000 if quick else 10000)

@@ -371,7 +371,9 @@ def markdown(r: dict[str, Any], steps: dict[str, Step], root: Path) -> str:
     ]  # fmt: skip
     for name, (key, op, target) in GOALS.items():
         value, ok = r[key], r["goals_met"][name]
-        shown = f"{value:.2f}" if isinstance(value, float) else value
+        shown = value if not isinstance(value, float) else f"{value:.1f}"
+        if key.endswith("gap_recovered"):
+            shown, target = pct(key), f"{100 * target:g}%"
         lines.append(f"| {name} | {op} {target} | {shown} | {'yes' if ok else 'NO'} |")
     by_T = ", ".join(
         f"T={t}: {e:g} ({r['val_errors_by_T'][t]:g} on validation)"
@@ -414,6 +416,8 @@ def plot_T(r: dict[str, Any], path: Any) -> None:
             low, high = r[hard] - spread[hard]["std"], r[hard] + spread[hard]["std"]
             ax.axhspan(low, high, color="tab:red", alpha=0.1)
         ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xlim(2.5, 25)
         ax.set_xticks([3, 8, 20], ["3", "8", "20"])
         ax.set_title(title)
         ax.set_xlabel("temperature T")
