@@ -40,7 +40,7 @@ bench: venv
 	$(BIN)/python -m distillrun.bench --out outputs/bench.json
 
 # The paper's MNIST results (METHOD.md sections 3-4), and students on consistent views (section
-# 8), with one command, about 45 minutes on 2 CPU cores: outputs/reproduce/<timestamp>/report.md,
+# 8), with one command, about 55 minutes on 2 CPU cores: outputs/reproduce/<timestamp>/report.md,
 # report.json and errors_vs_T.png. MNIST=<root> (torchvision's layout; default
 # ../shared/data/mnist), DOWNLOAD=1 to fetch it there, SEEDS=n to train every student with n
 # seeds (mean and standard deviation; the teachers once), RESUME=<that folder> to continue an

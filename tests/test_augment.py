@@ -342,7 +342,9 @@ def test_a_killed_cached_view_run_resumes_bit_identically(
 
 @pytest.mark.slow
 def test_parallel_jobs_build_the_view_cache_once(digits_teachers: Path, tmp_path: Path) -> None:
+    # Reflected borders: views no other test of this module has cached.
     args = ["-m", "T=1,4", f"teachers={digits_teachers}", *STUDENT, *SHIFT, "train.epochs=1"]
+    args += ["augment.border=reflect"]
     args += ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweep.dir=sweep"]
     result = distillrun(tmp_path, "distill", *args, env=ONE_THREAD)
     assert "2 of 2 jobs complete" in result.stdout
@@ -362,7 +364,9 @@ def test_mixup_trains_with_online_teachers_and_bad_combinations_are_one_line(
     m = manifest(tmp_path / "mixup")
     assert m["teacher_outputs"] == {"mode": "online", "augment": "mixup (alpha 1)"}
     assert math.isfinite(m["metrics"]["test_nll"])
-    refused = distill(tmp_path, digits_teachers, "teacher_outputs.max_mb=0.01", check=None)
+    refused = distill(  # shifts of 2 px: not cached yet, so it would be built
+        tmp_path, digits_teachers, "augment.pixels=2", "teacher_outputs.max_mb=0.01", check=None
+    )
     assert_one_line_error(refused, "teacher_outputs.max_mb=0.01", "views_per_example", "online")
     before = set(tmp_path.rglob("*"))
     cached_mixup = distill(

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from distillrun import artifacts
+from distillrun.augment import Batch
 from distillrun.console import results_table, say
 from distillrun.data import Data, load_dataset
 from distillrun.errors import UserError
@@ -186,10 +187,10 @@ def train_specialist(
     )
     target = dustbin_targets(y, classes, data.num_classes)
 
-    def loss_fn(out: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def loss_fn(out: torch.Tensor, b: Batch) -> torch.Tensor:
         if full:
-            return soft_target_loss(out, y[b], train_log_p[b], rest_classes)
-        return F.cross_entropy(out, target[b])
+            return soft_target_loss(out, y[b.idx], train_log_p[b.idx], rest_classes)
+        return F.cross_entropy(out, target[b.idx])
 
     def val_view(logits: torch.Tensor) -> torch.Tensor:
         # Selected on natural data, so judged with the dustbin correction applied.
