@@ -233,7 +233,7 @@ def results(root: Path) -> dict[str, Any]:
         "generalist_train_accuracy": _train_accuracy(root / "generalist"),
         "generalist_accuracy": g,
         "combined_accuracy": c,
-        "relative_gain": (c - g) / g,
+        "relative_gain": (c - g) / g if g else None,
         "generalist_conditional_accuracy": ev["generalist_conditional_accuracy"],
         "combined_conditional_accuracy": ev["combined_conditional_accuracy"],
         "specialists": specialists["clusters"],
@@ -254,6 +254,8 @@ def specialists_clusters(root: Path) -> list[list[int]]:
 
 
 def _met(value: Any, op: str, target: Any) -> bool:
+    if value is None:
+        return False
     if op == "==":
         return value == target
     return value <= target if op == "<=" else value >= target if op == ">=" else value > target
@@ -309,7 +311,7 @@ def markdown(r: dict[str, Any], steps: list[Step], root: Path) -> str:
         f"{pct(r['generalist_train_accuracy'])} of its own training set right: it is limited "
         f"by its capacity. {len(r['cluster_sizes'])} specialists, cluster sizes "
         f"{r['cluster_sizes']}, found without labels (adjusted Rand index against the groups "
-        f"{r['cluster_ari']:.2f}).",
+        f"{r['cluster_ari'] or 0:.2f}).",
         "",
         "| test accuracy | paper (JFT) | distillrun |",
         "| --- | --- | --- |",
