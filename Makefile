@@ -54,3 +54,11 @@ reproduce: venv
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# The paper's specialists (METHOD.md section 5) on dataset=jft_like, generated offline: the
+# generalist, its specialists, their KL combination and the combination distilled back, about 3
+# minutes on 2 CPU cores: outputs/reproduce-specialists/<timestamp>/report.md and report.json.
+# RESUME=<that folder> continues an interrupted one; ARGS="device=cuda" for overrides.
+.PHONY: reproduce-specialists
+reproduce-specialists: venv
+	$(BIN)/python -m distillrun.reproduce_specialists $(if $(RESUME),--resume $(RESUME)) $(ARGS)

@@ -184,6 +184,8 @@ def _dataset(cfg: DictConfig, p: _Problems) -> None:
         for key in ("super_spread", "sub_spread", "mode_spread"):
             p.need(_in(d[key], 0, math.inf), f"dataset.{key}={d[key]} must be a number >= 0")
         p.need(_is_seed(d.seed), f"dataset.seed={d.seed} must be an integer in [0, 2^31)")
+        cross = d.get("cross_modes", 0.0)
+        p.need(_in(cross, 0, 1), f"dataset.cross_modes={cross} must be a probability in [0, 1]")
 
 
 def _model(cfg: DictConfig, p: _Problems) -> None:
@@ -404,6 +406,10 @@ def _specialists(cfg: DictConfig, p: _Problems) -> None:
         f"specialists.clustering={s.clustering}: use {one_of(choices.CLUSTERINGS)}",
     )
     p.need(_in(s.overlap, 0, math.inf), f"specialists.overlap={s.overlap} must be a number >= 0")
+    share = s.get("overlap_share", 0.0)  # absent from runs made before it existed
+    p.need(
+        _in(share, 0, 1), f"specialists.overlap_share={share} must be a share in [0, 1] (0: off)"
+    )
     p.need(_is_int(s.member) and s.member >= 0, f"specialists.member={s.member} must be >= 0")
     p.need(
         s.index is None or (_is_int(s.index) and s.index >= 0),

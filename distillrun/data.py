@@ -88,6 +88,10 @@ def load_dataset(cfg: Any) -> Data:
 # --- config access ---------------------------------------------------------------------------
 
 
+def _has(cfg: Any, key: str) -> bool:
+    return key in cfg if isinstance(cfg, Mapping) else hasattr(cfg, key)
+
+
 def _get(cfg: Any, key: str) -> Any:
     """cfg.key, or a UserError naming the missing key."""
     if isinstance(cfg, DictConfig) and key in cfg.keys() and OmegaConf.is_missing(cfg, key):
@@ -346,22 +350,38 @@ def _load_hierarchical(cfg: Any) -> Data:
     Superclass centres are drawn with spread `super_spread`, each of the `n_sub` class centres
     of a superclass around its superclass centre with spread `sub_spread`, and every example
     around its class centre with unit noise: classes of one superclass are close and confused.
+    With `cross_modes` > 0, each of a class's `modes` blobs lies, with that probability, among
+    the classes of another superclass (drawn at random) instead: such a class is confused with
+    two groups or more, so overlapping clusters can cover it several times.
     """
     n_super, n_sub, dim = (_int(cfg, k) for k in ("n_super", "n_sub", "dim"))
     per_class = {s: _int(cfg, f"{s}_per_class") for s in ("train", "test")}
     spreads = {k: float(_get(cfg, k)) for k in ("super_spread", "sub_spread", "mode_spread")}
     modes = _int(cfg, "modes")
+    # Absent from the configs of runs made before it existed: those had none.
+    cross = float(_get(cfg, "cross_modes")) if _has(cfg, "cross_modes") else 0.0
     if min(n_super, n_sub, dim, modes, *per_class.values()) < 1 or min(spreads.values()) < 0:
         raise UserError(
             "dataset.n_super, n_sub, dim, modes and *_per_class must be >= 1 and the spreads >= 0"
         )
+    if not 0 <= cross <= 1 or (cross > 0 and n_super < 2):
+        raise UserError(f"dataset.cross_modes={cross}: use a probability in [0, 1] (n_super >= 2)")
     rng = np.random.default_rng(_int(cfg, "seed"))
     supers = rng.normal(0.0, spreads["super_spread"], (n_super, 1, dim))
     centres = (supers + rng.normal(0.0, spreads["sub_spread"], (n_super, n_sub, dim))).reshape(
         n_super * n_sub, 1, dim
     )
     # Each class is a mixture of `modes` blobs, so its boundary with its siblings is not linear.
-    centres = centres + rng.normal(0.0, spreads["mode_spread"], (len(centres), modes, dim))
+    blobs = centres + rng.normal(0.0, spreads["mode_spread"], (len(centres), modes, dim))
+    if cross > 0:  # drawn only then, so that cross_modes=0 gives the data it always gave
+        home = np.arange(len(centres)) // n_sub
+        away = (home[:, None] + rng.integers(1, n_super, (len(centres), modes))) % n_super
+        stray = rng.random((len(centres), modes)) < cross
+        # A stray blob keeps its offset from its class centre, moved to a fresh spot among the
+        # classes of superclass `away`.
+        moved = supers[away, 0] + rng.normal(0.0, spreads["sub_spread"], blobs.shape)
+        blobs = np.where(stray[..., None], moved + blobs - centres, blobs)
+    centres = blobs
 
     def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
         y = np.repeat(np.arange(len(centres)), n)

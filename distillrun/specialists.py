@@ -32,11 +32,17 @@ def probability_covariance(probs: torch.Tensor) -> torch.Tensor:
 
 
 def cluster_classes(
-    cov: torch.Tensor, k: int, method: str = "kmeans", overlap: float = 0.0, seed: int = 0
+    cov: torch.Tensor,
+    k: int,
+    method: str = "kmeans",
+    overlap: float = 0.0,
+    seed: int = 0,
+    share: float = 0.0,
 ) -> tuple[list[list[int]], list[int]]:
     """k-means on the columns of `cov`: (class sets ordered by smallest class, primary cluster of
     each class). With overlap > 0 a class also joins every cluster whose centre is at most
-    (1 + overlap) times as far from it as its own cluster's centre."""
+    (1 + overlap) times as far from it as its own cluster's centre; with share > 0, every
+    cluster that holds at least that share of its confusions (confusion_shares)."""
     from sklearn.cluster import KMeans, MiniBatchKMeans
 
     points = cov.double().cpu().numpy()
@@ -50,12 +56,24 @@ def cluster_classes(
     dist = km.transform(points)
     own = dist[np.arange(len(points)), labels]
     near = dist <= (1 + overlap) * own[:, None]
+    if share > 0:
+        near |= confusion_shares(cov, labels, k) >= share
     members = [np.flatnonzero((labels == m) | near[:, m]) for m in range(k)]
     # Empty clusters (duplicate columns, e.g. classes never predicted) are dropped; the rest are
     # numbered by their smallest class so that every job of a sweep agrees on the numbering.
     order = sorted((m for m in range(k) if (labels == m).any()), key=lambda m: members[m].min())
     renumber = {m: i for i, m in enumerate(order)}
     return [members[m].tolist() for m in order], [renumber[int(m)] for m in labels]
+
+
+def confusion_shares(cov: torch.Tensor, labels: Sequence[int], k: int) -> np.ndarray:
+    """[C, k]: the share of each class's positive covariance with the other classes that falls
+    in each cluster. A class whose examples lie partly among another group's classes co-varies
+    with that group too; in covariance-column distances its own large variance hides this."""
+    pos = cov.double().cpu().numpy().clip(min=0)
+    np.fill_diagonal(pos, 0)
+    onehot = np.asarray(labels)[:, None] == np.arange(k)
+    return (pos @ onehot) / np.maximum(pos.sum(axis=1, keepdims=True), 1e-300)
 
 
 def adjusted_rand_index(a: Sequence[int], b: Sequence[int]) -> float:

@@ -6,7 +6,7 @@ import re
 
 import pytest
 from hydra import compose, initialize_config_module
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from distillrun.config import group_choices, validate
 from distillrun.errors import UserError
@@ -35,7 +35,9 @@ def test_every_combination_of_shipped_choices_is_valid(
 ) -> None:
     cfg = composed(stage, f"dataset={dataset}", f"model={model}", f"optim={optim}")
     validate(stage, cfg)
-    assert cfg.dataset.name == dataset and cfg.optim.name == optim
+    # a preset of a generator (jft_like) names the generator it sets
+    loader = OmegaConf.load(f"conf/dataset/{dataset}.yaml").name
+    assert cfg.dataset.name == loader and cfg.optim.name == optim
     assert cfg.paths.output_root == "outputs" and cfg.device == "auto"
 
 
@@ -63,6 +65,8 @@ def test_specialists_and_evaluate_defaults() -> None:
         ("specialists", ["specialists.k=1"], ["specialists.k=1", ">= 2"]),
         ("specialists", ["specialists.clustering=ward"], ["kmeans or online"]),
         ("specialists", ["specialists.overlap=-1"], ["specialists.overlap=-1"]),
+        ("specialists", ["specialists.overlap_share=1.5"], ["overlap_share=1.5", "[0, 1]"]),
+        ("specialists", ["dataset.cross_modes=-0.1"], ["cross_modes=-0.1", "probability"]),
         ("specialists", ["specialists.index=20"], ["below specialists.k=20"]),
         ("specialists", ["specialists.soft_targets=maybe"], ["soft_targets"]),
         ("specialists", ["dataset.n_sub=0", "dataset.sub_spread=-1"], ["n_sub=0", "2 problems"]),
@@ -154,7 +158,17 @@ def test_the_paper_presets() -> None:
     assert composed("distill", "+experiment=soft_targets_3pct").transfer.fraction == 0.03
     assert composed("distill", "+experiment=hinton_mnist", "T=8").T == 8  # still overridable
     for name in group_choices("experiment"):  # each preset is valid for the stage it names
-        stage = "train-teachers" if name.endswith("_teachers") else "distill"
+        stage = OmegaConf.load(f"conf/experiment/{name}.yaml").experiment.stage
         cfg = composed(stage, f"+experiment={name}")
         assert cfg.experiment.stage == stage
         validate(stage, cfg)
+
+
+def test_the_specialists_presets_share_the_jft_like_data() -> None:
+    generalist = composed("train-teachers", "+experiment=jft_like_generalist")
+    specialists = composed("specialists", "+experiment=jft_like_specialists")
+    back = composed("distill", "+experiment=jft_like_distill")
+    assert generalist.dataset == specialists.dataset == back.dataset
+    assert generalist.dataset.name == "hierarchical" and generalist.dataset.cross_modes > 0
+    assert generalist.teachers.n == 1 and list(back.model.hidden) == list(generalist.model.hidden)
+    assert specialists.specialists.overlap_share > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ from distillrun.specialists import (
     adjusted_rand_index,
     cluster_classes,
     collapse,
+    confusion_shares,
     correct_dustbin,
     dustbin_targets,
     half_and_half_batches,
@@ -29,15 +31,15 @@ from distillrun.specialists import (
 # --- covariance and clustering ---------------------------------------------------------------
 
 
-def confusable_probabilities(n: int = 3000) -> tuple[torch.Tensor, list[int]]:
-    """Six classes in pairs {0,1}, {2,3}, {4,5}: a model unsure only within its pair."""
+def confusable_probabilities(n: int = 3000, pairs: int = 3) -> tuple[torch.Tensor, list[int]]:
+    """Classes in pairs {0,1}, {2,3}, ...: a model unsure only within its pair."""
     g = torch.Generator().manual_seed(0)
-    pair = torch.randint(0, 3, (n,), generator=g)
+    pair = torch.randint(0, pairs, (n,), generator=g)
     share = torch.rand(n, generator=g)
-    p = torch.full((n, 6), 0.01)
+    p = torch.full((n, 2 * pairs), 0.01)
     p[torch.arange(n), 2 * pair] += 0.96 * share
     p[torch.arange(n), 2 * pair + 1] += 0.96 * (1 - share)
-    return p / p.sum(dim=1, keepdim=True), [0, 0, 1, 1, 2, 2]
+    return p / p.sum(dim=1, keepdim=True), [c // 2 for c in range(2 * pairs)]
 
 
 def test_covariance_matches_numpy_and_pairs_covary() -> None:
@@ -66,6 +68,47 @@ def test_overlap_lets_a_class_join_a_second_cluster() -> None:
     assert sum(len(c) for c in disjoint) == 6
     everything, _ = cluster_classes(cov, 3, overlap=1e6)
     assert everything == [list(range(6))] * 3
+
+
+def test_overlap_share_adds_a_class_to_each_group_it_is_confused_with() -> None:
+    # Eight pairs; on extra examples the model hesitates between 15 and 0, so each co-varies with
+    # the other's pair too. Centre distances miss it (a class's own variance dominates its
+    # column); the share of its confusions does not.
+    p, truth = confusable_probabilities(8000, pairs=8)
+    share = torch.rand(1000, generator=torch.Generator().manual_seed(1))
+    bridge = torch.full((1000, 16), 0.01)
+    bridge[:, 15] += 0.84 * share
+    bridge[:, 0] += 0.84 * (1 - share)
+    cov = probability_covariance(torch.cat([p, bridge / bridge.sum(dim=1, keepdim=True)]))
+    plain, primary = cluster_classes(cov, 8)
+    assert plain == [[2 * i, 2 * i + 1] for i in range(8)] and primary == truth
+    assert cluster_classes(cov, 8, overlap=0.2)[0] == plain
+    shared, _ = cluster_classes(cov, 8, share=0.2)
+    assert sorted(shared) == [[0, 1, 15], [0, 14, 15], *plain[1:7]]
+    shares = confusion_shares(cov, primary, 8)
+    assert shares.shape == (16, 8) and np.allclose(shares.sum(axis=1), 1)
+
+
+def test_cross_modes_put_a_class_among_another_superclass() -> None:
+    cfg = OmegaConf.load("conf/dataset/hierarchical.yaml")
+    small = {"n_super": 4, "n_sub": 3, "dim": 8, "train_per_class": 50, "test_per_class": 2}
+    cfg = OmegaConf.merge(cfg, small, {"super_spread": 10.0})
+    home = load_dataset(cfg)
+    # A config written before cross_modes existed gives the same data as cross_modes=0.
+    old = OmegaConf.create({k: v for k, v in cfg.items() if k != "cross_modes"})
+    assert load_dataset(old).fingerprint == home.fingerprint
+
+    def class_means(data) -> torch.Tensor:
+        return torch.stack([data.x_train[data.y_train == c].mean(dim=0) for c in range(12)])
+
+    # Superclass centres (the same draws come first whatever cross_modes is), from the classes
+    # that stayed home; with cross_modes=1 every class lies near another superclass's centre.
+    supers = class_means(home).view(4, 3, -1).mean(dim=1)
+    for cross, moved in ((0.0, 0), (1.0, 12)):
+        data = load_dataset(OmegaConf.merge(cfg, {"cross_modes": cross}))
+        nearest = torch.cdist(class_means(data), supers).argmin(dim=1)
+        assert int((nearest != torch.arange(12) // 3).sum()) == moved
+        assert data.superclass == home.superclass  # a class keeps its own superclass
 
 
 def test_hierarchical_dataset_records_superclasses_and_is_deterministic() -> None:
@@ -183,11 +226,15 @@ def grid_minimum(log_pg, clusters, views, active, steps: int = 300):
     return best
 
 
+OVERLAPPING = [[0, 1], [1, 2], [0, 2]]  # every class covered by two specialists
+
+
 @pytest.mark.parametrize(
-    ("seed", "method"), list(itertools.product(range(3), ["preconditioned", "plain"]))
+    ("seed", "method", "clusters"),
+    list(itertools.product(range(3), ["preconditioned", "plain"], [None, OVERLAPPING])),
 )
-def test_combination_matches_a_brute_force_minimiser(seed: int, method: str) -> None:
-    log_pg, clusters, views, active = random_case(seed)
+def test_combination_matches_a_brute_force_minimiser(seed: int, method: str, clusters) -> None:
+    log_pg, clusters, views, active = random_case(seed, clusters=clusters)
     log_q, steps = combine_kl(log_pg, clusters, views, active, 1e-8, 100000, method)
     assert steps < 100000
     ours = objective(log_q.double(), log_pg, clusters, views, active)
@@ -241,3 +288,32 @@ def test_active_specialists_follow_the_generalists_top_classes() -> None:
         [True, True, False, True],
         [False, True, True, True],
     ]
+
+
+def test_top_n_activates_every_specialist_covering_one_of_the_top_classes() -> None:
+    # With overlapping sets and the top two classes, all three specialists are active on an
+    # example; the combination with all of them active is still the brute-force minimum.
+    log_pg, clusters, views, _ = random_case(4, n=6, clusters=OVERLAPPING)
+    active = active_specialists(log_pg, clusters, 2)
+    assert active.all()  # any two of three classes meet every set
+    log_q, _ = combine_kl(log_pg, clusters, views, active, 1e-8, 100000)
+    for i, (value, q) in enumerate(grid_minimum(log_pg, clusters, views, active)):
+        assert float(objective(log_q.double(), log_pg, clusters, views, active)[i]) <= value + 1e-6
+        assert torch.allclose(log_q[i].exp().double(), q, atol=5e-3)
+
+
+def test_by_coverage_counts_rows_and_leaves_an_undefined_change_undefined() -> None:
+    from distillrun.stages.evaluate import by_coverage, relative
+
+    covering = torch.tensor([0, 0, 1, 1, 1, 1, 3])
+    generalist = torch.tensor([False, False, True, True, False, False, True])
+    combined = torch.tensor([True, False, True, True, True, False, True])
+    rows = by_coverage(covering, generalist, combined)
+    assert [(r["covering"], r["examples"], r["gained"]) for r in rows] == [
+        (0, 2, 1),
+        (1, 4, 1),
+        (3, 1, 0),
+    ]
+    # +1 correct where the generalist had none: not "+0.0%" but n/a
+    assert rows[0]["relative_change"] is None and relative(None) == "n/a"
+    assert rows[1]["relative_change"] == pytest.approx(0.5) and relative(0.5) == "+50.0%"

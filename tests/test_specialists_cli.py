@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,9 @@ from conftest import (
     start,
     without_timings,
 )
+
+from distillrun import artifacts
+from distillrun.reproduce_specialists import GOALS, grouped
 
 pytestmark = pytest.mark.slow  # the installed command, in subprocesses
 
@@ -171,3 +177,61 @@ def test_a_specialists_run_killed_mid_specialist_resumes_to_the_same_numbers(
     for m in range(len(resumed["specialists"]["clusters"])):
         name = f"specialist_{m}.pt"
         assert (killed / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+# jft_like's generator settings made equal to DATA's, so the pipeline's runs are its steps.
+AS_DATA = [
+    "dataset.n_super=4",
+    "dataset.n_sub=3",
+    "dataset.dim=8",
+    "dataset.train_per_class=30",
+    "dataset.test_per_class=10",
+    "dataset.modes=1",
+    "dataset.mode_spread=0.0",
+    "dataset.cross_modes=0.0",
+    "train.epochs=1",
+    "progress=false",
+]
+
+
+def test_reproduce_specialists_resumes_from_the_pipeline_and_reports(pipeline: Path) -> None:
+    # The pipeline's generalist, specialists and evaluate runs stand for a reproduction's first
+    # three steps; resuming it runs only the two distillations, then the report.
+    root = pipeline / "reproduction"
+    root.mkdir()
+    for name, stage in (("generalist", "train-teachers"), ("specialists", "specialists")):
+        (root / name).symlink_to(runs(pipeline, stage)[0])
+    (root / "evaluate").symlink_to(runs(pipeline, "evaluate")[0])
+    state = {"overrides": AS_DATA, "command": "python -m distillrun.reproduce_specialists"}
+    artifacts.write_json(root / "reproduce.json", {**state, "seconds": {}})
+    result = subprocess.run(
+        [sys.executable, "-m", "distillrun.reproduce_specialists", "--resume", str(root), *AS_DATA],
+        cwd=pipeline,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0", **ONE_THREAD},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("complete: kept") == 3
+    back, control = manifest(root / "distill_back"), manifest(root / "distill_generalist")
+    assert back["inputs"]["teachers"] == str((root / "evaluate").resolve())
+    assert control["inputs"]["teachers"] == str((root / "generalist").resolve())
+
+    r = json.loads((root / "report.json").read_text())
+    ev = manifest(root / "evaluate")["metrics"]
+    g, c = ev["generalist_accuracy"], ev["combined_accuracy"]
+    assert r["relative_gain"] == pytest.approx((c - g) / g)
+    assert r["by_coverage"] == grouped(ev["by_coverage"])
+    assert sum(x["examples"] for x in r["by_coverage"]) == 120
+    assert r["distilled_back_accuracy"] == back["metrics"]["test_accuracy"]
+    assert r["hard_labels_accuracy"] == back["metrics"]["baseline_test_accuracy"]
+    assert r["distilled_from_generalist_accuracy"] == control["metrics"]["test_accuracy"]
+    assert 0 < r["generalist_train_accuracy"] <= 1
+    for name, (key, op, target) in GOALS.items():
+        value = r[key]
+        expected = {"<=": value <= target, ">=": value >= target, ">": value > target}
+        assert r["goals_met"][name] is expected.get(op, value == target), name
+    text = (root / "report.md").read_text()
+    assert "| covering | paper: examples |" in text and "| 4+ | 79,321 |" in text
+    assert f"{r['minutes']:.1f} minutes" in result.stdout

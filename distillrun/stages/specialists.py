@@ -100,7 +100,9 @@ def specialists(cfg: DictConfig, run: Run) -> dict[str, Any]:
     # The transfer set is the training split; the clustering sees no labels.
     train_log_p = F.log_softmax(cache["train"][member].float(), dim=-1).to(device)
     cov = probability_covariance(train_log_p.exp().cpu())
-    clusters, primary = cluster_classes(cov, k, s.clustering, float(s.overlap), cfg.seed)
+    clusters, primary = cluster_classes(
+        cov, k, s.clustering, float(s.overlap), cfg.seed, float(s.get("overlap_share", 0.0))
+    )
     if any(len(c) == data.num_classes for c in clusters):
         raise UserError(
             "a cluster holds every class, so its dustbin would never be trained: "
@@ -118,6 +120,7 @@ def specialists(cfg: DictConfig, run: Run) -> dict[str, Any]:
             "k": k,
             "clustering": s.clustering,
             "overlap": float(s.overlap),
+            "overlap_share": float(s.get("overlap_share", 0.0)),
             "clusters": clusters,
             "primary": primary,
             "superclass": data.superclass,

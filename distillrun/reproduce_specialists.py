@@ -1,0 +1,459 @@
+"""`make reproduce-specialists` (python -m distillrun.reproduce_specialists): the paper's
+specialists (METHOD.md section 5) on a data set where its regime holds, one command.
+
+Runs, one after another, into outputs/reproduce-specialists/<timestamp>/ (a run folder per
+step): the generalist, its specialists, the KL combination (evaluate), the combination
+distilled back into one net of the generalist's size, and, as the control, the same net
+distilled from the generalist alone. Then writes report.md (the overall relative gain, the
+table by the number of specialists covering the correct class beside the paper's, the
+distilled-back net, the goals) and report.json there.
+
+    python -m distillrun.reproduce_specialists [--out outputs/reproduce-specialists]
+        [--resume outputs/reproduce-specialists/<timestamp>] [override ...]
+
+Overrides (e.g. device=cuda, dataset.seed=1, model.hidden=[64]) go to the steps whose stage
+has their key (TAKEN_BY); evaluate reads its data from the specialists run. An interrupted
+reproduction continues with --resume: complete steps are kept, an interrupted run continues
+from its last epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from distillrun import artifacts
+from distillrun.errors import UserError, interrupted_exit_code, raise_terminated
+
+# METHOD.md section 5, JFT: (specialists covering the correct class, test examples, top-1
+# correct gained, relative accuracy change).
+PAPER_ROWS = [
+    ("0", 350037, 0, 0.0),
+    ("1", 141993, 1421, 0.034),
+    ("2", 67161, 1572, 0.074),
+    ("3", 38801, 1124, 0.088),
+    ("4", 26298, 835, 0.105),
+    ("5", 16474, 561, 0.111),
+    ("6", 10682, 362, 0.113),
+    ("7", 7376, 232, 0.128),
+    ("8", 4703, 182, 0.136),
+    ("9", 4706, 208, 0.166),
+    ("10+", 9082, 324, 0.141),
+]
+PAPER = {"generalist_accuracy": 0.250, "combined_accuracy": 0.261, "relative_gain": 0.044}
+GROUPS = ("0", "1", "2", "3", "4+")  # the report's rows: 4 or more specialists in one row
+GOALS = {  # the issue's goals: (report.json key, operator, target)
+    "combined vs generalist, relative": ("relative_gain", ">=", 0.03),
+    "rises from 1 to 3+ specialists covering": ("coverage_rises", "==", True),
+    "distilled back beats the generalist": ("distilled_back_gain", ">", 0.0),
+    "minutes": ("minutes", "<=", 20),
+}
+STATE = "reproduce.json"  # the reproduction's own record: its arguments and its steps
+
+
+@dataclass
+class Step:
+    name: str  # its folder in the reproduction folder
+    stage: str
+    overrides: list[str]
+
+    def command(self, folder: Path) -> list[str]:
+        return ["distillrun", self.stage, *self.overrides, f"hydra.run.dir={folder}"]
+
+
+def plan(root: Path, extra: list[str]) -> list[Step]:
+    """The steps, in order, each reading the folder of the one before."""
+
+    def step(name: str, stage: str, *overrides: str) -> Step:
+        return Step(name, stage, [*overrides, *for_stage(stage, extra)])
+
+    generalist = f"generalist={root / 'generalist'}"
+    return [
+        step("generalist", "train-teachers", "+experiment=jft_like_generalist"),
+        step("specialists", "specialists", "+experiment=jft_like_specialists", generalist),
+        step("evaluate", "evaluate", f"specialists={root / 'specialists'}"),
+        step(
+            "distill_back",
+            "distill",
+            "+experiment=jft_like_distill",
+            f"teachers={root / 'evaluate'}",
+        ),
+        step(
+            "distill_generalist",
+            "distill",
+            "+experiment=jft_like_distill",
+            f"teachers={root / 'generalist'}",
+            "baseline=false",
+        ),
+    ]
+
+
+# The stages that take an override, by its first key; keys every stage has go to all of them.
+# model= sets the generalist and the nets distilled back (specialists copy the generalist's).
+TAKEN_BY = {
+    "dataset": ("train-teachers", "specialists", "distill"),
+    "optim": ("train-teachers", "specialists", "distill"),
+    "model": ("train-teachers", "distill"),
+    "teachers": ("train-teachers",),
+    "specialists": ("specialists",),
+    "n": ("evaluate",),
+    "optimizer": ("evaluate",),
+    "tolerance": ("evaluate",),
+    "max_iter": ("evaluate",),
+    "T": ("distill",),
+    "alpha": ("distill",),
+    "transfer": ("distill",),
+}
+
+
+def for_stage(stage: str, overrides: list[str]) -> list[str]:
+    """The overrides `stage` takes (`dataset.seed=1` goes to every stage with a dataset)."""
+    key = lambda o: o.lstrip("+~").split("=")[0].split(".")[0]  # noqa: E731
+    return [o for o in overrides if stage in TAKEN_BY.get(key(o), (stage,))]
+
+
+# --- running the steps ---------------------------------------------------------------------------
+
+
+def _stage(args: list[str]) -> int:
+    """`distillrun <args>` in a child process, its output on this terminal; its exit code."""
+    child = subprocess.Popen([sys.executable, "-m", "distillrun", *args])
+    try:
+        return child.wait()
+    except BaseException:  # Ctrl-C or SIGTERM: the stage stops cleanly, resumable
+        child.send_signal(signal.SIGTERM)
+        child.wait()
+        raise
+
+
+def run_step(step: Step, folder: Path) -> int:
+    """Run a step into `folder`, keeping what an earlier, interrupted attempt finished."""
+    if not folder.exists():
+        return _stage(step.command(folder)[1:])
+    try:
+        if artifacts.is_complete(artifacts.read_manifest(folder), step.stage):
+            print("complete: kept")
+            return 0
+    except UserError:
+        pass
+    return _stage([step.stage, f"resume={folder}"])
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+
+def grouped(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """evaluate's by_coverage rows merged into the report's rows 0, 1, 2, 3 and 4+ (absent
+    where no test example falls in them); relative_change is None where the generalist had none
+    of a row's examples right."""
+    out = []
+    for i, label in enumerate(GROUPS):
+        mine = [r for r in rows if min(r["covering"], len(GROUPS) - 1) == i]
+        if not mine:
+            continue
+        g = sum(r["generalist_correct"] for r in mine)
+        b = sum(r["combined_correct"] for r in mine)
+        n = sum(r["examples"] for r in mine)
+        out.append(
+            {
+                "covering": label,
+                "examples": n,
+                "generalist_accuracy": g / n,
+                "gained": b - g,
+                "relative_change": (b - g) / g if g else None,
+            }
+        )
+    return out
+
+
+def paper_grouped() -> list[dict[str, Any]]:
+    """The paper's rows merged the same way; the 4+ row's relative change is derived from its
+    rows (each row's generalist correct = gained / relative change)."""
+    out = []
+    for i, label in enumerate(GROUPS):
+        mine = [r for r in PAPER_ROWS if min(int(r[0].rstrip("+")), len(GROUPS) - 1) == i]
+        gained = sum(r[2] for r in mine)
+        base = sum(r[2] / r[3] for r in mine if r[3])
+        out.append(
+            {
+                "covering": label,
+                "examples": sum(r[1] for r in mine),
+                "gained": gained,
+                "relative_change": gained / base if base else 0.0,
+            }
+        )
+    return out
+
+
+def coverage_rises(rows: list[dict[str, Any]]) -> bool:
+    """The issue's test of the table's shape: at least three rows with a relative change, among
+    them the 1-specialist row and a 3-or-more row, and every 3-or-more row above the 1 row."""
+    change = {r["covering"]: r["relative_change"] for r in rows if r["relative_change"] is not None}
+    high = [change[k] for k in ("3", "4+") if k in change]
+    return len(change) >= 3 and "1" in change and bool(high) and min(high) > change["1"]
+
+
+def _train_accuracy(generalist: Path) -> float:
+    """The generalist's accuracy on its own training split: well below 1 when it is limited by
+    its capacity rather than by its data."""
+    from distillrun.data import load_dataset  # torch: only once the steps are done
+
+    run = artifacts.complete_run(generalist, "train-teachers")
+    data = load_dataset(run["dataset"]["config"])
+    logits = artifacts.load_tensors(generalist / "logits.pt")["train"][0]
+    return float((logits.argmax(dim=1) == data.y_train.cpu()).float().mean())
+
+
+def results(root: Path) -> dict[str, Any]:
+    """report.json's figures, read from the steps' manifests."""
+    generalist = artifacts.complete_run(root / "generalist", "train-teachers")
+    specialists = artifacts.complete_run(root / "specialists", "specialists")["metrics"]
+    ev = artifacts.complete_run(root / "evaluate", "evaluate")["metrics"]
+    back = artifacts.complete_run(root / "distill_back", "distill")["metrics"]
+    control = artifacts.complete_run(root / "distill_generalist", "distill")["metrics"]
+    g, c = ev["generalist_accuracy"], ev["combined_accuracy"]
+    rows = grouped(ev["by_coverage"])
+    sizes = [len(s) for s in specialists_clusters(root)]
+    return {
+        "device": generalist.get("device"),
+        "dataset": generalist["dataset"]["config"],
+        "test_examples": generalist["dataset"]["sizes"]["test"],
+        "generalist_train_accuracy": _train_accuracy(root / "generalist"),
+        "generalist_accuracy": g,
+        "combined_accuracy": c,
+        "relative_gain": (c - g) / g if g else None,
+        "generalist_conditional_accuracy": ev["generalist_conditional_accuracy"],
+        "combined_conditional_accuracy": ev["combined_conditional_accuracy"],
+        "specialists": specialists["clusters"],
+        "cluster_sizes": sizes,
+        "cluster_ari": specialists.get("cluster_ari"),
+        "by_coverage": rows,
+        "coverage_rises": coverage_rises(rows),
+        "by_active_coverage": grouped(ev["by_active_coverage"]),
+        "distilled_back_accuracy": back["test_accuracy"],
+        "distilled_back_gain": back["test_accuracy"] - g,
+        "hard_labels_accuracy": back["baseline_test_accuracy"],
+        "distilled_from_generalist_accuracy": control["test_accuracy"],
+    }
+
+
+def specialists_clusters(root: Path) -> list[list[int]]:
+    return json.loads((root / "specialists" / "clusters.json").read_text())["clusters"]
+
+
+def _met(value: Any, op: str, target: Any) -> bool:
+    if value is None:
+        return False
+    if op == "==":
+        return value == target
+    return value <= target if op == "<=" else value >= target if op == ">=" else value > target
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+
+
+def relative(change: float | None) -> str:
+    return "n/a" if change is None else f"{100 * change:+.1f}%"
+
+
+def markdown(r: dict[str, Any], steps: list[Step], root: Path) -> str:
+    pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    ours = {row["covering"]: row for row in r["by_coverage"]}
+    paper = {row["covering"]: row for row in paper_grouped()}
+    table = []
+    for label in GROUPS:
+        p, o = paper[label], ours.get(label)
+        mine = (
+            f"{o['examples']:,} | {pct(o['generalist_accuracy'])} | {o['gained']:+d} | "
+            f"{relative(o['relative_change'])}"
+            if o
+            else "0 | - | - | -"
+        )
+        derived = " (its rows 4 to 10+)" if label == "4+" else ""
+        table.append(
+            f"| {label} | {p['examples']:,} | {p['gained']:+,} | "
+            f"{relative(p['relative_change'])}{derived} | {mine} |"
+        )
+    d = r["dataset"]
+    lines = [
+        "# distillrun: the paper's specialists (METHOD.md section 5), reproduced in shape",
+        "",
+        f"{r['date']} on {r['machine']} ({r['device']}); torch {r['torch']}; "
+        f"{r['minutes']:.1f} minutes.",
+        "",
+        f"Data: `dataset=jft_like`, {d['n_super'] * d['n_sub']} classes in {d['n_super']} "
+        f"confusable groups, {d['modes']} blobs per class of which each lies in another group "
+        f"with probability {d['cross_modes']}, {d['train_per_class']} training examples per "
+        f"class; {r['test_examples']:,} test examples. The generalist gets "
+        f"{pct(r['generalist_train_accuracy'])} of its own training set right: it is limited "
+        f"by its capacity. {len(r['cluster_sizes'])} specialists, cluster sizes "
+        f"{r['cluster_sizes']}, found without labels (adjusted Rand index against the groups "
+        f"{r['cluster_ari'] or 0:.2f}).",
+        "",
+        "| test accuracy | paper (JFT) | distillrun |",
+        "| --- | --- | --- |",
+        f"| generalist | {pct(PAPER['generalist_accuracy'])} | {pct(r['generalist_accuracy'])} |",
+        f"| generalist + specialists | {pct(PAPER['combined_accuracy'])} | "
+        f"{pct(r['combined_accuracy'])} |",
+        f"| relative gain | {relative(PAPER['relative_gain'])} | {relative(r['relative_gain'])} |",
+        f"| the combination distilled back into one net of the generalist's size | not done | "
+        f"{pct(r['distilled_back_accuracy'])} |",
+        f"| the same net distilled from the generalist alone (control) | - | "
+        f"{pct(r['distilled_from_generalist_accuracy'])} |",
+        f"| the same net on hard labels (control) | - | {pct(r['hard_labels_accuracy'])} |",
+        "",
+        "By the number of specialists covering the correct class (whose class set holds it, as "
+        "the paper's Table 4), test set:",
+        "",
+        "| covering | paper: examples | gained | relative change | distillrun: examples | "
+        "generalist accuracy | gained | relative change |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        *table,
+        "",
+        "Counting only the active specialists (those holding the generalist's top class) instead "
+        "mixes in whether the generalist was right, since its top class picks them:",
+        "",
+        "| active covering | examples | generalist accuracy | gained | relative change |",
+        "| --- | --- | --- | --- | --- |",
+        *(
+            f"| {o['covering']} | {o['examples']:,} | {pct(o['generalist_accuracy'])} | "
+            f"{o['gained']:+d} | {relative(o['relative_change'])} |"
+            for o in r["by_active_coverage"]
+        ),
+        "",
+        "| goal | target | distillrun | met |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, (key, op, target) in GOALS.items():
+        value, ok = r[key], r["goals_met"][name]
+        shown = f"{value:.4f}" if isinstance(value, float) else value
+        lines.append(f"| {name} | {op} {target} | {shown} | {'yes' if ok else 'NO'} |")
+    lines += ["", "Steps:", ""]
+    lines += [f"- {s.name}: `{shlex.join(s.command(root / s.name))}`" for s in steps]
+    lines += ["", f"Reproduce: `{r['command']}`", ""]
+    return "\n".join(lines)
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--out", default="outputs/reproduce-specialists", help="where reproductions go"
+    )
+    parser.add_argument("--resume", help="an interrupted reproduction's folder, to continue")
+    parser.add_argument("overrides", nargs="*", help="passed to the steps, e.g. device=cuda")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        sys.exit(reproduce(args))
+    except UserError as e:
+        print(f"distillrun reproduce-specialists: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def reproduce(args: argparse.Namespace) -> int:
+    command = shlex.join(["python", "-m", "distillrun.reproduce_specialists", *sys.argv[1:]])
+    if args.resume:
+        root = Path(args.resume).expanduser().resolve()
+        state = _read_state(root)
+        if state["overrides"] != args.overrides:
+            raise UserError(
+                f"--resume {root} was started with the overrides {state['overrides']}: resume "
+                "it with the same ones, or start a new reproduction"
+            )
+    else:
+        stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+        root = Path(args.out).expanduser().resolve() / stamp
+        state = {"overrides": args.overrides, "command": command, "seconds": {}}
+        try:
+            root.mkdir(parents=True)
+            artifacts.write_json(root / STATE, state)
+        except OSError as e:
+            why = e.strerror or e
+            raise UserError(f"cannot write {root} ({why}): choose a writable --out") from e
+    steps = plan(root, args.overrides)
+    print(f"distillrun reproduce-specialists: {len(steps)} steps into {root}")
+    again = f"continue with `{state['command']} --resume {root}`"
+    for i, step in enumerate(steps, 1):
+        folder = root / step.name
+        print(f"\n[{i}/{len(steps)}] {step.name}: {shlex.join(step.command(folder))}", flush=True)
+        start = time.perf_counter()
+        try:
+            code = run_step(step, folder)
+        except KeyboardInterrupt as e:
+            print(f"interrupted in step {step.name}; {again}", file=sys.stderr)
+            code = interrupted_exit_code(e)
+        finally:  # the minutes of the report count every attempt's work
+            spent = state["seconds"].get(step.name, 0.0) + time.perf_counter() - start
+            state["seconds"][step.name] = spent
+            artifacts.write_json(root / STATE, state)
+        if code in (130, 143):
+            return code
+        if code:
+            print(f"step {step.name} stopped (exit {code}); {again}", file=sys.stderr)
+            return code
+    return write_report(root, steps, state)
+
+
+def _read_state(root: Path) -> dict[str, Any]:
+    try:
+        state = json.loads((root / STATE).read_text())
+        state["overrides"], state["seconds"], state["command"]  # noqa: B018 - all must be there
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(
+            f"--resume {root} is not a reproduction folder ({STATE} missing or damaged: {e}): "
+            "pass outputs/reproduce-specialists/<timestamp>"
+        ) from e
+    return state
+
+
+def write_report(root: Path, steps: list[Step], state: dict[str, Any]) -> int:
+    r = results(root)
+    r["minutes"] = sum(state["seconds"].values()) / 60
+    r["goals_met"] = {name: _met(r[key], op, target) for name, (key, op, target) in GOALS.items()}
+    r |= {
+        "date": dt.date.today().isoformat(),
+        "machine": machine(),
+        "torch": metadata.version("torch"),
+        "command": state["command"],
+        "paper": {**PAPER, "by_coverage": paper_grouped()},
+        "runs": {s.name: str(root / s.name) for s in steps},
+    }
+    artifacts.write_json(root / "report.json", r)
+    artifacts.atomic_write(root / "report.md", lambda f: f.write(markdown(r, steps, root)), "w")
+    met = sum(bool(v) for v in r["goals_met"].values())
+    print(
+        f"\n{(root / 'report.md').read_text()}\n"
+        f"distillrun reproduce-specialists: {r['minutes']:.1f} minutes, {met} of {len(GOALS)} "
+        f"goals met; {root / 'report.md'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    main()
