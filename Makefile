@@ -26,8 +26,10 @@ demo: venv
 	$(BIN)/distillrun train-teachers $(DEMO_TEACHERS)
 	$(BIN)/distillrun distill $(DEMO_STUDENT)
 
+# The test files are shared out among one process per core (pytest-xdist); a file's tests stay
+# in one process, so its module fixtures are built once.
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # The inner loop: everything but the end-to-end runs of the command (marked slow), under a minute.
 test-fast: venv
