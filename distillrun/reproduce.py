@@ -474,18 +474,33 @@ def reproduce(args: argparse.Namespace) -> int:
                 "same --data-root, --download, --seeds and overrides, or start a new reproduction"
             )
     else:
-        stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
-        root = Path(args.out).expanduser().resolve() / stamp
         state = {"arguments": wanted, "command": command, "started": artifacts.now(), "seconds": {}}
-        try:
-            root.mkdir(parents=True)
-            artifacts.write_json(root / STATE, state)
-        except OSError as e:
-            why = e.strerror or e
-            raise UserError(f"cannot write {root} ({why}): choose a writable --out") from e
+        root = new_folder(args.out, state)
     data = [f"dataset.root={wanted['data_root']}"] + (["dataset.download=true"] * args.download)
     steps = plan(root, data, args.overrides, args.seeds)
-    print(f"distillrun reproduce: {len(steps)} steps into {root}")
+    code = run_steps("reproduce", root, steps, state)
+    if code:
+        return code
+    return write_report(root, steps, state, args.seeds)
+
+
+def new_folder(out: str, state: dict[str, Any]) -> Path:
+    """A new reproduction folder under `out`, named by the time, holding `state` as STATE."""
+    stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+    root = Path(out).expanduser().resolve() / stamp
+    try:
+        root.mkdir(parents=True)
+        artifacts.write_json(root / STATE, state)
+    except OSError as e:
+        why = e.strerror or e
+        raise UserError(f"cannot write {root} ({why}): choose a writable --out") from e
+    return root
+
+
+def run_steps(program: str, root: Path, steps: list[Step], state: dict[str, Any]) -> int:
+    """Run the steps in order, each into its folder of `root`, adding each attempt's seconds to
+    `state` (written to STATE after every step); the exit code of a step that stopped, else 0."""
+    print(f"distillrun {program}: {len(steps)} steps into {root}")
     again = f"continue with `{state['command']} --resume {root}`"
     for i, step in enumerate(steps, 1):
         folder = root / step.name
@@ -495,7 +510,7 @@ def reproduce(args: argparse.Namespace) -> int:
             code = run_step(step, folder)
         except KeyboardInterrupt as e:
             print(
-                f"distillrun reproduce: interrupted in step {step.name}; {again}", file=sys.stderr
+                f"distillrun {program}: interrupted in step {step.name}; {again}", file=sys.stderr
             )
             code = interrupted_exit_code(e)
         finally:  # the minutes of the report count every attempt's work
@@ -506,11 +521,11 @@ def reproduce(args: argparse.Namespace) -> int:
             return code
         if code:
             print(
-                f"distillrun reproduce: step {step.name} stopped (exit {code}); {again}",
+                f"distillrun {program}: step {step.name} stopped (exit {code}); {again}",
                 file=sys.stderr,
             )
             return code
-    return write_report(root, steps, state, args.seeds)
+    return 0
 
 
 def _read_state(root: Path) -> dict[str, Any]:

@@ -22,20 +22,16 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import shlex
 import signal
-import subprocess
 import sys
-import time
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from distillrun import artifacts
-from distillrun.errors import UserError, interrupted_exit_code, raise_terminated
+from distillrun.errors import UserError, raise_terminated
+from distillrun.reproduce import STATE, Step, machine, new_folder, run_steps
 
 # METHOD.md section 5, JFT: (specialists covering the correct class, test examples, top-1
 # correct gained, relative accuracy change).
@@ -60,17 +56,6 @@ GOALS = {  # the issue's goals: (report.json key, operator, target)
     "distilled back beats the generalist": ("distilled_back_gain", ">", 0.0),
     "minutes": ("minutes", "<=", 20),
 }
-STATE = "reproduce.json"  # the reproduction's own record: its arguments and its steps
-
-
-@dataclass
-class Step:
-    name: str  # its folder in the reproduction folder
-    stage: str
-    overrides: list[str]
-
-    def command(self, folder: Path) -> list[str]:
-        return ["distillrun", self.stage, *self.overrides, f"hydra.run.dir={folder}"]
 
 
 def plan(root: Path, extra: list[str]) -> list[Step]:
@@ -122,33 +107,6 @@ def for_stage(stage: str, overrides: list[str]) -> list[str]:
     """The overrides `stage` takes (`dataset.seed=1` goes to every stage with a dataset)."""
     key = lambda o: o.lstrip("+~").split("=")[0].split(".")[0]  # noqa: E731
     return [o for o in overrides if stage in TAKEN_BY.get(key(o), (stage,))]
-
-
-# --- running the steps ---------------------------------------------------------------------------
-
-
-def _stage(args: list[str]) -> int:
-    """`distillrun <args>` in a child process, its output on this terminal; its exit code."""
-    child = subprocess.Popen([sys.executable, "-m", "distillrun", *args])
-    try:
-        return child.wait()
-    except BaseException:  # Ctrl-C or SIGTERM: the stage stops cleanly, resumable
-        child.send_signal(signal.SIGTERM)
-        child.wait()
-        raise
-
-
-def run_step(step: Step, folder: Path) -> int:
-    """Run a step into `folder`, keeping what an earlier, interrupted attempt finished."""
-    if not folder.exists():
-        return _stage(step.command(folder)[1:])
-    try:
-        if artifacts.is_complete(artifacts.read_manifest(folder), step.stage):
-            print("complete: kept")
-            return 0
-    except UserError:
-        pass
-    return _stage([step.stage, f"resume={folder}"])
 
 
 # --- the report ----------------------------------------------------------------------------------
@@ -259,20 +217,6 @@ def _met(value: Any, op: str, target: Any) -> bool:
     if op == "==":
         return value == target
     return value <= target if op == "<=" else value >= target if op == ">=" else value > target
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
 def relative(change: float | None) -> str:
@@ -387,36 +331,12 @@ def reproduce(args: argparse.Namespace) -> int:
                 "it with the same ones, or start a new reproduction"
             )
     else:
-        stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
-        root = Path(args.out).expanduser().resolve() / stamp
         state = {"overrides": args.overrides, "command": command, "seconds": {}}
-        try:
-            root.mkdir(parents=True)
-            artifacts.write_json(root / STATE, state)
-        except OSError as e:
-            why = e.strerror or e
-            raise UserError(f"cannot write {root} ({why}): choose a writable --out") from e
+        root = new_folder(args.out, state)
     steps = plan(root, args.overrides)
-    print(f"distillrun reproduce-specialists: {len(steps)} steps into {root}")
-    again = f"continue with `{state['command']} --resume {root}`"
-    for i, step in enumerate(steps, 1):
-        folder = root / step.name
-        print(f"\n[{i}/{len(steps)}] {step.name}: {shlex.join(step.command(folder))}", flush=True)
-        start = time.perf_counter()
-        try:
-            code = run_step(step, folder)
-        except KeyboardInterrupt as e:
-            print(f"interrupted in step {step.name}; {again}", file=sys.stderr)
-            code = interrupted_exit_code(e)
-        finally:  # the minutes of the report count every attempt's work
-            spent = state["seconds"].get(step.name, 0.0) + time.perf_counter() - start
-            state["seconds"][step.name] = spent
-            artifacts.write_json(root / STATE, state)
-        if code in (130, 143):
-            return code
-        if code:
-            print(f"step {step.name} stopped (exit {code}); {again}", file=sys.stderr)
-            return code
+    code = run_steps("reproduce-specialists", root, steps, state)
+    if code:
+        return code
     return write_report(root, steps, state)
 
 
