@@ -40,7 +40,7 @@ class Batch:
     idx: torch.Tensor  # the examples' indices into the training inputs
     x: torch.Tensor  # the model's input: the examples, augmented
     view: torch.Tensor | None = None  # finite augmentations: each example's view (see Views)
-    partner: torch.Tensor | None = None  # mixup: the position each example was mixed with
+    partner: torch.Tensor | None = None  # mixup: the example each example was mixed with
     weight: float = 1.0  # mixup: the weight of each example itself
 
     def labels(self, y: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -49,7 +49,13 @@ class Batch:
         if self.partner is None:
             return y[self.idx]
         one_hot = F.one_hot(y[self.idx], num_classes).float()
-        return self.weight * one_hot + (1 - self.weight) * one_hot[self.partner]
+        return self.weight * one_hot + (1 - self.weight) * F.one_hot(y[self.partner], num_classes)
+
+    def part(self, share: slice) -> Batch:
+        """The examples of `share`: a data-parallel process's part of the batch."""
+        view = None if self.view is None else self.view[share]
+        partner = None if self.partner is None else self.partner[share]
+        return Batch(self.idx[share], self.x[share], view, partner, self.weight)
 
 
 @dataclass(frozen=True)
@@ -159,9 +165,9 @@ class Mixup:
 
         u = float(torch.rand((), generator=generator, dtype=torch.float64))
         weight = float(betaincinv(self.alpha, self.alpha, u))
-        partner = torch.randperm(len(idx), generator=generator).to(idx.device)
-        xb = x[idx]
-        return Batch(idx, weight * xb + (1 - weight) * xb[partner], partner=partner, weight=weight)
+        partner = idx[torch.randperm(len(idx), generator=generator).to(idx.device)]
+        mixed = weight * x[idx] + (1 - weight) * x[partner]
+        return Batch(idx, mixed, partner=partner, weight=weight)
 
 
 Augmentation = Views | SubsetViews | Mixup

@@ -19,6 +19,7 @@ MEMBER_KINDS = ("state_dict", "torchscript", "onnx", "logits")  # imported.LOADE
 AUGMENTATIONS = ("none", "shift", "crop_flip", "mixup")  # augment.from_config
 BORDERS = ("replicate", "reflect", "zeros")  # augment.BORDERS: augment.border
 TEACHER_OUTPUTS = ("auto", "cached", "online")  # stages.distill: teacher_outputs.mode
+PRECISIONS = ("fp32", "bf16", "fp16")  # train.AUTOCAST: train.precision
 
 
 def one_of(names: tuple[str, ...]) -> str:

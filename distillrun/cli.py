@@ -7,6 +7,7 @@ launchers, shell completion). This module must not import torch: `distillrun --h
 
 from __future__ import annotations
 
+import atexit
 import difflib
 import importlib
 import itertools
@@ -19,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from distillrun import artifacts
+from distillrun import artifacts, distributed
 from distillrun.config import RESUME_ENV, sweep_values
 from distillrun.errors import UserError, interrupted_exit_code, raise_terminated
 from distillrun.search import register_sweeper, space_combinations
@@ -48,7 +49,8 @@ def print_help() -> None:
 
 def fail(message: str, stage: str | None = None) -> None:
     where = f"distillrun {stage}" if stage else "distillrun"
-    print(f"{where}: error: {message}", file=sys.stderr)
+    if distributed.is_main():  # under torchrun, one line from process 0, not one per process
+        print(f"{where}: error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -250,7 +252,8 @@ def resume_args(stage: str, args: list[str]) -> list[str]:
     if status == "complete":
         print(f"distillrun {stage}: {folder} is already complete; nothing to resume")
         sys.exit(0)
-    if artifacts.is_locked(folder):
+    # (Under torchrun, process 0 may have locked it already: it checks for all of them.)
+    if distributed.is_main() and artifacts.is_locked(folder):
         raise UserError(f"resume={folder} is still running: wait for it, or stop it first")
     changed = [a for a in others if a not in saved]
     if changed:
@@ -261,6 +264,28 @@ def resume_args(stage: str, args: list[str]) -> list[str]:
     os.environ[RESUME_ENV] = str(folder)
     quoted = str(folder).replace("\\", "\\\\").replace("'", "\\'")
     return [*saved, f"hydra.run.dir='{quoted}'"]
+
+
+def torchrun_args(stage: str, args: list[str]) -> list[str]:
+    """Under torchrun: one training run, in process 0's run folder. The other processes get a
+    private temporary folder for Hydra (removed at exit) and print nothing to stdout."""
+    if stage not in distributed.TRAINING_STAGES:
+        raise UserError(
+            f"{stage} does not train: run it without torchrun (torchrun is for "
+            f"{', '.join(distributed.TRAINING_STAGES)})"
+        )
+    if any(a in ("-m", "--multirun") for a in args):
+        raise UserError(
+            "a sweep (-m) under torchrun: torchrun trains one run; sweep without torchrun, or "
+            "start each run under torchrun"
+        )
+    if distributed.is_main():
+        return args
+    private = tempfile.mkdtemp(prefix=f"distillrun-rank{distributed.rank()}-")
+    atexit.register(shutil.rmtree, private, ignore_errors=True)
+    _quiet_stdout()
+    kept = [a for a in args if not a.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
+    return [*kept, f"hydra.run.dir={private}", "hydra.output_subdir=null"]
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -304,6 +329,8 @@ def main() -> None:
     try:
         if any(a.startswith("resume=") for a in args):
             args = _user_errors(stage, resume_args, stage, args)
+        if distributed.launched():
+            args = _user_errors(stage, torchrun_args, stage, args)
         register_sweeper()  # hydra/sweeper=optuna
         precheck(stage, args)
         call_stage(stage, args)

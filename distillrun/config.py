@@ -121,6 +121,19 @@ def _basics(cfg: DictConfig, p: _Problems) -> None:
     for key in ("epochs", "batch_size", "eval_batch_size"):
         v = cfg.train[key]
         p.need(_is_int(v) and v >= 1, f"train.{key}={v} must be an integer >= 1")
+    precision = cfg.train.get("precision", "fp32")
+    p.need(
+        precision in choices.PRECISIONS,
+        f"train.precision={precision}: use {one_of(choices.PRECISIONS)}",
+    )
+    if precision == "fp16" and cfg.device in ("cpu", "mps"):
+        p.append(
+            f"train.precision=fp16 (with its gradient scaler) is for CUDA GPUs, not "
+            f"device={cfg.device}: use train.precision=bf16 (autocast on the CPU too) or fp32"
+        )
+    for key in ("channels_last", "compile"):
+        v = cfg.train.get(key, False)
+        p.need(isinstance(v, bool), f"train.{key}={v}: use true or false")
     every = cfg.train.checkpoint_every
     p.need(
         _in(every, 0, math.inf),

@@ -22,6 +22,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from distillrun import distributed
+
 # Logs and pipes get 120 columns, so the result tables do not wrap at rich's default of 80.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True, highlight=False)
@@ -95,10 +97,14 @@ def results_table(
 
 
 def error_line(stage: str, message: str) -> None:
+    if not distributed.is_main():  # under torchrun, process 0 speaks for all
+        return
     err_console.print(f"distillrun {stage}: error: {message}", markup=False, soft_wrap=True)
     sys.stderr.flush()
 
 
 def warning_line(stage: str, message: str) -> None:
+    if not distributed.is_main():
+        return
     err_console.print(f"distillrun {stage}: warning: {message}", markup=False, soft_wrap=True)
     sys.stderr.flush()

@@ -20,7 +20,7 @@ import random
 import signal
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from distillrun import artifacts
+from distillrun import artifacts, distributed
 from distillrun.augment import Augmentation, Batch
-from distillrun.choices import one_of
+from distillrun.choices import PRECISIONS, one_of
 from distillrun.errors import Terminated, UserError, raise_terminated
 from distillrun.metrics import classification_metrics
 from distillrun.models import apply_max_norm
@@ -106,21 +106,48 @@ def make_optimizer(
     return opt, SCHEDULES[cfg["schedule"]](opt, cfg, epochs)
 
 
+# train.precision -> the dtype the forward passes autocast to (None: float32 throughout).
+AUTOCAST: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+
+def autocast(device: torch.device, precision: str) -> AbstractContextManager:
+    """The forward passes' precision: torch.autocast to bf16 or fp16, or float32 as it is."""
+    if precision not in AUTOCAST:
+        raise UserError(f"unknown train.precision '{precision}': use {one_of(PRECISIONS)}")
+    dtype = AUTOCAST[precision]
+    if dtype is None:
+        return nullcontext()
+    if dtype == torch.float16 and device.type != "cuda":
+        raise UserError(
+            f"train.precision=fp16 (with its gradient scaler) is for CUDA GPUs, not {device}: "
+            "use train.precision=bf16 (autocast on the CPU too) or fp32"
+        )
+    return torch.autocast(device.type, dtype=dtype)
+
+
 @torch.inference_mode()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """Logits of `model` in eval mode, batch by batch."""
+def predict(
+    model: nn.Module, x: torch.Tensor, batch_size: int = 1024, precision: str = "fp32"
+) -> torch.Tensor:
+    """Logits of `model` in eval mode, batch by batch (float32, whatever the precision)."""
     was_training = model.training
     model.eval()
-    out = torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    with autocast(x.device, precision):
+        out = torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
     model.train(was_training)
     return out.float()
 
 
-def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
-    """(start, stop) of each batch of an epoch. A last batch of a single example is folded into
-    the one before it: BatchNorm cannot train on one example."""
+def batch_bounds(n: int, batch_size: int, smallest: int = 2) -> list[tuple[int, int]]:
+    """(start, stop) of each batch of an epoch. A last batch of fewer than `smallest` examples
+    is folded into the one before it: BatchNorm cannot train on one example (and under
+    data-parallel training, on one example per process)."""
     starts = list(range(0, n, batch_size))
-    if len(starts) > 1 and n - starts[-1] == 1:
+    if len(starts) > 1 and n - starts[-1] < smallest:
         starts.pop()
     return list(zip(starts, [*starts[1:], n], strict=True))
 
@@ -137,6 +164,9 @@ class TrainSettings:
     seed: int = 0  # batch order, views and anything else random in the loop
     max_norm: float | None = None  # per-unit weight norm bound after every step
     augment: Augmentation | None = None  # each batch's augmentation (augment.py), drawn anew
+    precision: str = "fp32"  # the forward passes: fp32, or autocast to bf16 or fp16
+    channels_last: bool = False  # images in NHWC memory order (faster convolutions on GPUs)
+    compile: bool = False  # torch.compile the model for training
     # A resumable checkpoint at most every this many seconds (0: after every epoch), and always
     # after the last epoch and when SIGTERM stops a run.
     checkpoint_every: float = 60.0
@@ -219,6 +249,7 @@ def _save_state(
     sched: torch.optim.lr_scheduler.LRScheduler | None,
     generator: torch.Generator,
     device: torch.device,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> None:
     """A resumable checkpoint; without `opt` it is the small final form: the selected model."""
     artifacts.save_tensors(
@@ -231,6 +262,7 @@ def _save_state(
             "model": model.state_dict(),
             "optimizer": None if opt is None else opt.state_dict(),
             "scheduler": None if sched is None else sched.state_dict(),
+            "scaler": None if opt is None or scaler is None else scaler.state_dict(),
             "best": list(progress.best),
             "best_state": None if opt is None else progress.best_state,
             "best_epoch": progress.best_epoch,
@@ -249,8 +281,10 @@ def _load_state(
     opt: torch.optim.Optimizer,
     sched: torch.optim.lr_scheduler.LRScheduler,
     generator: torch.Generator,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[_Progress, bool]:
-    """Restore a resumable checkpoint into model, optimiser, scheduler and random states."""
+    """Restore a resumable checkpoint into model, optimiser, scheduler, gradient scaler and
+    random states."""
     ckpt = artifacts.load_tensors(path)
     try:
         if ckpt.get("format") != RESUME_FORMAT or ckpt["epochs"] != epochs:
@@ -259,6 +293,8 @@ def _load_state(
         if not ckpt["finished"]:
             opt.load_state_dict(ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
+            if scaler is not None and ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"], generator)
         progress = _Progress(
             epoch=int(ckpt["epoch"]),
@@ -351,33 +387,50 @@ def fit(
     `batches` draws each epoch's index batches from the generator instead (specialists: half
     from their classes, half from the rest). `val_view` maps validation logits to the labels of
     `y_val`.
+
+    Under torchrun every process calls `fit` alike: each trains on its share of every batch
+    (distributed.py), and only process 0 writes the checkpoint, which all of them resume from.
     """
     s = settings
+    device = x.device
+    amp = autocast(device, s.precision)  # refuses fp16 off CUDA before anything is trained
+    if s.channels_last:
+        if x.dim() != 4:
+            raise UserError(
+                "train.channels_last=true orders images' memory, but this data holds vectors: "
+                "use train.channels_last=false"
+            )
+        model = model.to(memory_format=torch.channels_last)
     generator = torch.Generator().manual_seed(s.seed)
     opt, sched = make_optimizer(model.parameters(), s.optim, s.epochs)
+    scaler = torch.amp.GradScaler(device.type) if s.precision == "fp16" else None
     progress = _Progress(best_epoch=s.epochs)
     if resume and state_path is not None and state_path.is_file():
-        progress, finished = _load_state(state_path, s.epochs, model, opt, sched, generator)
+        progress, finished = _load_state(state_path, s.epochs, model, opt, sched, generator, scaler)
         on_resume(progress.history)
         if finished:
             model.eval()
             return _finish(model, progress, y_val)
+    writes = state_path is not None and distributed.is_main()
     saved_epoch, saved_at = progress.epoch, time.monotonic()
+    net = distributed.wrap(model, device)  # the model itself, without torchrun
+    if s.compile:
+        net = torch.compile(net)
+    step = _Step(net, model, loss_fn, opt, scaler, amp, s)
+    smallest = 2 * distributed.world_size() if distributed.active() else 2
     model.train()
     with _sigterm_at_epoch_end(state_path is not None) as sigterm:
         for epoch in range(progress.epoch + 1, s.epochs + 1):
             t0 = time.perf_counter()
             if batches is None:
-                perm = torch.randperm(len(x), generator=generator).to(x.device)
+                perm = torch.randperm(len(x), generator=generator).to(device)
                 epoch_batches: Iterable[torch.Tensor] = (
-                    perm[start:stop] for start, stop in batch_bounds(len(x), s.batch_size)
+                    perm[start:stop] for start, stop in batch_bounds(len(x), s.batch_size, smallest)
                 )
             else:
                 epoch_batches = batches(generator)
             lr = opt.param_groups[0]["lr"]
-            train_loss = _train_epoch(
-                model, x, loss_fn, s, opt, epoch_batches, generator, progress, on_batch
-            )
+            train_loss = _train_epoch(x, step, s, epoch_batches, generator, progress, on_batch)
             sched.step()
             if not math.isfinite(train_loss):
                 kept = f" (the checkpoint of epoch {saved_epoch} is kept)" if saved_epoch else ""
@@ -386,8 +439,8 @@ def fit(
                     "optim.lr (or raise the temperature T, if distilling) and run again"
                 )
             record: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": lr}
-            if len(y_val):
-                val_logits = predict(model, x_val, s.eval_batch_size)
+            if len(y_val):  # every process scores the same model alike
+                val_logits = predict(model, x_val, s.eval_batch_size, s.precision)
                 if val_view is not None:
                     val_logits = val_view(val_logits)
                 record.update(classification_metrics(val_logits, y_val, "val"))
@@ -400,52 +453,91 @@ def fit(
             progress.history.append(record)
             progress.seconds += record["seconds"]
             on_epoch(record)
-            stop = bool(sigterm)
+            # Under torchrun all processes stop after the same epoch, whichever got SIGTERM.
+            stop = distributed.any_process(bool(sigterm), device)
             # The last epoch is saved below, in the final form.
             due = stop or time.monotonic() - saved_at >= s.checkpoint_every
-            if state_path is not None and due and epoch < s.epochs:
-                _save_state(state_path, progress, s.epochs, model, opt, sched, generator, x.device)
+            if writes and due and epoch < s.epochs:
+                _save_state(
+                    state_path, progress, s.epochs, model, opt, sched, generator, device, scaler
+                )
                 saved_epoch, saved_at = epoch, time.monotonic()
             if stop and epoch < s.epochs:
                 raise Terminated
     if progress.best_state is not None:
         model.load_state_dict(progress.best_state)
     model.eval()
-    if state_path is not None:
-        _save_state(state_path, progress, s.epochs, model, None, None, generator, x.device)
+    if writes:
+        _save_state(state_path, progress, s.epochs, model, None, None, generator, device)
     if sigterm:  # it came during the last epoch: this model is saved, the run stops here
         raise Terminated
     return _finish(model, progress, y_val)
 
 
+@dataclass
+class _Step:
+    """One optimisation step on a batch: the forward pass in the run's precision, on this
+    process's share of the batch under torchrun, with the gradient scaler for fp16."""
+
+    net: nn.Module  # what trains: the model, or its DDP wrapper or compiled form
+    model: nn.Module  # the model itself
+    loss_fn: LossFn
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    amp: AbstractContextManager
+    settings: TrainSettings
+
+    def __call__(self, batch: Batch) -> tuple[torch.Tensor, int]:
+        """The summed loss of this process's examples, and how many there were."""
+        share = batch.part(distributed.shard(len(batch.idx)))
+        x = share.x
+        if self.settings.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self.amp:
+            loss = self.loss_fn(self.net(x).float(), share)
+        # DDP averages the processes' gradients: weighting each process's mean loss by its
+        # share of the batch makes that average the gradient of the whole batch's mean loss.
+        if distributed.active():
+            weighted = loss * (len(share.idx) * distributed.world_size() / len(batch.idx))
+        else:
+            weighted = loss
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            weighted.backward()
+            self.opt.step()
+        else:
+            self.scaler.scale(weighted).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        if self.settings.max_norm:
+            apply_max_norm(self.model, self.settings.max_norm)
+        return loss.detach() * len(share.idx), len(share.idx)
+
+
 def _train_epoch(
-    model: nn.Module,
     x: torch.Tensor,
-    loss_fn: LossFn,
+    step: _Step,
     s: TrainSettings,
-    opt: torch.optim.Optimizer,
     epoch_batches: Iterable[torch.Tensor],
     generator: torch.Generator,
     progress: _Progress,
     on_batch: Callable[[], None],
 ) -> float:
     """One pass over the epoch's batches; the mean training loss (one device sync, which also
-    lets the caller catch NaN and inf)."""
-    total, seen = torch.zeros((), device=x.device), 0
+    lets the caller catch NaN and inf). Under torchrun every process draws the whole batch and
+    its views from the same generator, then trains on its share."""
+    total = torch.zeros(2, device=x.device)  # summed loss and examples: no sync per batch
     for idx in epoch_batches:
         batch = Batch(idx, x[idx]) if s.augment is None else s.augment.batch(x, idx, generator)
-        loss = loss_fn(model(batch.x), batch)
-        if math.isnan(progress.initial_loss):
-            progress.initial_loss = float(loss.detach())  # one sync, once per run
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if s.max_norm:
-            apply_max_norm(model, s.max_norm)
-        total += loss.detach() * len(idx)  # no .item(): no device sync per batch
-        seen += len(idx)
+        loss_sum, n = step(batch)
+        counted = torch.stack([loss_sum, loss_sum.new_tensor(float(n))])
+        if math.isnan(progress.initial_loss):  # the first batch's loss, once per run
+            first = distributed.all_sum(counted.clone())
+            progress.initial_loss = float(first[0] / first[1])
+        total += counted
         on_batch()
-    return float(total) / seen
+    distributed.all_sum(total)
+    return float(total[0] / total[1])
 
 
 def _finish(model: nn.Module, progress: _Progress, y_val: torch.Tensor) -> Fit:

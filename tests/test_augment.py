@@ -117,10 +117,13 @@ def test_mixup_mixes_inputs_and_labels_with_one_weight_per_batch() -> None:
     again = Mixup(0.4).batch(x, idx, torch.Generator().manual_seed(5))
     w, partner = batch.weight, batch.partner
     assert 0 <= w <= 1 and w == again.weight and torch.equal(partner, again.partner)
-    assert torch.allclose(batch.x, w * x[idx] + (1 - w) * x[idx][partner])
+    assert sorted(partner.tolist()) == idx.tolist()  # a permutation of the batch's examples
+    assert torch.allclose(batch.x, w * x[idx] + (1 - w) * x[partner])
     labels = batch.labels(y, 4)
-    one_hot = F.one_hot(y[idx], 4).float()
-    assert torch.allclose(labels, w * one_hot + (1 - w) * one_hot[partner])
+    one_hot = F.one_hot(y, 4).float()
+    assert torch.allclose(labels, w * one_hot[idx] + (1 - w) * one_hot[partner])
+    half = batch.part(slice(5, 10))  # a data-parallel process's part keeps its partners' labels
+    assert torch.equal(half.labels(y, 4), labels[5:10]) and torch.equal(half.x, batch.x[5:10])
     assert torch.allclose(labels.sum(1), torch.ones(len(idx)))
     weights = [
         Mixup(0.2).batch(x, idx, torch.Generator().manual_seed(s)).weight for s in range(200)

@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from distillrun import artifacts, tracking
+from distillrun import artifacts, distributed, tracking
 from distillrun.config import RESUME_ENV, validate
 from distillrun.console import error_line, training_bars, warning_line
 from distillrun.errors import UserError, interrupted_exit_code, raise_terminated
@@ -57,6 +57,7 @@ class Run:
     diverged: dict[str, str] = field(default_factory=dict)  # model label -> why
     observers: list[Any] = field(default_factory=list)  # trackers, the search's pruner
     observers_started: bool = False
+    state_dir: Path | None = None  # under torchrun: process 0's folder, where `resume/` is
 
     def write_manifest(self, record: dict[str, Any], **extra: Any) -> None:
         manifest = artifacts.write_manifest(
@@ -87,7 +88,7 @@ class Run:
 
     def state_path(self, label: str) -> Path:
         """Where the training loop of model `label` keeps its resumable checkpoint."""
-        return self.dir / RESUME_DIR / f"{label.replace(' ', '_')}.pt"
+        return (self.state_dir or self.dir) / RESUME_DIR / f"{label.replace(' ', '_')}.pt"
 
 
 def resume_command(stage: str, run_dir: Path) -> str:
@@ -98,16 +99,28 @@ def run_stage(
     stage: str, cfg: DictConfig, body: Callable[[DictConfig, Run], dict[str, Any]]
 ) -> float | None:
     """Run `body` in the Hydra run folder; return the validation accuracy (None without a
-    validation split) for Hydra's optimising sweepers."""
+    validation split) for Hydra's optimising sweepers.
+
+    Under torchrun, process 0 runs in the run folder; each other process runs the same stage
+    in its private temporary folder (cli.torchrun_args), resuming from process 0's checkpoints.
+    """
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    if not distributed.is_main():
+        try:
+            return _run_locked(stage, cfg, body, hydra_cfg, run_dir)
+        finally:
+            distributed.stop()
     try:
         lock = artifacts.lock_run_folder(run_dir)
     except UserError as e:  # another process runs in this folder: leave everything as it is
         error_line(stage, str(e))
         sys.exit(2)
     with lock:  # for the life of the run; the OS releases it if the process is killed
-        return _run_locked(stage, cfg, body, hydra_cfg, run_dir)
+        try:
+            return _run_locked(stage, cfg, body, hydra_cfg, run_dir)
+        finally:
+            distributed.stop()
 
 
 def _run_locked(
@@ -117,8 +130,11 @@ def _run_locked(
     hydra_cfg: DictConfig,
     run_dir: Path,
 ) -> float | None:
-    # Only the folder the variable names resumes (a sweep's other jobs start afresh).
+    # Only the folder the variable names resumes (a sweep's other jobs start afresh; torchrun
+    # runs no sweeps, and its other processes resume process 0's folder).
     resuming = os.environ.get(RESUME_ENV) == str(run_dir.resolve())
+    if not distributed.is_main():
+        resuming = bool(os.environ.get(RESUME_ENV))
     config = OmegaConf.to_container(cfg, resolve=True)
     record: dict[str, Any] = {
         "stage": stage,
@@ -133,6 +149,7 @@ def _run_locked(
         "config": config,
     }
     run = Run(stage, run_dir, torch.device("cpu"), resuming=resuming, record=record)
+    run.observers_started = not distributed.is_main()  # trackers: process 0's alone
     try:
         if resuming:
             _continue_record(run, record, config)
@@ -142,8 +159,12 @@ def _run_locked(
             torch.set_num_threads(threads)
         record["environment"]["torch_threads"] = torch.get_num_threads()
         record["determinism"] = make_deterministic()
-        run.device = pick_device(cfg.device)
+        run.device = distributed.local_device(pick_device(cfg.device))
         record["device"] = str(run.device)
+        if distributed.launched():
+            distributed.start(run.device)
+            run.state_dir = Path(distributed.broadcast(str(run_dir)))
+            record["processes"] = distributed.world_size()
         run.write_manifest(record)
         with _sigterm_interrupts():
             metrics = body(cfg, run)
@@ -284,6 +305,9 @@ def train_settings(cfg: DictConfig, seed: int, **changes: Any) -> TrainSettings:
         "seed": seed,
         "max_norm": (cfg.get("model") or {}).get("max_norm"),
         "checkpoint_every": cfg.train.checkpoint_every,
+        "precision": cfg.train.precision,
+        "channels_last": cfg.train.channels_last,
+        "compile": cfg.train.compile,
     }
     return TrainSettings(**{**settings, **changes})
 
