@@ -1,0 +1,178 @@
+"""Data-parallel training under torchrun, on the CPU with gloo and two processes.
+
+Two processes with the same global batch take the same steps as one: the views and batches are
+drawn alike in both processes, each trains on half of every batch, and DDP averages gradients
+weighted by each half's share. Without BatchNorm or dropout (whose masks are per process) the
+only difference left is the order of floating-point sums, so the tolerance is float32's: 1e-5
+relative on losses and weights, and identical error counts.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import (
+    ONE_THREAD,
+    assert_one_line_error,
+    distillrun,
+    manifest,
+    metric_lines,
+    without_timings,
+)
+
+# An MLP without dropout on shifted views of digits, checkpointed every epoch.
+TEACHERS = [
+    "train-teachers",
+    "teachers.n=2",
+    "train.epochs=4",
+    "train.batch_size=64",
+    "train.checkpoint_every=0",
+    "model.hidden=[64]",
+    "model.dropout=0",
+    "model.input_dropout=0",
+    "augment=shift",
+    "augment.pixels=1",
+    "threads=1",
+    "progress=false",
+]
+
+
+def torchrun(cwd: Path, *args: str, wait: bool = True) -> subprocess.Popen:
+    """`torchrun --nproc_per_node=2 -m distillrun ...` (as `python -m torch.distributed.run`),
+    with the temporary folder under cwd."""
+    tmp = cwd / "tmp"
+    tmp.mkdir(exist_ok=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        + ["-m", "distillrun", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0", "TMPDIR": str(tmp), **ONE_THREAD},
+    )
+    if wait:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out + err
+        proc.stdout_text = out  # type: ignore[attr-defined]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The same teachers run in one process and in two."""
+    root = tmp_path_factory.mktemp("ddp")
+    distillrun(root, *TEACHERS, "hydra.run.dir=one", env=ONE_THREAD)
+    out = torchrun(root, *TEACHERS, "hydra.run.dir=two").stdout_text
+    (root / "two.log").write_text(out)
+    return root / "one", root / "two"
+
+
+def close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-5 * max(1.0, abs(a), abs(b))
+
+
+def test_two_processes_take_the_steps_of_one(pair: tuple[Path, Path]) -> None:
+    one, two = pair
+    lines_one, lines_two = metric_lines(one), metric_lines(two)
+    assert len(lines_one) == len(lines_two) == 8  # 2 members x 4 epochs
+    for a, b in zip(lines_one, lines_two, strict=True):
+        assert (a["model"], a["epoch"], a["val_errors"]) == (
+            b["model"],
+            b["epoch"],
+            b["val_errors"],
+        )
+        assert close(a["train_loss"], b["train_loss"]) and close(a["val_nll"], b["val_nll"]), (a, b)
+    m1, m2 = manifest(one), manifest(two)
+    assert m2["status"] == "complete" and m2["processes"] == 2 and "processes" not in m1
+    for key in ("val_errors", "test_errors"):
+        assert m1["metrics"][key] == m2["metrics"][key]
+    for name in ("member_0.pt", "member_1.pt"):
+        w1 = torch.load(one / name, weights_only=True)["state_dict"]
+        w2 = torch.load(two / name, weights_only=True)["state_dict"]
+        for k in w1:
+            assert torch.allclose(w1[k], w2[k], rtol=1e-5, atol=1e-6), k
+
+
+def test_only_process_zero_writes_and_speaks(pair: tuple[Path, Path]) -> None:
+    root = pair[1].parent
+    assert sorted(p.name for p in root.iterdir()) == ["one", "outputs", "tmp", "two", "two.log"]
+    assert (root / "two.log").read_text().count("run folder:") == 1
+    leftovers = [p.name for p in (root / "tmp").iterdir() if p.name.startswith("distillrun-")]
+    assert leftovers == []  # the other process's private folder is gone
+    assert list((root / "outputs").iterdir()) == []  # (the output root, made by the checks)
+    assert not (pair[1] / "resume").exists()
+    assert manifest(pair[1])["overrides"] == [*TEACHERS[1:], "hydra.run.dir=two"][:-1]
+
+
+def test_a_killed_two_process_run_resumes_to_the_same_numbers(
+    pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    proc = torchrun(tmp_path, *TEACHERS, "hydra.run.dir=killed", wait=False)
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "killed" / "resume" / "teacher_1.pt").exists():  # mid member 1
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.005)
+    # torchrun starts each process in its own session: kill the processes, then torchrun.
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    for pid in [*map(int, children), proc.pid]:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    killed = tmp_path / "killed"
+    assert manifest(killed)["status"] == "running"  # never consumed
+
+    torchrun(tmp_path, "train-teachers", f"resume={killed}")
+    resumed = manifest(killed)
+    assert resumed["status"] == "complete" and len(resumed["resumed"]) == 1
+    reference = pair[1]
+    assert metric_lines(killed) == metric_lines(reference)
+    assert without_timings(resumed["metrics"]) == without_timings(manifest(reference)["metrics"])
+    for name in ("member_0.pt", "member_1.pt", "logits.pt"):
+        assert (killed / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+def test_distill_with_cached_views_matches_one_process(pair: tuple[Path, Path]) -> None:
+    root = pair[0].parent
+    student = [
+        "distill",
+        f"teachers={pair[0]}",
+        "train.epochs=2",
+        "model.hidden=[32]",
+        "augment=shift",
+        "augment.pixels=1",
+        "baseline=false",
+        "threads=1",
+        "progress=false",
+    ]
+    distillrun(root, *student, "hydra.run.dir=student_one", env=ONE_THREAD)
+    torchrun(root, *student, "hydra.run.dir=student_two")
+    a, b = metric_lines(root / "student_one"), metric_lines(root / "student_two")
+    assert [r["val_errors"] for r in a] == [r["val_errors"] for r in b]
+    assert all(close(x["train_loss"], y["train_loss"]) for x, y in zip(a, b, strict=True))
+    m1, m2 = manifest(root / "student_one"), manifest(root / "student_two")
+    assert m1["metrics"]["test_errors"] == m2["metrics"]["test_errors"]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["evaluate"], "evaluate does not train: run it without torchrun"),
+        (["distill", "-m", "T=2,4"], "a sweep (-m) under torchrun"),
+    ],
+)
+def test_what_torchrun_cannot_run_is_one_line_from_process_zero(
+    tmp_path: Path, args: list[str], fragment: str
+) -> None:
+    env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+    assert_one_line_error(distillrun(tmp_path, *args, env=env, check=None), fragment)
+    other = distillrun(tmp_path, *args, env={**env, "RANK": "1"}, check=2)
+    assert other.stdout == other.stderr == ""  # process 0 speaks for all
+    assert not (tmp_path / "outputs").exists()
