@@ -10,7 +10,7 @@ from __future__ import annotations
 LOSSES = ("kd", "logit_mse")  # losses.LOSSES
 ENSEMBLES = ("arithmetic", "geometric")  # ensemble.combine
 OPTIMIZERS = ("adam", "sgd")  # train.OPTIMIZERS
-SCHEDULES = ("cosine", "step", "constant")  # train.SCHEDULES
+SCHEDULES = ("cosine", "step", "constant", "multistep")  # train.SCHEDULES
 MODELS = ("mlp", "cnn", "resnet18", "cifar_resnet", "wrn")  # models.BUILDERS
 CLUSTERINGS = ("kmeans", "online")  # specialists.cluster_classes
 KL_OPTIMIZERS = ("preconditioned", "plain")  # inference.combine_kl

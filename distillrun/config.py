@@ -258,6 +258,17 @@ def _optim(cfg: DictConfig, p: _Problems) -> None:
         f"optim.step_size={o.step_size} must be an integer >= 1",
     )
     p.need(_in(o.gamma, 0, 1, lo_open=True), f"optim.gamma={o.gamma} must be in (0, 1]")
+    milestones = o.get("milestones")  # conf/optim/sgd.yaml has it; adam and older runs do not
+    if milestones is not None:
+        epochs = list(milestones) if OmegaConf.is_list(milestones) else None
+        p.need(
+            bool(epochs)
+            and all(_is_int(e) and e >= 1 for e in epochs)
+            and epochs == sorted(set(epochs)),
+            f"optim.milestones={milestones} must be increasing epochs >= 1, e.g. [150,180,210]",
+        )
+    elif o.schedule == "multistep":
+        p.append("optim.schedule=multistep needs epochs: add '+optim.milestones=[150,180,210]'")
 
 
 def _common(cfg: DictConfig, p: _Problems) -> None:
