@@ -10,8 +10,8 @@ from __future__ import annotations
 LOSSES = ("kd", "logit_mse")  # losses.LOSSES
 ENSEMBLES = ("arithmetic", "geometric")  # ensemble.combine
 OPTIMIZERS = ("adam", "sgd")  # train.OPTIMIZERS
-SCHEDULES = ("cosine", "step", "constant")  # train.SCHEDULES
-MODELS = ("mlp", "cnn", "resnet18")  # models.BUILDERS
+SCHEDULES = ("cosine", "step", "constant", "multistep")  # train.SCHEDULES
+MODELS = ("mlp", "cnn", "resnet18", "cifar_resnet", "wrn")  # models.BUILDERS
 CLUSTERINGS = ("kmeans", "online")  # specialists.cluster_classes
 KL_OPTIMIZERS = ("preconditioned", "plain")  # inference.combine_kl
 NORMALIZATIONS = ("standardize", "none")  # data._finish: dataset.normalize
@@ -25,3 +25,19 @@ PRECISIONS = ("fp32", "bf16", "fp16")  # train.AUTOCAST: train.precision
 def one_of(names: tuple[str, ...]) -> str:
     """ "a, b or c": how messages name the choices."""
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+# The CIFAR nets' depths, 6n + offset with n >= 1 blocks per stage, and the usual ones.
+DEPTHS = {"cifar_resnet": (2, "8, 20, 32, 56 or 110"), "wrn": (4, "16, 28 or 40")}
+
+
+def depth_problem(name: str, depth: object) -> str | None:
+    """Why `depth` cannot be the depth of model `name` (cifar_resnet or wrn); None if it can."""
+    offset, usual = DEPTHS[name]
+    if isinstance(depth, int) and not isinstance(depth, bool):
+        if depth > offset and (depth - offset) % 6 == 0:
+            return None
+    return (
+        f"model.depth={depth} does not fit model.name={name}: its depth is 6n+{offset} "
+        f"(n >= 1 blocks per stage), e.g. {usual}"
+    )

@@ -224,6 +224,22 @@ def _model(cfg: DictConfig, p: _Problems) -> None:
             OmegaConf.is_list(m.channels) and len(m.channels) >= 1,
             "model.channels needs at least one convolution, e.g. [32, 64]",
         )
+    if m.name in choices.DEPTHS:  # the CIFAR nets: a depth of 6n+2 (ResNets) or 6n+4 (WRNs)
+        problem = choices.depth_problem(m.name, m.get("depth"))
+        if problem:
+            p.append(problem)
+    if m.name == "cifar_resnet":
+        widths = m.get("widths")
+        p.need(
+            OmegaConf.is_list(widths)
+            and len(widths) == 4
+            and all(_is_int(w) and w >= 1 for w in widths),
+            f"model.widths={widths} must be 4 integers >= 1: the stem's and the three stages' "
+            "channels, e.g. [16, 16, 32, 64]",
+        )
+    if m.name == "wrn":
+        widen = m.get("widen")
+        p.need(_is_int(widen) and widen >= 1, f"model.widen={widen} must be an integer >= 1")
 
 
 def _optim(cfg: DictConfig, p: _Problems) -> None:
@@ -255,6 +271,17 @@ def _optim(cfg: DictConfig, p: _Problems) -> None:
         f"optim.step_size={o.step_size} must be an integer >= 1",
     )
     p.need(_in(o.gamma, 0, 1, lo_open=True), f"optim.gamma={o.gamma} must be in (0, 1]")
+    milestones = o.get("milestones")  # conf/optim/sgd.yaml has it; adam and older runs do not
+    if milestones is not None:
+        epochs = list(milestones) if OmegaConf.is_list(milestones) else None
+        p.need(
+            bool(epochs)
+            and all(_is_int(e) and e >= 1 for e in epochs)
+            and epochs == sorted(set(epochs)),
+            f"optim.milestones={milestones} must be increasing epochs >= 1, e.g. [150,180,210]",
+        )
+    elif o.schedule == "multistep":
+        p.append("optim.schedule=multistep needs epochs: add '+optim.milestones=[150,180,210]'")
 
 
 def _common(cfg: DictConfig, p: _Problems) -> None:

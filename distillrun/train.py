@@ -92,6 +92,9 @@ SCHEDULES: dict[str, Schedule] = {
     "constant": lambda opt, cfg, epochs: torch.optim.lr_scheduler.ConstantLR(
         opt, factor=1.0, total_iters=0
     ),
+    "multistep": lambda opt, cfg, epochs: torch.optim.lr_scheduler.MultiStepLR(
+        opt, list(cfg["milestones"]), cfg["gamma"]
+    ),
 }
 
 

@@ -7,8 +7,10 @@ test-fast` leaves them out) and `gpu` (needs CUDA; skipped without it).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -127,6 +129,33 @@ def write_idx(raw: Path, arrays: dict[str, np.ndarray]) -> None:
     raw.mkdir(parents=True, exist_ok=True)
     for key, name in IDX_NAMES.items():
         (raw / name).write_bytes(idx_bytes(arrays[key]))
+
+
+def write_cifar100(
+    root: Path, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray
+) -> dict:
+    """CIFAR-100's python files in torchvision's layout (root/cifar-100-python/{train,test,meta}:
+    pickles of uint8 rows of 3072 pixels, fine and coarse labels; coarse = fine // 5 here).
+    torchvision checks each file's md5, so this returns the lists to put on its CIFAR100 class
+    in place of the real files' ({"train_list": ..., "test_list": ..., "meta": ...})."""
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def dump(name: str, obj: dict) -> list[str]:
+        blob = pickle.dumps(obj)
+        (folder / name).write_bytes(blob)
+        return [name, hashlib.md5(blob).hexdigest()]
+
+    def split(x: np.ndarray, y: np.ndarray) -> dict:
+        labels = np.asarray(y).tolist()
+        return {"data": x, "fine_labels": labels, "coarse_labels": [c // 5 for c in labels]}
+
+    meta_name, meta_md5 = dump("meta", {"fine_label_names": [f"c{i}" for i in range(100)]})
+    return {
+        "train_list": [dump("train", split(train_x, train_y))],
+        "test_list": [dump("test", split(test_x, test_y))],
+        "meta": {"filename": meta_name, "key": "fine_label_names", "md5": meta_md5},
+    }
 
 
 @pytest.fixture(scope="session")

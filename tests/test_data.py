@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import IDX_NAMES, idx_bytes, write_idx
+from conftest import IDX_NAMES, idx_bytes, write_cifar100, write_idx
 from omegaconf import OmegaConf
 from torchvision.datasets import CIFAR10, CIFAR100, MNIST
 
@@ -310,35 +310,14 @@ def test_cifar100_reads_fine_labels_and_coarse_superclasses(
 ) -> None:
     """Real CIFAR-100 python files (100 training, 10 test images), md5 lists patched."""
     rng = np.random.default_rng(2)
-    folder = tmp_path / CIFAR100.base_folder
-    folder.mkdir(parents=True)
-
-    def dump(name: str, obj: dict) -> list[str]:
-        blob = pickle.dumps(obj)
-        (folder / name).write_bytes(blob)
-        return [name, hashlib.md5(blob).hexdigest()]
-
     fine = np.arange(100)
     coarse = fine // 5  # superclass of each fine class
     train_x = rng.integers(0, 256, size=(100, 3072), dtype=np.uint8)
-    train = dump(
-        "train", {"data": train_x, "fine_labels": fine.tolist(), "coarse_labels": coarse.tolist()}
-    )
     test_y = np.arange(10) * 7
-    test = dump(
-        "test",
-        {
-            "data": rng.integers(0, 256, size=(10, 3072), dtype=np.uint8),
-            "fine_labels": test_y.tolist(),
-            "coarse_labels": (test_y // 5).tolist(),
-        },
-    )
-    meta_name, meta_md5 = dump("meta", {"fine_label_names": [f"c{i}" for i in range(100)]})
-    monkeypatch.setattr(CIFAR100, "train_list", [train])
-    monkeypatch.setattr(CIFAR100, "test_list", [test])
-    monkeypatch.setattr(
-        CIFAR100, "meta", {"filename": meta_name, "key": "fine_label_names", "md5": meta_md5}
-    )
+    test_x = rng.integers(0, 256, size=(10, 3072), dtype=np.uint8)
+    for key, value in write_cifar100(tmp_path, train_x, fine, test_x, test_y).items():
+        monkeypatch.setattr(CIFAR100, key, value)
+    folder = tmp_path / CIFAR100.base_folder
     d = load_dataset(cifar_cfg(tmp_path, name="cifar100"))
     assert d.name == "cifar100" and d.num_classes == 100 and d.image_shape == (3, 32, 32)
     assert d.superclass == coarse.tolist()
