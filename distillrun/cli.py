@@ -323,6 +323,9 @@ def main() -> None:
         fail(f"unknown stage '{stage}': {hint}stages are {', '.join(STAGES)}")
     if stage == "report":
         args = folders_to_override(args)
+    # Hydra's parser takes -m only before or after all overrides: put it first, wherever it is.
+    sweep_flags = [a for a in args if a in ("-m", "--multirun")]
+    args = sweep_flags + [a for a in args if a not in ("-m", "--multirun")]
     # SIGTERM (`kill`, a scheduler) stops the sweep like Ctrl-C does, so that a parallel
     # launcher shuts its worker processes down instead of leaving them behind.
     signal.signal(signal.SIGTERM, raise_terminated)

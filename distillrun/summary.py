@@ -11,6 +11,7 @@ import csv
 import datetime as dt
 import io
 import math
+import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,15 @@ TABLE = (
 REFERENCES = (
     ("student on hard labels", "baseline_test_errors"),
     ("teacher ensemble", "teacher_test_errors"),
+)
+# What a seed sweep reports as mean and spread over its seeds (those the runs have).
+OVER_SEEDS = (
+    ("test accuracy", "test_accuracy"),
+    ("test errors", "test_errors"),
+    ("hard-label accuracy", "baseline_test_accuracy"),
+    ("hard-label errors", "baseline_test_errors"),
+    ("val errors", "val_errors"),
+    ("agrees with teachers", "teacher_agreement"),
 )
 # Finished runs: a pruned trial of a search ended as it should (never consumed as complete).
 FINISHED = ("complete", "pruned")
@@ -377,12 +387,80 @@ def plot_trials(rows: list[Row], folder: Path) -> list[Path]:
     return paths
 
 
+@dataclass
+class SeedGroup:
+    """Complete runs of one folder that differ in their seed alone."""
+
+    overrides: dict[str, str]  # what they share (the seed left out)
+    seeds: list[str]
+    stats: dict[str, tuple[float, float]]  # metric -> (mean, sample standard deviation)
+
+
+def over_seeds(rows: list[Row]) -> list[SeedGroup]:
+    """The mean and spread over seeds of each group of complete runs that differ in `seed`
+    alone (none when no folder varies the seed; groups of one seed are left out)."""
+    groups: dict[tuple[str, tuple[tuple[str, str], ...]], list[Row]] = defaultdict(list)
+    for r in rows:
+        if r.status == "complete":
+            shared = tuple(sorted((k, v) for k, v in r.overrides.items() if k != "seed"))
+            groups[(r.source, shared)].append(r)
+    out = []
+    for (_, shared), members in groups.items():
+        seeds = [m.overrides.get("seed", "default") for m in members]
+        if len(set(seeds)) < 2:
+            continue
+        stats = {}
+        for _, key in OVER_SEEDS:
+            values = [m.metrics[key] for m in members if key in m.metrics]
+            if len(values) == len(members):
+                stats[key] = (statistics.mean(values), statistics.stdev(values))
+        out.append(SeedGroup(dict(shared), seeds, stats))
+    return out
+
+
+def seed_table(groups: list[SeedGroup]) -> tuple[list[str], list[list[Any]]]:
+    """Columns and cells of the over-seeds table: "mean ± std" of each metric."""
+    shown = varying([Row("", Path(), "", "", g.overrides, {}, None) for g in groups])
+    metrics = [(h, k) for h, k in OVER_SEEDS if any(k in g.stats for g in groups)]
+    columns = ["overrides", "seeds", *(header for header, _ in metrics)]
+    cells = []
+    for g in groups:
+        label = " ".join(f"{k}={g.overrides[k]}" for k in shown if k in g.overrides) or "-"
+        row: list[Any] = [label, len(g.seeds)]
+        for _, key in metrics:
+            mean, std = g.stats.get(key, (None, None))
+            row.append(None if mean is None else f"{mean:.4g} ± {std:.2g}")
+        cells.append(row)
+    return columns, cells
+
+
+def write_seed_csv(groups: list[SeedGroup], path: Path) -> None:
+    keys = sorted({k for g in groups for k in g.overrides})
+    metrics = [k for _, k in OVER_SEEDS if any(k in g.stats for g in groups)]
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow([*keys, "seeds", *(f"{k}_{s}" for k in metrics for s in ("mean", "std"))])
+    for g in groups:
+        stats = [g.stats[k][i] if k in g.stats else "" for k in metrics for i in (0, 1)]
+        writer.writerow([g.overrides.get(k, "") for k in keys] + [" ".join(g.seeds), *stats])
+    artifacts.atomic_write(path, lambda f: f.write(out.getvalue()), "w")
+
+
 def summarise(rows: list[Row], folder: Path, title: str) -> list[Path]:
     """Print the table; write summary.csv and the plots into `folder`; return the files.
+    Runs that differ in their seed alone also get their mean and spread (summary_seeds.csv).
     A search's trials get the errors-by-trial plot instead of plots over a grid."""
+    from distillrun.console import results_table
+
     print_table(rows, title)
     files = [folder / "summary.csv"]
     write_csv(rows, files[0])
+    groups = over_seeds(rows)
+    if groups:
+        columns, cells = seed_table(groups)
+        results_table("over seeds: mean ± sample standard deviation", columns, cells, 2)
+        files.append(folder / "summary_seeds.csv")
+        write_seed_csv(groups, files[-1])
     grid = [r for r in rows if not is_search(r.source)]
     line = plot_errors(grid, folder)
     files += ([line] if line else []) + plot_heatmaps(grid, folder)

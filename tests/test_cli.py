@@ -269,6 +269,7 @@ def test_concurrent_runs_get_distinct_folders(tmp_path: Path) -> None:
         (["distill", "alpha=-0.1"], ["alpha=-0.1"]),
         (["distill", "T=0", "alpha=2"], ["T=0", "alpha=2", "2 problems"]),
         (["distill", "-m", "T=1,0"], ["T=0"]),
+        (["distill", "alpha=0.5", "-m", "T=1,0"], ["T=0"]),  # -m amid the overrides
         (["distill", "foo=1"], ["foo", "--cfg job"]),
         (["distill", "transfer.fraction=0"], ["transfer.fraction=0", "(0, 1]"]),
         (["distill", "transfer.omit_classes=3"], ["omit_classes", "[3]"]),

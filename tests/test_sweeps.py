@@ -287,3 +287,29 @@ def test_the_sweep_summary_does_not_import_torch() -> None:
     code = "import sys, distillrun.summary; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_seed_sweep_gets_mean_and_spread_per_setting(tmp_path: Path) -> None:
+    def row(seed: str, T: str, acc: float, status: str = "complete") -> summary.Row:
+        metrics = {"test_accuracy": acc, "baseline_test_accuracy": acc - 0.01}
+        overrides = {"seed": seed, "T": T, "alpha": "0.9"}
+        return summary.Row(
+            "sweep", tmp_path / f"{seed}{T}", "distill", status, overrides, metrics, 1.0
+        )
+
+    rows = [row("0", "4", 0.70), row("1", "4", 0.72), row("2", "4", 0.77), row("0", "8", 0.5)]
+    rows.append(row("1", "8", 0.9, status="failed"))  # a failed job counts in no mean
+    (group,) = summary.over_seeds(rows)  # T=8 has one complete seed: no spread to give
+    assert group.overrides == {"T": "4", "alpha": "0.9"} and group.seeds == ["0", "1", "2"]
+    mean, std = group.stats["test_accuracy"]
+    assert mean == pytest.approx(0.73) and std == pytest.approx(0.036055512754639)  # n - 1
+    assert group.stats["baseline_test_accuracy"][0] == pytest.approx(0.72)
+    files = summary.summarise(rows, tmp_path, "test")
+    assert tmp_path / "summary_seeds.csv" in files
+    with open(tmp_path / "summary_seeds.csv") as f:
+        (line,) = list(csv.DictReader(f))
+    assert line["T"] == "4" and line["seeds"] == "0 1 2"
+    assert float(line["test_accuracy_mean"]) == pytest.approx(0.73)
+    columns, cells = summary.seed_table([group])
+    assert cells[0][columns.index("test accuracy")] == "0.73 ± 0.036"
+    assert summary.over_seeds([row("0", "4", 0.7), row("0", "8", 0.8)]) == []  # no seed sweep

@@ -1,0 +1,34 @@
+"""The bench's CIFAR KD throughput: measured on a CUDA GPU, skipped elsewhere with a line;
+its code is exercised here on the CPU with small nets, few views and few images."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distillrun import bench
+from distillrun.augment import Views
+
+RESNET8 = {"name": "cifar_resnet", "depth": 8, "widths": [16, 16, 32, 64]}
+
+
+def test_cifar_kd_throughput_runs_both_loops_and_reports_them() -> None:
+    torch.set_num_threads(1)
+    views = Views(1, True, "zeros")  # 18 views
+    figures = bench.cifar_kd_throughput(
+        torch.device("cpu"), "bf16", 48, 1, 1, RESNET8, RESNET8, views
+    )
+    assert figures["cifar_kd_samples_per_s"] > 0 and figures["cifar_kd_reference_samples_per_s"] > 0
+    ratio = figures["cifar_kd_reference_samples_per_s"] / figures["cifar_kd_samples_per_s"]
+    assert figures["cifar_kd_speedup"] == pytest.approx(1 / ratio)
+    assert figures["cifar_kd_cache_seconds"] > 0
+    assert (
+        figures["cifar_kd_setup"]
+        == "resnet8 -> resnet8, 48 images x 1 epochs, batch 64, 18 views, bf16 on cpu"
+    )
+
+
+def test_without_a_gpu_the_cifar_figures_are_skipped_with_a_line(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.cifar_kd(quick=True) == {"cifar_kd": "skipped: measured on a CUDA GPU only"}
+    assert "no CUDA GPU here" in capsys.readouterr().out
