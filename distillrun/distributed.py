@@ -8,7 +8,8 @@ global batch of `train.batch_size` is then split into N consecutive shards, one 
 DDP averages the gradients, and each process's loss is weighted by its shard's share, so a step
 is the step one process would take on the whole batch. What differs: BatchNorm, which on CUDA
 becomes SyncBatchNorm (the global batch's statistics) but on CPU, where PyTorch has no
-SyncBatchNorm, uses each shard's own; and dropout, whose masks are drawn per process.
+SyncBatchNorm, uses each shard's own; and dropout, whose masks each process draws from its own
+seed (of the run's seed, the epoch and the process, so that a resumed run draws them again).
 
 Process 0 owns the run folder (manifest, metrics, checkpoints); the others write their copies
 to a private temporary folder that is removed at the end, and read the resumable checkpoints
@@ -102,6 +103,11 @@ def any_process(flag: bool, device: Any) -> bool:
     if not active():
         return flag
     return bool(all_sum(torch.tensor([float(flag)], device=device)).item() > 0)
+
+
+def process_seed(seed: int, epoch: int) -> int:
+    """A seed for this process's own random draws (dropout) in an epoch of a run."""
+    return (seed * 1_000_003 + epoch) * 1009 + rank()
 
 
 def shard(n: int) -> slice:

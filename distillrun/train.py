@@ -425,6 +425,10 @@ def fit(
     with _sigterm_at_epoch_end(state_path is not None) as sigterm:
         for epoch in range(progress.epoch + 1, s.epochs + 1):
             t0 = time.perf_counter()
+            if distributed.active():
+                # Each process's dropout masks: its own, and (seeded at every epoch from the
+                # seed, epoch and process) the same again when a run resumes.
+                torch.manual_seed(distributed.process_seed(s.seed, epoch))
             if batches is None:
                 perm = torch.randperm(len(x), generator=generator).to(device)
                 epoch_batches: Iterable[torch.Tensor] = (

@@ -27,6 +27,8 @@ from conftest import (
     without_timings,
 )
 
+pytestmark = pytest.mark.slow  # the installed command, in subprocesses
+
 # An MLP without dropout on shifted views of digits, checkpointed every epoch.
 TEACHERS = [
     "train-teachers",
@@ -112,10 +114,11 @@ def test_only_process_zero_writes_and_speaks(pair: tuple[Path, Path]) -> None:
     assert manifest(pair[1])["overrides"] == [*TEACHERS[1:], "hydra.run.dir=two"][:-1]
 
 
-def test_a_killed_two_process_run_resumes_to_the_same_numbers(
-    pair: tuple[Path, Path], tmp_path: Path
-) -> None:
-    proc = torchrun(tmp_path, *TEACHERS, "hydra.run.dir=killed", wait=False)
+def test_a_killed_two_process_run_resumes_to_the_same_numbers(tmp_path: Path) -> None:
+    # With dropout: each process draws its own masks, and draws them again when resumed.
+    teachers = [a for a in TEACHERS if "dropout" not in a]
+    torchrun(tmp_path, *teachers, "hydra.run.dir=reference")
+    proc = torchrun(tmp_path, *teachers, "hydra.run.dir=killed", wait=False)
     deadline = time.monotonic() + 240
     while not (tmp_path / "killed" / "resume" / "teacher_1.pt").exists():  # mid member 1
         assert proc.poll() is None, proc.communicate()
@@ -132,7 +135,7 @@ def test_a_killed_two_process_run_resumes_to_the_same_numbers(
     torchrun(tmp_path, "train-teachers", f"resume={killed}")
     resumed = manifest(killed)
     assert resumed["status"] == "complete" and len(resumed["resumed"]) == 1
-    reference = pair[1]
+    reference = tmp_path / "reference"
     assert metric_lines(killed) == metric_lines(reference)
     assert without_timings(resumed["metrics"]) == without_timings(manifest(reference)["metrics"])
     for name in ("member_0.pt", "member_1.pt", "logits.pt"):
@@ -176,3 +179,20 @@ def test_what_torchrun_cannot_run_is_one_line_from_process_zero(
     other = distillrun(tmp_path, *args, env={**env, "RANK": "1"}, check=2)
     assert other.stdout == other.stderr == ""  # process 0 speaks for all
     assert not (tmp_path / "outputs").exists()
+
+
+def test_specialists_train_data_parallel_too(tmp_path: Path) -> None:
+    distillrun(
+        tmp_path, "train-teachers", "dataset=hierarchical", "debug=tiny", "teachers.n=1",
+        "model.dropout=0", "model.input_dropout=0", "threads=1", "hydra.run.dir=generalist",
+        env=ONE_THREAD,
+    )  # fmt: skip
+    specialists = ["specialists", "dataset=hierarchical", "debug=tiny", "generalist=generalist"]
+    distillrun(tmp_path, *specialists, "threads=1", "hydra.run.dir=one", env=ONE_THREAD)
+    torchrun(tmp_path, *specialists, "threads=1", "hydra.run.dir=two")
+    a, b = metric_lines(tmp_path / "one"), metric_lines(tmp_path / "two")
+    assert len(a) == len(b) >= 2  # a line per specialist
+    for x, y in zip(a, b, strict=True):
+        assert (x["model"], x["val_errors"]) == (y["model"], y["val_errors"])
+        assert close(x["train_loss"], y["train_loss"]) and close(x["val_nll"], y["val_nll"])
+    assert manifest(tmp_path / "two")["processes"] == 2

@@ -75,6 +75,7 @@ def test_channels_last_trains_the_same_model_in_nhwc_memory() -> None:
         assert abs(a["train_loss"] - b["train_loss"]) < 1e-5 * max(1, a["train_loss"])
 
 
+@pytest.mark.slow  # the installed command
 def test_precision_settings_that_cannot_run_are_one_line_errors(tmp_path: Path) -> None:
     tiny = ["debug=tiny", "teachers.n=1"]
     fp16 = distillrun(
@@ -103,6 +104,7 @@ def test_precision_settings_that_cannot_run_are_one_line_errors(tmp_path: Path) 
         assert not (failed / "member_0.pt").exists()
 
 
+@pytest.mark.slow  # the installed command
 def test_a_bf16_run_records_its_precision_and_completes(tmp_path: Path) -> None:
     distillrun(
         tmp_path,
