@@ -159,6 +159,7 @@ def cifar_kd_throughput(
     teacher_cfg: dict[str, Any] = RESNET32X4,
     student_cfg: dict[str, Any] = RESNET8X4,
     views: Views = CROP_FLIP,
+    pair: str = "resnet32x4 -> resnet8x4",
 ) -> dict[str, Any]:
     """Samples/s of resnet8x4 distilled from resnet32x4 on CIFAR-shaped data (n random images
     on the device) with crop+flip views: distillrun (fit, the teacher's logits on all 162 views
@@ -239,20 +240,18 @@ def cifar_kd_throughput(
         _sync(device)
         return time.perf_counter() - begin
 
-    ours_s, ref_s = best_of(repeats, ours, reference)
-    folder.cleanup()
+    try:
+        ours_s, ref_s = best_of(repeats, ours, reference)
+    finally:
+        folder.cleanup()
     return {
         "cifar_kd_speedup": ref_s / ours_s,
         "cifar_kd_samples_per_s": epochs * n / ours_s,
         "cifar_kd_reference_samples_per_s": epochs * n / ref_s,
         "cifar_kd_cache_seconds": cache_seconds,
-        "cifar_kd_setup": f"{_name(teacher_cfg)} -> {_name(student_cfg)}, {n} images x "
-        f"{epochs} epochs, batch 64, {views.count} views, {precision} on {device}",
+        "cifar_kd_setup": f"{pair}, {n} images x {epochs} epochs, batch 64, {views.count} "
+        f"views, {precision} on {device}",
     }
-
-
-def _name(cfg: dict[str, Any]) -> str:
-    return f"resnet{cfg['depth']}" + ("x4" if cfg["widths"][0] == 32 else "")
 
 
 def cifar_kd(quick: bool) -> dict[str, Any]:

@@ -22,6 +22,14 @@ TEACHER_OUTPUTS = ("auto", "cached", "online")  # stages.distill: teacher_output
 PRECISIONS = ("fp32", "bf16", "fp16")  # train.AUTOCAST: train.precision
 
 
+def fp16_refusal(device: str) -> str:
+    """Why train.precision=fp16 cannot run on `device` (it needs CUDA's gradient scaler)."""
+    return (
+        f"train.precision=fp16 (with its gradient scaler) is for CUDA GPUs, not {device}: use "
+        "train.precision=bf16 (autocast on the CPU too) or fp32"
+    )
+
+
 def one_of(names: tuple[str, ...]) -> str:
     """ "a, b or c": how messages name the choices."""
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"

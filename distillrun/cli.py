@@ -250,7 +250,8 @@ def resume_args(stage: str, args: list[str]) -> list[str]:
         )
     status = manifest.get("status") if isinstance(manifest, dict) else None
     if status == "complete":
-        print(f"distillrun {stage}: {folder} is already complete; nothing to resume")
+        if distributed.is_main():
+            print(f"distillrun {stage}: {folder} is already complete; nothing to resume")
         sys.exit(0)
     # (Under torchrun, process 0 may have locked it already: it checks for all of them.)
     if distributed.is_main() and artifacts.is_locked(folder):
@@ -343,7 +344,8 @@ def main() -> None:
     except KeyboardInterrupt as e:  # outside a run (a started run says how to resume it)
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"distillrun {stage}: interrupted", file=sys.stderr)
+        if distributed.is_main():
+            print(f"distillrun {stage}: interrupted", file=sys.stderr)
         sys.exit(interrupted_exit_code(e))
 
 

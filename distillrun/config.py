@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from distillrun import choices
+from distillrun import choices, distributed
 from distillrun.choices import one_of
 from distillrun.errors import UserError
 
@@ -127,13 +127,12 @@ def _basics(cfg: DictConfig, p: _Problems) -> None:
         f"train.precision={precision}: use {one_of(choices.PRECISIONS)}",
     )
     if precision == "fp16" and cfg.device in ("cpu", "mps"):
-        p.append(
-            f"train.precision=fp16 (with its gradient scaler) is for CUDA GPUs, not "
-            f"device={cfg.device}: use train.precision=bf16 (autocast on the CPU too) or fp32"
-        )
+        p.append(choices.fp16_refusal(f"device={cfg.device}"))
     for key in ("channels_last", "compile"):
         v = cfg.train.get(key, False)
         p.need(isinstance(v, bool), f"train.{key}={v}: use true or false")
+    if distributed.launched():
+        _torchrun(cfg, p)
     every = cfg.train.checkpoint_every
     p.need(
         _in(every, 0, math.inf),
@@ -142,6 +141,27 @@ def _basics(cfg: DictConfig, p: _Problems) -> None:
     from distillrun.tracking import problems  # imports hydra: not for `distillrun --help`
 
     p.extend(problems(cfg.get("logger")))
+
+
+def _torchrun(cfg: DictConfig, p: _Problems) -> None:
+    """What data-parallel training cannot do (distributed.py)."""
+    n = distributed.world_size()
+    batch = cfg.train.batch_size
+    if _is_int(batch) and batch < 2 * n:
+        p.append(
+            f"train.batch_size={batch} under torchrun with {n} processes leaves some with fewer "
+            f"than 2 examples of a batch: use train.batch_size >= {2 * n} (the global batch)"
+        )
+    if cfg.device == "mps" or str(cfg.device).startswith("cuda:"):
+        p.append(
+            f"device={cfg.device} under torchrun: use device=cuda (each process takes the GPU "
+            "of its LOCAL_RANK), auto or cpu"
+        )
+    if (cfg.get("dataset") or {}).get("download"):
+        p.append(
+            "dataset.download=true under torchrun would download once per process: download "
+            "without torchrun first (e.g. a debug=tiny run), then train under torchrun"
+        )
 
 
 def _dataset(cfg: DictConfig, p: _Problems) -> None:

@@ -4,12 +4,14 @@
 
 Every process runs the whole stage on the whole data (resident on its device), so every choice
 (the batch order, each example's view, the epoch kept) is drawn identically everywhere. Each
-global batch of `train.batch_size` is then split into N consecutive shards, one per process;
-DDP averages the gradients, and each process's loss is weighted by its shard's share, so a step
-is the step one process would take on the whole batch. What differs: BatchNorm, which on CUDA
-becomes SyncBatchNorm (the global batch's statistics) but on CPU, where PyTorch has no
-SyncBatchNorm, uses each shard's own; and dropout, whose masks each process draws from its own
-seed (of the run's seed, the epoch and the process, so that a resumed run draws them again).
+global batch of `train.batch_size` is then dealt out to the N processes (examples r, r+N, ...
+to process r); DDP averages the gradients, and each process's loss is weighted by its share of
+the batch, so a step is the step one process would take on the whole batch. What differs:
+BatchNorm, which on CUDA becomes SyncBatchNorm (the global batch's statistics) but on CPU, where
+PyTorch has no SyncBatchNorm, normalises each share by its own statistics (the running
+statistics kept are process 0's, copied to all before each validation); and dropout, whose
+masks each process draws from its own seed (of the run's seed, the epoch and the process, so
+that a resumed run draws them again).
 
 Process 0 owns the run folder (manifest, metrics, checkpoints); the others write their copies
 to a private temporary folder that is removed at the end, and read the resumable checkpoints
@@ -21,17 +23,29 @@ This module imports torch only inside its functions: the command line imports it
 from __future__ import annotations
 
 import os
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 TRAINING_STAGES = ("train-teachers", "distill", "specialists")
 
 
+def _group() -> Any:
+    """torch.distributed when a process group is up (torchrun's, or one a library user made)."""
+    dist = sys.modules.get("torch.distributed")  # never imported here just to ask
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
+
+
 def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    group = _group()
+    return group.get_world_size() if group else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    group = _group()
+    return group.get_rank() if group else int(os.environ.get("RANK", "0"))
 
 
 def launched() -> bool:
@@ -44,7 +58,7 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def local_device(device: Any) -> Any:
+def local_device(device: torch.device) -> torch.device:
     """Under torchrun, `cuda` means this process's own GPU (LOCAL_RANK)."""
     import torch
 
@@ -55,7 +69,7 @@ def local_device(device: Any) -> Any:
     return device
 
 
-def start(device: Any) -> None:
+def start(device: torch.device) -> None:
     """Join the process group (NCCL for GPUs, gloo for CPUs); nothing without torchrun."""
     import torch.distributed as dist
 
@@ -71,9 +85,9 @@ def stop() -> None:
 
 
 def active() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """Training data-parallel: a process group of more than one process."""
+    group = _group()
+    return bool(group) and group.get_world_size() > 1
 
 
 def broadcast(value: Any) -> Any:
@@ -87,7 +101,7 @@ def broadcast(value: Any) -> Any:
     return box[0]
 
 
-def all_sum(tensor: Any) -> Any:
+def all_sum(tensor: torch.Tensor) -> torch.Tensor:
     """The sum of `tensor` over the processes (in place)."""
     import torch.distributed as dist
 
@@ -96,7 +110,7 @@ def all_sum(tensor: Any) -> Any:
     return tensor
 
 
-def any_process(flag: bool, device: Any) -> bool:
+def any_process(flag: bool, device: torch.device) -> bool:
     """True when `flag` is true in some process (e.g. a SIGTERM one of them received)."""
     import torch
 
@@ -111,12 +125,21 @@ def process_seed(seed: int, epoch: int) -> int:
 
 
 def shard(n: int) -> slice:
-    """This process's consecutive share of a global batch of n examples."""
-    w, r = world_size() if active() else 1, rank() if active() else 0
-    return slice(r * n // w, (r + 1) * n // w)
+    """This process's share of a global batch of n examples: every N-th, from its rank."""
+    return slice(rank(), n, world_size()) if active() else slice(0, n)
 
 
-def wrap(model: Any, device: Any) -> Any:
+def sync_buffers(model: torch.nn.Module) -> None:
+    """Process 0's buffers (BatchNorm's running statistics) in every process: each process's
+    last forward pass updated its own."""
+    import torch.distributed as dist
+
+    if active():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """`model` in DistributedDataParallel (BatchNorm synchronised on CUDA), or as it is."""
     import torch
     from torch.nn.parallel import DistributedDataParallel

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import random
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -31,7 +33,7 @@ from torch import nn
 
 from distillrun import artifacts, distributed
 from distillrun.augment import Augmentation, Batch
-from distillrun.choices import PRECISIONS, one_of
+from distillrun.choices import PRECISIONS, fp16_refusal, one_of
 from distillrun.errors import Terminated, UserError, raise_terminated
 from distillrun.metrics import classification_metrics
 from distillrun.models import apply_max_norm
@@ -46,8 +48,6 @@ def make_deterministic() -> dict[str, Any]:
     CUDA, deterministic algorithms (cuBLAS needs its workspace setting) remove most of the
     run-to-run noise; ops without a deterministic kernel only warn.
     """
-    import os
-
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
@@ -117,6 +117,25 @@ AUTOCAST: dict[str, torch.dtype | None] = {
 }
 
 
+def check_speed_settings(device: torch.device, precision: str, compile: bool) -> None:
+    """Refuse, in one line, a precision or compilation this device cannot run (stages call it
+    once the device is known, before anything is trained)."""
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError(fp16_refusal(str(device)))
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(
+            f"train.precision=bf16 but {torch.cuda.get_device_name(device)} has no bfloat16: "
+            "use train.precision=fp16 or fp32"
+        )
+    if compile and device.type == "cpu":
+        compilers = (os.environ.get("CXX", "g++"), "c++", "clang++")
+        if not any(shutil.which(c) for c in compilers if c):
+            raise UserError(
+                "train.compile=true on the CPU needs a C++ compiler (g++ or clang++), and none "
+                "is on PATH: install one, or use train.compile=false"
+            )
+
+
 def autocast(device: torch.device, precision: str) -> AbstractContextManager:
     """The forward passes' precision: torch.autocast to bf16 or fp16, or float32 as it is."""
     if precision not in AUTOCAST:
@@ -125,10 +144,7 @@ def autocast(device: torch.device, precision: str) -> AbstractContextManager:
     if dtype is None:
         return nullcontext()
     if dtype == torch.float16 and device.type != "cuda":
-        raise UserError(
-            f"train.precision=fp16 (with its gradient scaler) is for CUDA GPUs, not {device}: "
-            "use train.precision=bf16 (autocast on the CPU too) or fp32"
-        )
+        raise UserError(fp16_refusal(str(device)))
     return torch.autocast(device.type, dtype=dtype)
 
 
@@ -422,6 +438,7 @@ def fit(
     step = _Step(net, model, loss_fn, opt, scaler, amp, s)
     smallest = 2 * distributed.world_size() if distributed.active() else 2
     model.train()
+    stop = False
     with _sigterm_at_epoch_end(state_path is not None) as sigterm:
         for epoch in range(progress.epoch + 1, s.epochs + 1):
             t0 = time.perf_counter()
@@ -446,7 +463,8 @@ def fit(
                     "optim.lr (or raise the temperature T, if distilling) and run again"
                 )
             record: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": lr}
-            if len(y_val):  # every process scores the same model alike
+            if len(y_val):
+                distributed.sync_buffers(model)  # every process scores process 0's model
                 val_logits = predict(model, x_val, s.eval_batch_size, s.precision)
                 if val_view is not None:
                     val_logits = val_view(val_logits)
@@ -476,7 +494,7 @@ def fit(
     model.eval()
     if writes:
         _save_state(state_path, progress, s.epochs, model, None, None, generator, device)
-    if sigterm:  # it came during the last epoch: this model is saved, the run stops here
+    if stop:  # it came during the last epoch: this model is saved, the run stops here
         raise Terminated
     return _finish(model, progress, y_val)
 

@@ -3,7 +3,6 @@ its code is exercised here on the CPU with small nets, few views and few images.
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from distillrun import bench
@@ -16,11 +15,9 @@ def test_cifar_kd_throughput_runs_both_loops_and_reports_them() -> None:
     torch.set_num_threads(1)
     views = Views(1, True, "zeros")  # 18 views
     figures = bench.cifar_kd_throughput(
-        torch.device("cpu"), "bf16", 48, 1, 1, RESNET8, RESNET8, views
+        torch.device("cpu"), "bf16", 48, 1, 1, RESNET8, RESNET8, views, "resnet8 -> resnet8"
     )
     assert figures["cifar_kd_samples_per_s"] > 0 and figures["cifar_kd_reference_samples_per_s"] > 0
-    ratio = figures["cifar_kd_reference_samples_per_s"] / figures["cifar_kd_samples_per_s"]
-    assert figures["cifar_kd_speedup"] == pytest.approx(1 / ratio)
     assert figures["cifar_kd_cache_seconds"] > 0
     assert (
         figures["cifar_kd_setup"]

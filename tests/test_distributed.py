@@ -169,6 +169,9 @@ def test_distill_with_cached_views_matches_one_process(pair: tuple[Path, Path]) 
     [
         (["evaluate"], "evaluate does not train: run it without torchrun"),
         (["distill", "-m", "T=2,4"], "a sweep (-m) under torchrun"),
+        (["distill", "train.batch_size=3"], "train.batch_size=3 under torchrun with 2 processes"),
+        (["distill", "device=cuda:1"], "device=cuda:1 under torchrun"),
+        (["distill", "dataset=mnist", "dataset.download=true"], "download once per process"),
     ],
 )
 def test_what_torchrun_cannot_run_is_one_line_from_process_zero(
@@ -196,3 +199,46 @@ def test_specialists_train_data_parallel_too(tmp_path: Path) -> None:
         assert (x["model"], x["val_errors"]) == (y["model"], y["val_errors"])
         assert close(x["train_loss"], y["train_loss"]) and close(x["val_nll"], y["val_nll"])
     assert manifest(tmp_path / "two")["processes"] == 2
+
+
+def test_a_resumed_distill_keeps_its_teachers_in_every_process(tmp_path: Path) -> None:
+    """The teachers found as the newest run are process 0's choice, pinned for a resume."""
+    teachers = ["train-teachers", "debug=tiny", "teachers.n=1", "threads=1", "model.dropout=0"]
+    distillrun(
+        tmp_path,
+        *teachers,
+        "model.input_dropout=0",
+        "hydra.run.dir=outputs/train-teachers/a",
+        env=ONE_THREAD,
+    )
+    student = ["distill", "train.epochs=4", "train.checkpoint_every=0", "model.hidden=[32]"]
+    student += ["baseline=false", "threads=1", "progress=false"]
+    torchrun(tmp_path, *student, "teachers=outputs/train-teachers/a", "hydra.run.dir=reference")
+    proc = torchrun(tmp_path, *student, "hydra.run.dir=killed", wait=False)
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "killed" / "resume" / "student.pt").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.005)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    for pid in [*map(int, children), proc.pid]:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    # A newer teachers run appears: the resumed run must keep a, in both processes.
+    distillrun(
+        tmp_path, *teachers, "seed=7", "hydra.run.dir=outputs/train-teachers/b", env=ONE_THREAD
+    )
+    torchrun(tmp_path, "distill", f"resume={tmp_path / 'killed'}")
+    resumed = manifest(tmp_path / "killed")
+    assert resumed["status"] == "complete" and resumed["inputs"]["teachers"].endswith("/a")
+    assert metric_lines(tmp_path / "killed") == metric_lines(tmp_path / "reference")
+
+
+def test_a_batchnorm_net_trains_with_its_statistics_from_process_zero(tmp_path: Path) -> None:
+    args = ["train-teachers", "debug=tiny", "teachers.n=1", "model=resnet8", "threads=1"]
+    torchrun(tmp_path, *args, "train.epochs=2", "hydra.run.dir=bn")
+    m = manifest(tmp_path / "bn")
+    assert m["status"] == "complete" and m["processes"] == 2
+    state = torch.load(tmp_path / "bn" / "member_0.pt", weights_only=True)["state_dict"]
+    assert int(state["features.1.num_batches_tracked"]) > 0  # statistics were kept
+    assert m["metrics"]["test_accuracy"] > 0.3  # digits, two epochs: far above chance (0.1)

@@ -47,6 +47,7 @@ def test_each_table_of_functions_has_exactly_the_allowed_names() -> None:
     assert tuple(losses.LOSSES) == choices.LOSSES
     assert tuple(train.OPTIMIZERS) == choices.OPTIMIZERS
     assert tuple(train.SCHEDULES) == choices.SCHEDULES
+    assert tuple(train.AUTOCAST) == choices.PRECISIONS
     assert tuple(models.BUILDERS) == choices.MODELS
     logits = torch.randn(3, 4, 5)
     for method in choices.ENSEMBLES:
@@ -63,6 +64,7 @@ def test_each_table_of_functions_has_exactly_the_allowed_names() -> None:
         ("optim.name", choices.OPTIMIZERS),
         ("optim.schedule", choices.SCHEDULES),
         ("model.name", choices.MODELS),
+        ("train.precision", choices.PRECISIONS),
     ],
 )
 def test_the_config_checks_offer_the_same_names(key: str, names: tuple[str, ...]) -> None:

@@ -33,6 +33,7 @@ from distillrun.train import (
     Fit,
     TrainSettings,
     batch_bounds,
+    check_speed_settings,
     fit,
     make_deterministic,
     pick_device,
@@ -160,6 +161,7 @@ def _run_locked(
         record["environment"]["torch_threads"] = torch.get_num_threads()
         record["determinism"] = make_deterministic()
         run.device = distributed.local_device(pick_device(cfg.device))
+        check_speed_settings(run.device, cfg.train.precision, cfg.train.compile)
         record["device"] = str(run.device)
         if distributed.launched():
             distributed.start(run.device)
@@ -265,14 +267,22 @@ def _fail(run: Run, record: dict[str, Any], error: BaseException) -> bool:
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         return False
     if interrupted:
-        print(
-            f"distillrun {run.stage}: interrupted; continue this run with "
-            f"{resume_command(run.stage, run.dir)}",
-            file=sys.stderr,
-        )
+        if distributed.is_main():  # (the other processes' folders are temporary)
+            print(
+                f"distillrun {run.stage}: interrupted; continue this run with "
+                f"{resume_command(run.stage, run.dir)}",
+                file=sys.stderr,
+            )
         sys.exit(interrupted_exit_code(error))
     if message:
-        error_line(run.stage, message)
+        error_line(run.stage, message)  # process 0's, for all of them
+        if not distributed.is_main() and isinstance(error, OSError):  # this process's own
+            print(
+                f"distillrun {run.stage}: error: process {distributed.rank()} cannot write "
+                f"{error.filename or run.dir} ({error.strerror}): free space there, or point "
+                "TMPDIR at another folder, then resume the run",
+                file=sys.stderr,
+            )
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             return True  # the sweep's summary lists this job as failed, and it exits 2
         sys.exit(2)

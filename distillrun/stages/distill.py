@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from distillrun import artifacts, augment
+from distillrun import artifacts, augment, distributed
 from distillrun.augment import Augmentation, Batch, Mixup
 from distillrun.console import results_table, say
 from distillrun.data import Data, load_dataset
@@ -86,12 +86,13 @@ def distill(cfg: DictConfig, run: Run) -> dict[str, Any]:
             f"classes 0..{data.num_classes - 1}"
         )
     pinned = run.inputs.get("teachers") if run.resuming else None  # keep what it started with
-    teachers = find_teachers(
-        cfg.teachers if cfg.teachers is not None else parse_source(pinned),
-        Path(cfg.paths.output_root),
-        data,
-        say,
-    )
+    # Under torchrun the other processes take process 0's teachers (the newest could change).
+    named = cfg.teachers if cfg.teachers is not None else parse_source(pinned)
+    if distributed.is_main():
+        teachers = find_teachers(named, Path(cfg.paths.output_root), data, say)
+    chosen = distributed.broadcast(teachers.source if distributed.is_main() else None)
+    if not distributed.is_main():
+        teachers = find_teachers(parse_source(chosen), Path(cfg.paths.output_root), data, say)
     run.add_input("teachers", teachers.source)
     cache, cache_path, built = teacher_logits(teachers, data)
     run.info["teacher_cache"] = {"path": str(cache_path), "built_by_this_run": built}

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from distillrun import artifacts
+from distillrun import artifacts, distributed
 from distillrun.augment import Batch
 from distillrun.console import results_table, say
 from distillrun.data import Data, load_dataset
@@ -82,7 +82,12 @@ def specialists(cfg: DictConfig, run: Run) -> dict[str, Any]:
             "use fewer clusters"
         )
     pinned = run.inputs.get("generalist") if run.resuming else None  # keep what it began with
-    folder, generalist_run = find_generalist(cfg, data, pinned)
+    if distributed.is_main():
+        folder, generalist_run = find_generalist(cfg, data, pinned)
+    # Under torchrun the other processes take process 0's generalist (the newest could change).
+    chosen = distributed.broadcast(str(folder) if distributed.is_main() else None)
+    if not distributed.is_main():
+        folder, generalist_run = find_generalist(cfg, data, chosen)
     run.add_input("generalist", folder)
     n_members = len(generalist_run.get("metrics", {}).get("members", [])) or 1
     if member >= n_members:
