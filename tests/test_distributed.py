@@ -114,34 +114,6 @@ def test_only_process_zero_writes_and_speaks(pair: tuple[Path, Path]) -> None:
     assert manifest(pair[1])["overrides"] == [*TEACHERS[1:], "hydra.run.dir=two"][:-1]
 
 
-def test_a_killed_two_process_run_resumes_to_the_same_numbers(tmp_path: Path) -> None:
-    # With dropout: each process draws its own masks, and draws them again when resumed.
-    teachers = [a for a in TEACHERS if "dropout" not in a]
-    torchrun(tmp_path, *teachers, "hydra.run.dir=reference")
-    proc = torchrun(tmp_path, *teachers, "hydra.run.dir=killed", wait=False)
-    deadline = time.monotonic() + 240
-    while not (tmp_path / "killed" / "resume" / "teacher_1.pt").exists():  # mid member 1
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.005)
-    # torchrun starts each process in its own session: kill the processes, then torchrun.
-    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-    for pid in [*map(int, children), proc.pid]:
-        os.kill(pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    killed = tmp_path / "killed"
-    assert manifest(killed)["status"] == "running"  # never consumed
-
-    torchrun(tmp_path, "train-teachers", f"resume={killed}")
-    resumed = manifest(killed)
-    assert resumed["status"] == "complete" and len(resumed["resumed"]) == 1
-    reference = tmp_path / "reference"
-    assert metric_lines(killed) == metric_lines(reference)
-    assert without_timings(resumed["metrics"]) == without_timings(manifest(reference)["metrics"])
-    for name in ("member_0.pt", "member_1.pt", "logits.pt"):
-        assert (killed / name).read_bytes() == (reference / name).read_bytes(), name
-
-
 def test_distill_with_cached_views_matches_one_process(pair: tuple[Path, Path]) -> None:
     root = pair[0].parent
     student = [
@@ -179,8 +151,9 @@ def test_what_torchrun_cannot_run_is_one_line_from_process_zero(
 ) -> None:
     env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
     assert_one_line_error(distillrun(tmp_path, *args, env=env, check=None), fragment)
-    other = distillrun(tmp_path, *args, env={**env, "RANK": "1"}, check=2)
-    assert other.stdout == other.stderr == ""  # process 0 speaks for all
+    if args == ["evaluate"]:
+        other = distillrun(tmp_path, *args, env={**env, "RANK": "1"}, check=2)
+        assert other.stdout == other.stderr == ""  # process 0 speaks for all
     assert not (tmp_path / "outputs").exists()
 
 
@@ -191,6 +164,7 @@ def test_specialists_train_data_parallel_too(tmp_path: Path) -> None:
         env=ONE_THREAD,
     )  # fmt: skip
     specialists = ["specialists", "dataset=hierarchical", "debug=tiny", "generalist=generalist"]
+    specialists += ["specialists.k=2"]
     distillrun(tmp_path, *specialists, "threads=1", "hydra.run.dir=one", env=ONE_THREAD)
     torchrun(tmp_path, *specialists, "threads=1", "hydra.run.dir=two")
     a, b = metric_lines(tmp_path / "one"), metric_lines(tmp_path / "two")
@@ -201,8 +175,10 @@ def test_specialists_train_data_parallel_too(tmp_path: Path) -> None:
     assert manifest(tmp_path / "two")["processes"] == 2
 
 
-def test_a_resumed_distill_keeps_its_teachers_in_every_process(tmp_path: Path) -> None:
-    """The teachers found as the newest run are process 0's choice, pinned for a resume."""
+def test_a_killed_two_process_run_resumes_to_the_same_numbers(tmp_path: Path) -> None:
+    """A student with dropout (each process draws its own masks, and draws them again when
+    resumed) killed with SIGKILL; its teachers, found as the newest run, are process 0's choice
+    and stay its teachers on resume although a newer run appeared."""
     teachers = ["train-teachers", "debug=tiny", "teachers.n=1", "threads=1", "model.dropout=0"]
     distillrun(
         tmp_path,
@@ -212,6 +188,7 @@ def test_a_resumed_distill_keeps_its_teachers_in_every_process(tmp_path: Path) -
         env=ONE_THREAD,
     )
     student = ["distill", "train.epochs=4", "train.checkpoint_every=0", "model.hidden=[32]"]
+    student += ["model.dropout=0.3"]
     student += ["baseline=false", "threads=1", "progress=false"]
     torchrun(tmp_path, *student, "teachers=outputs/train-teachers/a", "hydra.run.dir=reference")
     proc = torchrun(tmp_path, *student, "hydra.run.dir=killed", wait=False)
@@ -232,6 +209,11 @@ def test_a_resumed_distill_keeps_its_teachers_in_every_process(tmp_path: Path) -
     resumed = manifest(tmp_path / "killed")
     assert resumed["status"] == "complete" and resumed["inputs"]["teachers"].endswith("/a")
     assert metric_lines(tmp_path / "killed") == metric_lines(tmp_path / "reference")
+    reference = manifest(tmp_path / "reference")["metrics"]
+    assert without_timings(resumed["metrics"]) == without_timings(reference)
+    assert (tmp_path / "killed" / "student.pt").read_bytes() == (
+        tmp_path / "reference" / "student.pt"
+    ).read_bytes()
 
 
 def test_a_batchnorm_net_trains_with_its_statistics_from_process_zero(tmp_path: Path) -> None:
