@@ -561,8 +561,8 @@ def _train_epoch(
             progress.initial_loss = float(first[0] / first[1])
         total += counted
         on_batch()
-    distributed.all_sum(total)
-    return float(total[0] / total[1])
+    loss, seen = distributed.all_sum(total).tolist()
+    return loss / seen
 
 
 def _finish(model: nn.Module, progress: _Progress, y_val: torch.Tensor) -> Fit:
