@@ -120,8 +120,7 @@ def _combinations(overrides: list) -> list[list[str]]:
     for o in overrides:
         if o.key_or_group.startswith("hydra.") or o.key_or_group == "hydra":
             continue  # launcher and output settings: Hydra's own business
-        prefix = "++" if o.is_force_add() else "+" if o.is_add() else "~" if o.is_delete() else ""
-        key = f"{prefix}{o.get_key_element()}"
+        key = o.get_key_element()  # with its +, ++ or ~
         if o.is_sweep_override():
             values = sweep_values(o)
             if values is None:

@@ -370,3 +370,18 @@ def test_bad_teachers_and_data_are_one_line_errors(case, teachers: Path, tmp_pat
     assert sorted(p.name for p in teachers.iterdir()) == before  # the input is left alone
     (folder,) = runs(tmp_path, "distill")
     assert manifest(folder)["status"] == "failed"  # never mistaken for a complete run
+
+
+def test_a_sweep_over_added_groups_and_keys_is_checked_value_by_value() -> None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from distillrun.cli import _combinations
+
+    parsed = OverridesParser.create().parse_overrides(
+        ["+experiment=a,b", "++T=2,4", "~alpha", "seed=1"]
+    )
+    assert _combinations(parsed) == [
+        ["~alpha", "seed=1", "+experiment=a", "++T=2"],
+        ["~alpha", "seed=1", "+experiment=b", "++T=2"],
+        ["~alpha", "seed=1", "+experiment=a", "++T=4"],
+    ]

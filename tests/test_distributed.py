@@ -157,18 +157,13 @@ def test_what_torchrun_cannot_run_is_one_line_from_process_zero(
     assert not (tmp_path / "outputs").exists()
 
 
-def test_specialists_train_data_parallel_too(tmp_path: Path) -> None:
-    distillrun(
-        tmp_path, "train-teachers", "dataset=hierarchical", "debug=tiny", "teachers.n=1",
-        "model.dropout=0", "model.input_dropout=0", "threads=1", "hydra.run.dir=generalist",
-        env=ONE_THREAD,
-    )  # fmt: skip
-    specialists = ["specialists", "dataset=hierarchical", "debug=tiny", "generalist=generalist"]
-    specialists += ["specialists.k=2"]
+def test_specialists_train_data_parallel_too(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    specialists = ["specialists", "dataset=digits", "debug=tiny", "specialists.k=2"]
+    specialists += [f"generalist={pair[0]}"]
     distillrun(tmp_path, *specialists, "threads=1", "hydra.run.dir=one", env=ONE_THREAD)
     torchrun(tmp_path, *specialists, "threads=1", "hydra.run.dir=two")
     a, b = metric_lines(tmp_path / "one"), metric_lines(tmp_path / "two")
-    assert len(a) == len(b) >= 2  # a line per specialist
+    assert len(a) == len(b) >= 2  # a line per specialist and epoch
     for x, y in zip(a, b, strict=True):
         assert (x["model"], x["val_errors"]) == (y["model"], y["val_errors"])
         assert close(x["train_loss"], y["train_loss"]) and close(x["val_nll"], y["val_nll"])
@@ -218,9 +213,9 @@ def test_a_killed_two_process_run_resumes_to_the_same_numbers(tmp_path: Path) ->
 
 def test_a_batchnorm_net_trains_with_its_statistics_from_process_zero(tmp_path: Path) -> None:
     args = ["train-teachers", "debug=tiny", "teachers.n=1", "model=resnet8", "threads=1"]
-    torchrun(tmp_path, *args, "train.epochs=2", "hydra.run.dir=bn")
+    torchrun(tmp_path, *args, "hydra.run.dir=bn")
     m = manifest(tmp_path / "bn")
     assert m["status"] == "complete" and m["processes"] == 2
     state = torch.load(tmp_path / "bn" / "member_0.pt", weights_only=True)["state_dict"]
     assert int(state["features.1.num_batches_tracked"]) > 0  # statistics were kept
-    assert m["metrics"]["test_accuracy"] > 0.3  # digits, two epochs: far above chance (0.1)
+    assert m["metrics"]["test_accuracy"] > 0.2  # digits, one epoch: above chance (0.1)
