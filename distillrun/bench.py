@@ -147,6 +147,35 @@ def distillrun_epochs(model, x, y, cached, epochs: int, x_val, y_val, views=None
     return seconds
 
 
+def bench_view_cache(
+    folder: str,
+    files: list[Path],
+    x: torch.Tensor,
+    num_classes: int,
+    views: Views,
+    batch_size: int,
+    device: torch.device,
+) -> CachedLogits:
+    """The members' logits on every view of every example of `x`, built as distill builds
+    them (teaching.view_cache, checkpoints read from `files`), in `folder`."""
+    cached, _ = view_cache(
+        sources=[folder],
+        member_files=files,
+        fingerprint="bench",
+        cache_dir=Path(folder),
+        x=x,
+        transfer=torch.arange(len(x)),
+        num_classes=num_classes,
+        augmentation=views,
+        top_k=None,
+        max_mb=math.inf,
+        batch_size=batch_size,
+        device=device,
+        say=lambda line: None,
+    )
+    return cached
+
+
 # --- the figures ------------------------------------------------------------------------------
 
 
@@ -178,22 +207,7 @@ def cifar_kd_throughput(
     torch.save(checkpoint(teacher, teacher_cfg, (3, 32, 32), 100), files[0])
     teacher = teacher.to(device, memory_format=torch.channels_last).eval()
     start = time.perf_counter()
-    cached, _ = view_cache(
-        sources=[folder.name],
-        member_files=files,
-        fingerprint="bench",
-        cache_dir=Path(folder.name),
-        x=x,
-        transfer=torch.arange(n),
-        num_classes=100,
-        augmentation=views,
-        top_k=None,
-        max_mb=math.inf,
-        batch_size=1024,
-        device=device,
-        say=lambda line: None,
-    )
-    cached = cached.to(device)
+    cached = bench_view_cache(folder.name, files, x, 100, views, 1024, device).to(device)
     cache_seconds = time.perf_counter() - start
     amp = autocast(device, precision)
 
@@ -371,21 +385,7 @@ def augmented_sweep_speedup(x, y, jobs: int, epochs: int, members: int) -> dict[
         for old in Path(folder.name).glob("view-cache/*.pt"):
             old.unlink()  # every repeat builds the cache anew
         start = time.perf_counter()
-        cached, _ = view_cache(
-            sources=[folder.name],
-            member_files=files,
-            fingerprint="bench",
-            cache_dir=Path(folder.name),
-            x=x_tr,
-            transfer=torch.arange(len(x_tr)),
-            num_classes=10,
-            augmentation=SHIFT,
-            top_k=None,
-            max_mb=math.inf,
-            batch_size=256,
-            device=torch.device("cpu"),
-            say=lambda line: None,
-        )
+        cached = bench_view_cache(folder.name, files, x_tr, 10, SHIFT, 256, torch.device("cpu"))
         seconds = time.perf_counter() - start
         return seconds + sum(
             distillrun_epochs(student(), x_tr, y_tr, cached, epochs, x_val, y_val, SHIFT)
