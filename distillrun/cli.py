@@ -70,8 +70,8 @@ def complete(args: list[str]) -> None:
     call_stage(stage, args)
 
 
-def precheck(stage: str, args: list[str]) -> None:
-    """Refuse bad overrides and values before Hydra creates a run folder.
+def precheck(stage: str, args: list[str]) -> list[str]:
+    """Refuse bad overrides and values before Hydra creates a run folder; return the args.
 
     Hydra itself reports an unknown group choice or key with exit code 1 and a trace, and a
     bad value would only surface inside the job. Each sweep value is composed and validated.
@@ -85,9 +85,9 @@ def precheck(stage: str, args: list[str]) -> None:
 
     parsed = get_args_parser().parse_args(args)
     if parsed.config_path or parsed.config_name or parsed.config_dir or parsed.experimental_rerun:
-        return  # the user brings their own configs: leave it all to Hydra
+        return args  # the user brings their own configs: leave it all to Hydra
     if parsed.help or parsed.hydra_help or parsed.shell_completion:
-        return
+        return args
     try:
         overrides = OverridesParser.create().parse_overrides(parsed.overrides)
         check_group_choices(overrides)
@@ -96,12 +96,15 @@ def precheck(stage: str, args: list[str]) -> None:
             if parsed.multirun and len(combos) > 1:
                 raise UserError(f"--{'cfg' if parsed.cfg else 'info'} shows one config: drop -m")
             _compose(stage, combos[0])  # unknown keys still get one line, not Hydra's trace
-            return
+            return args
         cfgs = [_compose(stage, combo) for combo in combos]
         for cfg in cfgs:
             validate(stage, cfg)
         _check_output_root(cfgs[0].paths.output_root)
         _check_run_dir(overrides, parsed.multirun)
+        if parsed.multirun:
+            return _keys_from_swept_groups(stage, args, overrides)
+        return args
     except (UserError, HydraException, OmegaConfBaseException) as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -134,6 +137,32 @@ def _combinations(overrides: list) -> list[list[str]]:
         for v in values[1:]:
             combos.append(fixed + first[:i] + [v] + first[i + 1 :])
     return [list(c) for c, _ in itertools.groupby(combos)]
+
+
+def _keys_from_swept_groups(stage: str, args: list[str], overrides: list) -> list[str]:
+    """`-m +experiment=a,b dataset.root=x`: force (`++`) a key that only the swept groups add.
+
+    Hydra composes a sweep's base config without any swept value, so there `dataset.root`
+    does not exist yet and Hydra refuses it. Every job's own config was composed and checked
+    above with the key as typed, so forcing it here cannot let a misspelled key through.
+    """
+    if not any(o.is_sweep_override() for o in overrides):
+        return args
+    fixed = [o for o in overrides if not o.is_sweep_override()]
+    fixed = [o for o in fixed if not o.key_or_group.startswith("hydra")]
+    keys = [o for o in fixed if "." in o.key_or_group and o.get_key_element()[0] not in "+~"]
+    if not keys:
+        return args
+    from omegaconf import OmegaConf
+
+    base = _compose(stage, [o.input_line for o in fixed if o not in keys])
+    missing = object()
+    forced = {
+        o.input_line
+        for o in keys
+        if OmegaConf.select(base, o.key_or_group, default=missing) is missing
+    }
+    return [f"++{a}" if a in forced else a for a in args]
 
 
 def _compose(stage: str, overrides: list[str]) -> Any:
@@ -335,7 +364,7 @@ def main() -> None:
         if distributed.launched():
             args = _user_errors(stage, torchrun_args, stage, args)
         register_sweeper()  # hydra/sweeper=optuna
-        precheck(stage, args)
+        args = precheck(stage, args)
         call_stage(stage, args)
     except BrokenPipeError:  # `distillrun distill --help | head`: the reader left, not an error
         _quiet_stdout()

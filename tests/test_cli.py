@@ -385,3 +385,26 @@ def test_a_sweep_over_added_groups_and_keys_is_checked_value_by_value() -> None:
         ["~alpha", "seed=1", "+experiment=b", "++T=2"],
         ["~alpha", "seed=1", "+experiment=a", "++T=4"],
     ]
+
+
+def test_a_key_that_only_the_swept_presets_add_can_be_set(tmp_path: Path) -> None:
+    from distillrun.cli import precheck
+
+    # Hydra composes a sweep's base config without the swept presets, where the default
+    # dataset (digits) has no `root`: the key is forced there, as it is valid in every job.
+    sweep = ["-m", "+experiment=mnist_cnn_teachers,hinton_mnist_teachers"]
+    missing = tmp_path / "no-mnist-here"
+    assert precheck("train-teachers", [*sweep, f"dataset.root={missing}", "seed=3"]) == [
+        *sweep,
+        f"++dataset.root={missing}",
+        "seed=3",
+    ]
+    result = distillrun(tmp_path, "train-teachers", *sweep, f"dataset.root={missing}", check=2)
+    errors = result.stderr.strip().splitlines()
+    assert len(errors) == 3, result.stderr  # each job reached its data, and the sweep's line
+    assert all(f"MNIST not found under {missing}" in line for line in errors[:2])
+    assert "2 of 2 jobs did not complete" in errors[2]
+    # A misspelled key is still refused before anything is written, forced or not.
+    typo = distillrun(tmp_path, "train-teachers", *sweep, f"dataset.rot={missing}", check=None)
+    assert_one_line_error(typo, "dataset.rot")
+    assert len(list((tmp_path / "outputs" / "train-teachers" / "multirun").iterdir())) == 1
