@@ -375,8 +375,12 @@ def markdown(r: dict[str, Any], steps: dict[str, Step], root: Path) -> str:
         if key.endswith("gap_recovered"):
             shown, target = pct(key), f"{100 * target:g}%"
         lines.append(f"| {name} | {op} {target} | {shown} | {'yes' if ok else 'NO'} |")
+
+    def errors(e: float) -> str:  # a count, or with seeds a mean
+        return f"{e:g}" if float(e).is_integer() else f"{e:.2f}"
+
     by_T = ", ".join(
-        f"T={t}: {e:g} ({r['val_errors_by_T'][t]:g} on validation)"
+        f"T={t}: {errors(e)} ({errors(r['val_errors_by_T'][t])} on validation)"
         for t, e in r["errors_by_T"].items()
     )
     lines += [

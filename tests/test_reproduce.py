@@ -217,7 +217,10 @@ def test_several_seeds_report_mean_and_standard_deviation(
     steps = {s.name: s for s in plan(root, [], [], seeds=2)}
     r |= {k: one[k] for k in ("date", "machine", "torch", "command")}
     r |= {"minutes": 1.0, "goals_met": dict.fromkeys(GOALS, True)}
+    r["errors_by_T"]["8"] += 1 / 3  # a mean of three seeds
     text = markdown(r, steps, root)
+    (by_T,) = [line for line in text.splitlines() if line.startswith("Test errors by T")]
+    assert f"T=8: {r['errors_by_T']['8']:.2f} (" in by_T and "333" not in by_T
     assert f"{one['student_views_errors'] + 1:.1f} ± 1.4" in text
     assert "every student with seeds 0-1: mean ± standard deviation" in text
 
