@@ -117,11 +117,15 @@ def precheck(stage: str, args: list[str]) -> list[str]:
         fail(f"{' '.join(lines[:3])} (see `distillrun {stage} --cfg job` for the keys)", stage)
 
 
+def _hydra_key(override: Any) -> bool:
+    return override.key_or_group == "hydra" or override.key_or_group.startswith("hydra.")
+
+
 def _combinations(overrides: list) -> list[list[str]]:
     """The first value of every sweep, then each sweep value once: enough to check every value."""
     fixed, sweeps = [], []
     for o in overrides:
-        if o.key_or_group.startswith("hydra.") or o.key_or_group == "hydra":
+        if _hydra_key(o):
             continue  # launcher and output settings: Hydra's own business
         key = o.get_key_element()  # with its +, ++ or ~
         if o.is_sweep_override():
@@ -148,8 +152,7 @@ def _keys_from_swept_groups(stage: str, args: list[str], overrides: list) -> lis
     """
     if not any(o.is_sweep_override() for o in overrides):
         return args
-    fixed = [o for o in overrides if not o.is_sweep_override()]
-    fixed = [o for o in fixed if not o.key_or_group.startswith("hydra")]
+    fixed = [o for o in overrides if not o.is_sweep_override() and not _hydra_key(o)]
     keys = [o for o in fixed if "." in o.key_or_group and o.get_key_element()[0] not in "+~"]
     if not keys:
         return args

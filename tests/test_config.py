@@ -56,12 +56,12 @@ def test_every_combination_of_shipped_choices_is_valid(stage: str, dataset: str)
     """The dataset with every model and optimiser, each choice composed once (a choice sets
     its own node only: the test above), as Hydra composes them together (checked on one)."""
     base = composed(stage, f"dataset={dataset}")
+    # a preset of a generator (jft_like) names the generator it sets
+    loader = OmegaConf.load(f"conf/dataset/{dataset}.yaml").name
     combos = list(itertools.product(group_choices("model"), group_choices("optim")))
     for model, optim in combos:
         cfg = with_choices(base, stage, model=model, optim=optim)
         validate(stage, cfg)
-        # a preset of a generator (jft_like) names the generator it sets
-        loader = OmegaConf.load(f"conf/dataset/{dataset}.yaml").name
         assert cfg.dataset.name == loader and cfg.optim.name == optim
         assert cfg.paths.output_root == "outputs" and cfg.device == "auto"
     model, optim = combos[len(dataset) % len(combos)]
