@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -235,9 +234,7 @@ def test_a_cache_too_large_is_refused_naming_the_fixes(members: list[Path], tmp_
     assert not list((tmp_path / FOLDER).glob("*.pt"))
 
 
-def test_a_damaged_cache_is_rebuilt_and_a_killed_build_leaves_nothing_read(
-    members: list[Path], tmp_path: Path
-) -> None:
+def test_a_damaged_cache_is_rebuilt(members: list[Path], tmp_path: Path) -> None:
     x, views = images(200), Views(1, False, "replicate")
     first, info = cache(members, tmp_path, x, views)
     path = Path(info["path"])
@@ -246,40 +243,67 @@ def test_a_damaged_cache_is_rebuilt_and_a_killed_build_leaves_nothing_read(
     assert info["built_by_this_run"] is True  # read as missing, built again
     batch = Batch(torch.arange(5), x[:5], view=torch.arange(5))
     assert torch.equal(first.member_logits(batch), again.member_logits(batch))
-    # Kill a build in the middle: no cache file appears, and the next call builds it again.
-    path.unlink()
-    script = textwrap.dedent(
-        f"""
-        import sys, time, torch
-        from pathlib import Path
-        from distillrun import teaching
-        from distillrun.augment import Views
-        store = teaching._store
-        def slow(*args):
-            print("building", flush=True)
-            time.sleep(0.2)
-            store(*args)
-        teaching._store = slow
-        x = torch.randn(200, 1, 6, 6, generator=torch.Generator().manual_seed(0))
-        teaching.view_cache(
-            sources=["teachers"], member_files=[Path(p) for p in {[str(m) for m in members]}],
-            fingerprint="data", cache_dir=Path({str(tmp_path)!r}), x=x,
-            transfer=torch.arange(200), num_classes=5, augmentation=Views(1, False, "replicate"),
-            top_k=None, max_mb=100.0, batch_size=16, device=torch.device("cpu"), say=print)
-        """
-    )
+
+
+# A child process builds the view cache with torch.save patched to write the first half of the
+# file's bytes, wherever it writes them, and then hang: the test kills it mid-write.
+HALF_WRITTEN_BUILD = """
+import io, os, sys, time, torch
+from pathlib import Path
+
+real_save = torch.save
+
+def save_half_then_hang(obj, f, *args, **kwargs):
+    whole = io.BytesIO()
+    real_save(obj, whole, *args, **kwargs)
+    half = whole.getvalue()[: len(whole.getvalue()) // 2]
+    out = open(f, "wb") if isinstance(f, (str, os.PathLike)) else f
+    out.write(half)
+    out.flush()
+    print("wrote", len(half), flush=True)
+    time.sleep(300)
+
+torch.save = save_half_then_hang  # before distillrun is imported
+from distillrun import teaching
+from distillrun.augment import Views
+members, folder = [Path(p) for p in sys.argv[1:-1]], Path(sys.argv[-1])
+x = torch.randn(40, 1, 6, 6, generator=torch.Generator().manual_seed(0))  # images(40)
+teaching.view_cache(
+    sources=["teachers"], member_files=members, fingerprint="data", cache_dir=folder, x=x,
+    transfer=torch.arange(40), num_classes=5, augmentation=Views(1, False, "replicate"),
+    top_k=None, max_mb=100.0, batch_size=16, device=torch.device("cpu"), say=print)
+"""
+
+
+def test_a_cache_build_killed_mid_write_leaves_nothing_read(
+    members: list[Path], tmp_path: Path
+) -> None:
+    x, views = images(40), Views(1, False, "replicate")
+    whole, _ = cache(members, tmp_path / "whole", x, views)
+    killed = tmp_path / "killed"
     child = subprocess.Popen(
-        [sys.executable, "-c", script],
+        [sys.executable, "-c", HALF_WRITTEN_BUILD, *map(str, members), str(killed)],
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, **ONE_THREAD},
     )
-    assert "building" in child.stdout.readline() + child.stdout.readline()
-    child.send_signal(signal.SIGKILL)
-    child.wait(timeout=30)
-    assert not path.exists()
-    _, info = cache(members, tmp_path, x, views)
-    assert info["built_by_this_run"] is True and path.is_file()
+    try:
+        for line in child.stdout:
+            if line.startswith("wrote"):
+                break
+        else:
+            pytest.fail("the child ended before writing the cache")
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    written = int(line.split()[1])
+    folder = killed / FOLDER
+    assert [f for f in folder.iterdir() if f.stat().st_size == written]  # killed mid-write
+    assert not list(folder.glob("*.pt"))  # the half-written bytes are under no cache's name
+    again, info = cache(members, killed, x, views)
+    assert info["built_by_this_run"] is True
+    assert again.tensors.keys() == whole.tensors.keys()
+    assert all(torch.equal(again.tensors[k], whole.tensors[k]) for k in whole.tensors)
 
 
 # --- distill on views, end to end --------------------------------------------------------------
