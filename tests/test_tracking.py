@@ -171,7 +171,15 @@ def test_a_search_prunes_resumes_after_a_kill_and_writes_best_yaml(cwd: Path) ->
     pruned = [j for j in jobs if statuses[j.name] == "pruned"]
     m = manifest(pruned[0])
     assert not artifacts.is_complete(m, "distill") and m["pruned_at_epoch"] < 12
-    assert m["metrics"]["val_errors"] >= 0 and not (pruned[0] / "resume").exists()
+    assert not (pruned[0] / "resume").exists()
+    # The manifest and the study hold the student's validation scores of the epoch it was pruned.
+    epoch = m["pruned_at_epoch"]
+    lines = artifacts.read_jsonl(pruned[0] / "metrics.jsonl")
+    (last,) = [r for r in lines if r["model"] == "student" and r["epoch"] == epoch]
+    for key in ("val_errors", "val_nll"):
+        assert m["metrics"][key] == last[key], key
+    reported = study.trials[int(pruned[0].name)].intermediate_values
+    assert reported[epoch] == search.score(last, ["val_errors", "val_nll"])
 
     best = study.best_trial
     done = [j for j in jobs if statuses[j.name] == "complete"]
