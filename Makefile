@@ -41,12 +41,13 @@ test-fast: venv
 bench: venv
 	$(BIN)/python -m distillrun.bench --out outputs/bench.json
 
-# The paper's MNIST results (METHOD.md sections 3-4), and students on consistent views (section
-# 8), with one command, about 55 minutes on 2 CPU cores: outputs/reproduce/<timestamp>/report.md,
-# report.json and errors_vs_T.png. MNIST=<root> (torchvision's layout; default
-# ../shared/data/mnist), DOWNLOAD=1 to fetch it there, SEEDS=n to train every student with n
-# seeds (mean and standard deviation; the teachers once), RESUME=<that folder> to continue an
-# interrupted reproduction, ARGS="device=cuda" for overrides given to every stage.
+# The paper's MNIST results (docs/method.md#mnist), and students on consistent views
+# (docs/method.md#consistent-teaching), with one command, about 55 minutes on 2 CPU cores:
+# outputs/reproduce/<timestamp>/report.md, report.json and errors_vs_T.png. MNIST=<root>
+# (torchvision's layout; default ../shared/data/mnist), DOWNLOAD=1 to fetch it there, SEEDS=n
+# to train every student with n seeds (mean and standard deviation; the teachers once),
+# RESUME=<that folder> to continue an interrupted reproduction, ARGS="device=cuda" for overrides
+# given to every stage.
 MNIST ?= $(or $(DISTILLRUN_DATA),../shared/data/mnist)
 SEEDS ?= 1
 reproduce: venv
@@ -57,7 +58,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# The paper's specialists (METHOD.md section 5) on dataset=jft_like, generated offline: the
+# The paper's specialists (docs/method.md#specialists) on dataset=jft_like, generated offline: the
 # generalist, its specialists, their KL combination and the combination distilled back, about 3
 # minutes on 2 CPU cores: outputs/reproduce-specialists/<timestamp>/report.md and report.json.
 # RESUME=<that folder> continues an interrupted one; ARGS="device=cuda" for overrides.

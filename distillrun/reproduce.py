@@ -36,7 +36,7 @@ from typing import Any
 from distillrun import artifacts, summary
 from distillrun.errors import UserError, interrupted_exit_code, raise_terminated
 
-PAPER = {  # METHOD.md sections 3 and 4
+PAPER = {  # docs/method.md#mnist
     "teacher_errors": 67,
     "student_hard_errors": 146,
     "student_distilled_errors": 74,
@@ -360,7 +360,7 @@ def markdown(r: dict[str, Any], steps: dict[str, Step], root: Path) -> str:
         "",
         "Test errors of 10,000 (the paper's section 4 figures are frame accuracies of its "
         "speech model; ours are MNIST's, with accuracies in brackets). The rows on views go "
-        "beyond the paper (METHOD.md section 8).",
+        "beyond the paper (distillrun's docs/method.md#consistent-teaching).",
         "",
         "| experiment | paper | distillrun | command |",
         "| --- | --- | --- | --- |",

@@ -1,5 +1,5 @@
 """`make reproduce-specialists` (python -m distillrun.reproduce_specialists): the paper's
-specialists (METHOD.md section 5) on a data set where its regime holds, one command.
+specialists (docs/method.md#specialists) on a data set where its regime holds, one command.
 
 Runs, one after another, into outputs/reproduce-specialists/<timestamp>/ (a run folder per
 step): the generalist, its specialists, the KL combination (evaluate), the combination
@@ -33,7 +33,7 @@ from distillrun import artifacts
 from distillrun.errors import UserError, raise_terminated
 from distillrun.reproduce import STATE, Step, machine, new_folder, run_steps
 
-# METHOD.md section 5, JFT: (specialists covering the correct class, test examples, top-1
+# docs/method.md#specialists, JFT: (specialists covering the correct class, test examples, top-1
 # correct gained, relative accuracy change).
 PAPER_ROWS = [
     ("0", 350037, 0, 0.0),
@@ -243,7 +243,8 @@ def markdown(r: dict[str, Any], steps: list[Step], root: Path) -> str:
         )
     d = r["dataset"]
     lines = [
-        "# distillrun: the paper's specialists (METHOD.md section 5), reproduced in shape",
+        "# distillrun: the paper's specialists (distillrun's docs/method.md#specialists), "
+        "reproduced in shape",
         "",
         f"{r['date']} on {r['machine']} ({r['device']}); torch {r['torch']}; "
         f"{r['minutes']:.1f} minutes.",
