@@ -28,6 +28,7 @@ from distillrun.data import Data, load_dataset
 from distillrun.errors import UserError
 from distillrun.imported import EXPORT_CONFIG, load_torchscript, need_onnx, onnx_session
 from distillrun.models import build_model, count_parameters, load_model
+from distillrun.stages import STAGES
 from distillrun.teachers import check_data
 
 EXPORT_STAGE = "export"
@@ -42,13 +43,6 @@ FILES = {
 ONNX_INPUT, ONNX_OUTPUT = "input", "logits"
 # Raw images (PNG, JPEG) are read as pixel / 255: every built-in image dataset holds [0, 1].
 IMAGE_RANGE = (0.0, 1.0)
-# The model file each stage's run holds: (file pattern, what `member=` means there).
-MODEL_FILES = {
-    "distill": ("student.pt", None),
-    "train-teachers": ("member_{i}.pt", "a member of the ensemble"),
-    "import-teachers": ("member_{i}.pt", "a member of the ensemble"),
-    "specialists": ("specialist_{i}.pt", "a specialist"),
-}
 
 
 @dataclass
@@ -65,13 +59,14 @@ class Exportable:
 def model_file(folder: Path, manifest: dict[str, Any], member: int | None) -> Path:
     """The checkpoint of a run's model: the student of a distill run, or member `member` of a
     teachers run or specialists run."""
-    stage = manifest.get("stage")
-    if stage not in MODEL_FILES:
+    stage = STAGES.get(manifest.get("stage"))
+    if stage is None or stage.model_file is None:
+        holders = ", ".join(name for name, s in STAGES.items() if s.model_file)
         raise UserError(
-            f"{folder} is a {stage} run, which holds no model to export: pass a distill, "
-            "train-teachers, import-teachers or specialists run"
+            f"{folder} is a {manifest.get('stage')} run, which holds no model to export: pass "
+            f"a run of {holders}"
         )
-    pattern, what = MODEL_FILES[stage]
+    pattern, what = stage.model_file
     if what is None:
         if member is not None:
             raise UserError(f"{folder} is a distill run with one student: drop member={member}")
