@@ -365,10 +365,10 @@ def _teacher_outputs(cfg: DictConfig, p: _Problems) -> None:
     if t.mode not in choices.TEACHER_OUTPUTS:
         p.append(f"teacher_outputs.mode={t.mode}: use {one_of(choices.TEACHER_OUTPUTS)}")
         return
-    if t.mode == "cached" and cfg.augment.name == "mixup":
+    if t.mode == "cached" and cfg.augment.name in choices.CONTINUOUS_AUGMENTATIONS:
         p.append(
-            "augment=mixup mixes every batch anew, so its views cannot be cached: use "
-            "teacher_outputs=online"
+            f"augment={cfg.augment.name} makes every batch anew, so its views cannot be cached: "
+            "use teacher_outputs=online"
         )
     if t.mode == "online":
         return

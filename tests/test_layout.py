@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import distillrun
 
-from distillrun import choices, losses, models, train
+from distillrun import augment, choices, losses, models, train
 from distillrun.ensemble import combine
 from distillrun.errors import UserError
 from distillrun.stages import STAGES, config_name, module_name
@@ -51,11 +51,22 @@ def test_each_table_of_functions_has_exactly_the_allowed_names() -> None:
     assert tuple(train.SCHEDULES) == choices.SCHEDULES
     assert tuple(train.AUTOCAST) == choices.PRECISIONS
     assert tuple(models.BUILDERS) == choices.MODELS
+    assert tuple(augment.BUILDERS) == choices.AUGMENTATIONS
     logits = torch.randn(3, 4, 5)
     for method in choices.ENSEMBLES:
         assert combine(logits, method).shape == (4, 5)
     with pytest.raises(ValueError, match="arithmetic or geometric"):
         combine(logits, "median")
+
+
+def test_the_continuous_augmentations_are_those_without_a_count() -> None:
+    """config.py (torch-free) reads choices.CONTINUOUS_AUGMENTATIONS; the code asks `count`."""
+    shape, normalization = (1, 8, 8), {"normalize": "none"}
+    settings = {"pixels": 1, "padding": 1, "flip": True, "border": "zeros", "alpha": 1.0}
+    for name in choices.AUGMENTATIONS:
+        built = augment.from_config({"name": name, **settings}, shape, normalization)
+        continuous = built is not None and built.count is None
+        assert continuous == (name in choices.CONTINUOUS_AUGMENTATIONS), name
 
 
 @pytest.mark.parametrize(
