@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from distillrun.errors import UserError
+from distillrun.stages import stages_for
 
 MANIFEST = "manifest.json"
 # `<file>.absent` holds why a stage did not write `<file>` (e.g. an imported ONNX teacher has no
@@ -39,18 +40,6 @@ LIBRARIES = (
     "rich",
     "matplotlib",
 )
-
-
-# Runs of these stages stand in for runs of the key's stage wherever one is consumed: an
-# import-teachers run (teachers trained elsewhere) is a teachers run like a train-teachers run.
-STANDS_IN_FOR: dict[str, tuple[str, ...]] = {
-    "train-teachers": ("train-teachers", "import-teachers"),
-}
-
-
-def stages_for(stage: str) -> tuple[str, ...]:
-    """The stages whose complete runs a consumer of `stage` runs accepts."""
-    return STANDS_IN_FOR.get(stage, (stage,))
 
 
 _UMASK = os.umask(0)

@@ -2,7 +2,7 @@
 
 The finite ones enumerate their views, so that view v of an example is the same tensor on
 every call, device and run, and a teacher's output on each view can be computed once and
-cached exactly (viewcache.py):
+cached exactly (teaching.py, the view cache):
 
 - shift:     integer translations by up to k pixels in y and x, (2k+1)^2 views; the border
              is filled as `augment.border` says (replicate: the edge pixel, the background of
@@ -173,16 +173,13 @@ class Mixup:
 Augmentation = Views | SubsetViews | Mixup
 
 
-def from_config(cfg: Any, image_shape: tuple[int, ...] | None, normalization: dict) -> Any:
-    """The augmentation an `augment` config names (None for none), for data of this shape
-    (None: vectors) and normalisation (for a black border of standardised images)."""
+def _mixup(cfg: Any, image_shape: tuple[int, ...] | None, normalization: dict) -> Mixup:
+    return Mixup(float(cfg["alpha"]))
+
+
+def _views(cfg: Any, image_shape: tuple[int, ...] | None, normalization: dict) -> Views:
+    """shift and crop_flip: the finite views of an image (crop_flip adds mirrored ones)."""
     name = cfg["name"]
-    if name not in AUGMENTATIONS:
-        raise UserError(f"unknown augment '{name}': use {one_of(AUGMENTATIONS)}")
-    if name == "none":
-        return None
-    if name == "mixup":
-        return Mixup(float(cfg["alpha"]))
     if image_shape is None:
         raise UserError(
             f"augment={name} moves pixels, but this dataset holds vectors: use augment=none "
@@ -200,3 +197,17 @@ def from_config(cfg: Any, image_shape: tuple[int, ...] | None, normalization: di
         mean, std = normalization["mean"], normalization["std"]
         fill = tuple(-m / s for m, s in zip(mean, std, strict=True))
     return Views(pixels, bool(cfg.get("flip", False)), border, fill)
+
+
+# augment.name -> its builder (none builds nothing); choices.AUGMENTATIONS names the same keys.
+BUILDERS = {"none": None, "shift": _views, "crop_flip": _views, "mixup": _mixup}
+
+
+def from_config(cfg: Any, image_shape: tuple[int, ...] | None, normalization: dict) -> Any:
+    """The augmentation an `augment` config names (None for none), for data of this shape
+    (None: vectors) and normalisation (for a black border of standardised images)."""
+    name = cfg["name"]
+    if name not in AUGMENTATIONS:
+        raise UserError(f"unknown augment '{name}': use {one_of(AUGMENTATIONS)}")
+    build = BUILDERS[name]
+    return None if build is None else build(cfg, image_shape, normalization)

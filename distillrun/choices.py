@@ -16,10 +16,19 @@ CLUSTERINGS = ("kmeans", "online")  # specialists.cluster_classes
 KL_OPTIMIZERS = ("preconditioned", "plain")  # inference.combine_kl
 NORMALIZATIONS = ("standardize", "none")  # data._finish: dataset.normalize
 MEMBER_KINDS = ("state_dict", "torchscript", "onnx", "logits")  # imported.LOADERS
-AUGMENTATIONS = ("none", "shift", "crop_flip", "mixup")  # augment.from_config
+AUGMENTATIONS = ("none", "shift", "crop_flip", "mixup")  # augment.BUILDERS
+# Augmentations with no finite set of views (their `count` is None): nothing to cache.
+CONTINUOUS_AUGMENTATIONS = ("mixup",)
 BORDERS = ("replicate", "reflect", "zeros")  # augment.BORDERS: augment.border
 TEACHER_OUTPUTS = ("auto", "cached", "online")  # stages.distill: teacher_outputs.mode
 PRECISIONS = ("fp32", "bf16", "fp16")  # train.AUTOCAST: train.precision
+TRACKERS = {"mlflow": "mlflow", "tensorboard": "tensorboard"}  # logger=: the package each needs
+TRACKING_INSTALL = 'pip install "distillrun[tracking]"'
+
+
+def trackers_selected(logger: object) -> list[str]:
+    """The trackers a `logger` config node selects (none: the node is absent or empty)."""
+    return [name for name in TRACKERS if logger and name in logger]  # type: ignore[operator]
 
 
 def fp16_refusal(device: str) -> str:

@@ -7,6 +7,7 @@ launchers, shell completion). This module must not import torch: `distillrun --h
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import difflib
 import importlib
@@ -23,18 +24,28 @@ from typing import Any
 from distillrun import artifacts, distributed
 from distillrun.config import RESUME_ENV, sweep_values
 from distillrun.errors import UserError, interrupted_exit_code, raise_terminated
-from distillrun.search import register_sweeper, space_combinations
-from distillrun.stages import STAGES, config_name, module_name
+from distillrun.search import space_combinations
+from distillrun.stages import STAGES, config_name, module_name, training_stages
 
 MIN_FREE_MB = 20  # below this a run cannot even write its config and first checkpoint
 USAGE = "usage: distillrun <stage> [hydra overrides]   (distillrun <stage> --help for its options)"
 
 
+def register_sweeper() -> None:
+    """Make hydra/sweeper=optuna known to Hydra. An installed wheel's hydra_plugins/ is found by
+    Hydra's plugin scan; an editable install (pip install -e) hides it from that scan."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.distillrun_search.optuna_sweeper import OptunaSearchSweeper
+
+    Plugins.instance().register(OptunaSearchSweeper)
+
+
 def print_help() -> None:
     print(USAGE)
     print("\nstages (each writes a run folder under outputs/<stage>/ that later stages consume):")
-    for name, (_, about) in STAGES.items():
-        print(f"  {name:<16}{about}")
+    for name, stage in STAGES.items():
+        print(f"  {name:<16}{stage.about}")
     print(
         "\nexamples:\n"
         "  distillrun train-teachers teachers.n=5\n"
@@ -70,20 +81,27 @@ def complete(args: list[str]) -> None:
     call_stage(stage, args)
 
 
+def parse_hydra_args(args: list[str]) -> argparse.Namespace:
+    """Hydra's own reading of a command line (its flags and the overrides), as `@hydra.main`
+    will read it. The one use of Hydra internals; tests/test_cli.py pins what we rely on."""
+    from hydra._internal.utils import get_args_parser
+
+    return get_args_parser().parse_args(args)
+
+
 def precheck(stage: str, args: list[str]) -> list[str]:
     """Refuse bad overrides and values before Hydra creates a run folder; return the args.
 
     Hydra itself reports an unknown group choice or key with exit code 1 and a trace, and a
     bad value would only surface inside the job. Each sweep value is composed and validated.
     """
-    from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     from distillrun.config import check_group_choices, validate
 
-    parsed = get_args_parser().parse_args(args)
+    parsed = parse_hydra_args(args)
     if parsed.config_path or parsed.config_name or parsed.config_dir or parsed.experimental_rerun:
         return args  # the user brings their own configs: leave it all to Hydra
     if parsed.help or parsed.hydra_help or parsed.shell_completion:
@@ -301,10 +319,10 @@ def resume_args(stage: str, args: list[str]) -> list[str]:
 def torchrun_args(stage: str, args: list[str]) -> list[str]:
     """Under torchrun: one training run, in process 0's run folder. The other processes get a
     private temporary folder for Hydra (removed at exit) and print nothing to stdout."""
-    if stage not in distributed.TRAINING_STAGES:
+    if stage not in training_stages():
         raise UserError(
             f"{stage} does not train: run it without torchrun (torchrun is for "
-            f"{', '.join(distributed.TRAINING_STAGES)})"
+            f"{', '.join(training_stages())})"
         )
     if any(a in ("-m", "--multirun") for a in args):
         raise UserError(

@@ -7,8 +7,10 @@ fraction of a second with one line that names the problem and the fix.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import math
 import re
+from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
@@ -17,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from distillrun import choices, distributed
 from distillrun.choices import one_of
 from distillrun.errors import UserError
+from distillrun.stages import STAGES
 
 GROUPS = (
     "dataset",
@@ -138,9 +141,24 @@ def _basics(cfg: DictConfig, p: _Problems) -> None:
         _in(every, 0, math.inf),
         f"train.checkpoint_every={every} must be a number of seconds >= 0 (0: every epoch)",
     )
-    from distillrun.tracking import problems  # imports hydra: not for `distillrun --help`
+    _logger(cfg.get("logger"), p)
 
-    p.extend(problems(cfg.get("logger")))
+
+def _logger(logger: Any, p: _Problems) -> None:
+    """The `logger` node: each selected tracker's package is installed, its settings usable."""
+    for name in choices.trackers_selected(logger):
+        if importlib.util.find_spec(choices.TRACKERS[name]) is None:
+            p.append(
+                f"logger={name} needs the {choices.TRACKERS[name]} package: "
+                f"{choices.TRACKING_INSTALL}"
+            )
+    if "mlflow" in choices.trackers_selected(logger):
+        uri = logger.mlflow.tracking_uri
+        if uri is not None and not (isinstance(uri, str) and uri.strip()):
+            p.append("logger.mlflow.tracking_uri must be a URI (http://host:5000) or null")
+        name = logger.get("experiment")
+        if name is not None and not (isinstance(name, str) and name.strip()):
+            p.append("logger.experiment must be a name or null (the stage's name)")
 
 
 def _torchrun(cfg: DictConfig, p: _Problems) -> None:
@@ -347,10 +365,10 @@ def _teacher_outputs(cfg: DictConfig, p: _Problems) -> None:
     if t.mode not in choices.TEACHER_OUTPUTS:
         p.append(f"teacher_outputs.mode={t.mode}: use {one_of(choices.TEACHER_OUTPUTS)}")
         return
-    if t.mode == "cached" and cfg.augment.name == "mixup":
+    if t.mode == "cached" and cfg.augment.name in choices.CONTINUOUS_AUGMENTATIONS:
         p.append(
-            "augment=mixup mixes every batch anew, so its views cannot be cached: use "
-            "teacher_outputs=online"
+            f"augment={cfg.augment.name} makes every batch anew, so its views cannot be cached: "
+            "use teacher_outputs=online"
         )
     if t.mode == "online":
         return
@@ -582,21 +600,16 @@ def _predict(cfg: DictConfig, p: _Problems) -> None:
     p.need(_is_int(cfg.top_k) and cfg.top_k >= 1, f"top_k={cfg.top_k} must be an integer >= 1")
 
 
+def stage_checks(stage: str) -> Callable[[DictConfig, _Problems], None]:
+    """The checks of a stage's own config: `_<module>` here, for each record in STAGES."""
+    return globals()[f"_{STAGES[stage].module}"]
+
+
 def validate(stage: str, cfg: DictConfig) -> None:
     """Check every value of a composed stage config; raise one UserError listing all problems."""
     p = _Problems()
     _experiment(stage, cfg, p)
-    checks = {
-        "train-teachers": _train_teachers,
-        "distill": _distill,
-        "specialists": _specialists,
-        "evaluate": _evaluate,
-        "report": _report,
-        "import-teachers": _import_teachers,
-        "export": _export,
-        "predict": _predict,
-    }
-    checks[stage](cfg, p)
+    stage_checks(stage)(cfg, p)
     if p:
         fix = "" if len(p) == 1 else f" ({len(p)} problems)"
         raise UserError("; ".join(p) + fix)

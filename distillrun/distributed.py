@@ -29,8 +29,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-TRAINING_STAGES = ("train-teachers", "distill", "specialists")
-
 
 def _group() -> Any:
     """torch.distributed when a process group is up (torchrun's, or one a library user made)."""

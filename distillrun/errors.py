@@ -1,4 +1,9 @@
-"""The exceptions that turn into a one-line message: UserError (exit code 2) and Terminated."""
+"""The exceptions that end a run in a known way: UserError (one line, exit code 2), Terminated
+(interrupted) and Pruned (a search trial stopped early)."""
+
+from __future__ import annotations
+
+from typing import Any
 
 
 class UserError(ValueError):
@@ -18,3 +23,12 @@ def raise_terminated(signum: int, frame: object) -> None:
 def interrupted_exit_code(error: KeyboardInterrupt) -> int:
     """128 + the signal number: 143 for SIGTERM, 130 for Ctrl-C."""
     return 143 if isinstance(error, Terminated) else 130
+
+
+class Pruned(Exception):
+    """Raised from `Run.log` when the search's pruner stops a hopeless trial; `run_stage` marks
+    the run `pruned` (finished, never consumed as complete) with the metrics seen so far."""
+
+    def __init__(self, epoch: int, metrics: dict[str, Any]) -> None:
+        super().__init__(f"pruned by the search after epoch {epoch}")
+        self.fields = {"pruned_at_epoch": epoch, "metrics": metrics}

@@ -28,6 +28,7 @@ from distillrun.data import Data, load_dataset
 from distillrun.errors import UserError
 from distillrun.imported import EXPORT_CONFIG, load_torchscript, need_onnx, onnx_session
 from distillrun.models import build_model, count_parameters, load_model
+from distillrun.stages import STAGES
 from distillrun.teachers import check_data
 
 EXPORT_STAGE = "export"
@@ -42,13 +43,6 @@ FILES = {
 ONNX_INPUT, ONNX_OUTPUT = "input", "logits"
 # Raw images (PNG, JPEG) are read as pixel / 255: every built-in image dataset holds [0, 1].
 IMAGE_RANGE = (0.0, 1.0)
-# The model file each stage's run holds: (file pattern, what `member=` means there).
-MODEL_FILES = {
-    "distill": ("student.pt", None),
-    "train-teachers": ("member_{i}.pt", "a member of the ensemble"),
-    "import-teachers": ("member_{i}.pt", "a member of the ensemble"),
-    "specialists": ("specialist_{i}.pt", "a specialist"),
-}
 
 
 @dataclass
@@ -65,13 +59,14 @@ class Exportable:
 def model_file(folder: Path, manifest: dict[str, Any], member: int | None) -> Path:
     """The checkpoint of a run's model: the student of a distill run, or member `member` of a
     teachers run or specialists run."""
-    stage = manifest.get("stage")
-    if stage not in MODEL_FILES:
+    stage = STAGES.get(manifest.get("stage"))
+    if stage is None or stage.model_file is None:
+        holders = ", ".join(name for name, s in STAGES.items() if s.model_file)
         raise UserError(
-            f"{folder} is a {stage} run, which holds no model to export: pass a distill, "
-            "train-teachers, import-teachers or specialists run"
+            f"{folder} is a {manifest.get('stage')} run, which holds no model to export: pass "
+            f"a run of {holders}"
         )
-    pattern, what = MODEL_FILES[stage]
+    pattern, what = stage.model_file
     if what is None:
         if member is not None:
             raise UserError(f"{folder} is a distill run with one student: drop member={member}")
@@ -260,83 +255,112 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
+CARD = """\
+# {model} {title} on {dataset}
+
+Exported by `distillrun export` from `{run}` (`{file}`), made by `{command}`.
+
+| | |
+| --- | --- |
+{about}
+
+## Files and their agreement with the PyTorch model (test split, max abs logit difference, \
+tolerance {tolerance:g})
+
+| file | format | max abs difference |
+| --- | --- | --- |
+{parity}
+
+## Latency on this machine (median ms per call, {threads} threads)
+
+| runtime | batch 1 | batch 256 |
+| --- | --- | --- |
+{latency}
+
+## Use
+
+```bash
+distillrun predict run={folder} input=<images folder, .npz or .csv>
+```
+
+```python
+import onnxruntime, numpy as np
+session = onnxruntime.InferenceSession('{onnx}')
+logits = session.run(None, {{'{onnx_input}': x.astype(np.float32)}})[0]  # x: normalised as above
+```
+"""
+
+
 def model_card(exp: Exportable, metrics: dict[str, Any], folder: Path) -> str:
     """model.md: what the model is, what it was trained from, how good and fast it is."""
     m, config = exp.manifest, exp.config
-    data, t = config["dataset"], m.get("metrics", {})
-    cfg = m.get("config", {})
-    stage = m.get("stage")
     src = config["source"]
-    title = {"distill": "distilled student"}.get(stage, f"{stage} model ({src['file']})")
-    lines = [
-        f"# {config['model']['name']} {title} on {config['dataset']['name']}",
-        "",
-        f"Exported by `distillrun export` from `{src['run']}` (`{src['file']}`), made by "
-        f"`{m.get('command', '?')}`.",
-        "",
-        "| | |",
-        "| --- | --- |",
-        f"| dataset | {data['name']} (fingerprint {data['fingerprint'][:12]}) |",
-        f"| architecture | `{json.dumps(config['model'])}` |",
-        f"| parameters | {metrics['params']:,} |",
-        f"| input shape | {config['input_shape']} (batch first, any batch size) |",
-        f"| classes | {', '.join(config['classes'])} |",
-        f"| normalisation | {_norm_text(config)} |",
+    stage = m.get("stage")
+    files = {"eager": FILES["weights"], "torchscript": FILES["torchscript"]}
+    files["onnxruntime"] = FILES["onnx"]
+    return CARD.format(
+        model=config["model"]["name"],
+        title={"distill": "distilled student"}.get(stage, f"{stage} model ({src['file']})"),
+        dataset=config["dataset"]["name"],
+        run=src["run"],
+        file=src["file"],
+        command=m.get("command", "?"),
+        about=_rows(_card_facts(exp, metrics)),
+        tolerance=metrics["parity_tolerance"],
+        parity=_rows(
+            (f"`{files[name]}`", name, f"{diff:.2e}")
+            for name, diff in metrics["parity_max_abs_diff"].items()
+        ),
+        threads=metrics["latency_threads"],
+        latency=_rows(
+            (name, f"{t['batch_1']:.3f}", f"{t['batch_256']:.3f}")
+            for name, t in metrics["latency_ms"].items()
+        ),
+        folder=folder,
+        onnx=FILES["onnx"],
+        onnx_input=ONNX_INPUT,
+    )
+
+
+def _card_facts(exp: Exportable, metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    """The card's first table: the model, its data, its teachers (a student's), its scores."""
+    m, config = exp.manifest, exp.config
+    data, t, cfg = config["dataset"], m.get("metrics", {}), m.get("config", {})
+    facts = [
+        ("dataset", f"{data['name']} (fingerprint {data['fingerprint'][:12]})"),
+        ("architecture", f"`{json.dumps(config['model'])}`"),
+        ("parameters", f"{metrics['params']:,}"),
+        ("input shape", f"{config['input_shape']} (batch first, any batch size)"),
+        ("classes", ", ".join(config["classes"])),
+        ("normalisation", _norm_text(config)),
     ]
-    if stage == "distill":
+    if m.get("stage") == "distill":
         teachers = m.get("inputs", {}).get("teachers")
-        lines += [
-            f"| teachers | `{teachers}` ({_fmt(t.get('teacher_params'))} parameters, "
-            f"{_fmt(t.get('teacher_test_errors'))} test errors) |",
-            f"| T, alpha | {_fmt(cfg.get('T'))}, {_fmt(cfg.get('alpha'))} (loss "
-            f"{cfg.get('loss')}) |",
-            f"| hard-label student (same net) | {_fmt(t.get('baseline_test_errors'))} test "
-            "errors |",
+        facts += [
+            (
+                "teachers",
+                f"`{teachers}` ({_fmt(t.get('teacher_params'))} parameters, "
+                f"{_fmt(t.get('teacher_test_errors'))} test errors)",
+            ),
+            (
+                "T, alpha",
+                f"{_fmt(cfg.get('T'))}, {_fmt(cfg.get('alpha'))} (loss {cfg.get('loss')})",
+            ),
+            ("hard-label student (same net)", f"{_fmt(t.get('baseline_test_errors'))} test errors"),
         ]
-    lines += [
-        f"| test accuracy | {metrics['test_accuracy']:.4f} ({metrics['test_errors']} errors of "
-        f"{len(exp.data.y_test)}) |",
-        f"| test NLL, ECE | {metrics['test_nll']:.4f}, {metrics['test_ece']:.4f} |",
-        "",
-        "## Files and their agreement with the PyTorch model (test split, max abs logit "
-        f"difference, tolerance {metrics['parity_tolerance']:g})",
-        "",
-        "| file | format | max abs difference |",
-        "| --- | --- | --- |",
+    return facts + [
+        (
+            "test accuracy",
+            f"{metrics['test_accuracy']:.4f} ({metrics['test_errors']} errors of "
+            f"{len(exp.data.y_test)})",
+        ),
+        ("test NLL, ECE", f"{metrics['test_nll']:.4f}, {metrics['test_ece']:.4f}"),
     ]
-    names = {
-        "eager": FILES["weights"],
-        "torchscript": FILES["torchscript"],
-        "onnxruntime": FILES["onnx"],
-    }
-    for name, diff in metrics["parity_max_abs_diff"].items():
-        lines.append(f"| `{names[name]}` | {name} | {diff:.2e} |")
-    lines += [
-        "",
-        f"## Latency on this machine (median ms per call, {metrics['latency_threads']} threads)",
-        "",
-        "| runtime | batch 1 | batch 256 |",
-        "| --- | --- | --- |",
-    ]
-    for name, t in metrics["latency_ms"].items():
-        lines.append(f"| {name} | {t['batch_1']:.3f} | {t['batch_256']:.3f} |")
-    lines += [
-        "",
-        "## Use",
-        "",
-        "```bash",
-        f"distillrun predict run={folder} input=<images folder, .npz or .csv>",
-        "```",
-        "",
-        "```python",
-        "import onnxruntime, numpy as np",
-        f"session = onnxruntime.InferenceSession('{FILES['onnx']}')",
-        f"logits = session.run(None, {{'{ONNX_INPUT}': x.astype(np.float32)}})[0]  "
-        "# x: normalised as above",
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
+
+
+def _rows(rows: Any) -> str:
+    """Markdown table rows, one per tuple."""
+    return "\n".join("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)
 
 
 def _norm_text(config: dict[str, Any]) -> str:

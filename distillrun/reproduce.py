@@ -293,26 +293,55 @@ def _cmd(step: Step, root: Path) -> str:
     return "`" + shlex.join(step.command(root / step.name)) + "`"
 
 
-def markdown(r: dict[str, Any], steps: dict[str, Step], root: Path) -> str:
-    p = PAPER
-    spread = r.get("spread", {})
+REPORT = """\
+# distillrun: reproducing Hinton, Vinyals and Dean (2015) on MNIST
 
-    def n(key: str) -> str:
-        """A figure: the number, or with several seeds mean +- standard deviation."""
-        if key in spread and "std" in spread[key]:
-            return f"{r[key]:.1f} ± {spread[key]['std']:.1f}"
-        return "-" if r[key] is None else f"{r[key]:g}"
+{date} on {machine} ({device}); torch {torch}; {minutes:.1f} minutes; {seeds}
 
-    def pct(key: str, paper: bool = False) -> str:
-        value = p[key] if paper else r[key]
+Test errors of 10,000 (the paper's section 4 figures are frame accuracies of its speech model; \
+ours are MNIST's, with accuracies in brackets). The rows on views go beyond the paper \
+(distillrun's docs/method.md#consistent-teaching).
+
+| experiment | paper | distillrun | command |
+| --- | --- | --- | --- |
+{experiments}
+
+| goal | target | distillrun | met |
+| --- | --- | --- | --- |
+{goals}
+
+Test errors by T: {by_T}. Plot: [errors_vs_T.png](errors_vs_T.png).
+
+Reproduce: `{command}`
+"""
+
+
+class _Figures:
+    """How report.md shows a figure of report.json: a count, or with several seeds the mean
+    ± the standard deviation; a share as a percentage."""
+
+    def __init__(self, r: dict[str, Any]) -> None:
+        self.r, self.spread = r, r.get("spread", {})
+
+    def n(self, key: str) -> str:
+        if key in self.spread and "std" in self.spread[key]:
+            return f"{self.r[key]:.1f} ± {self.spread[key]['std']:.1f}"
+        return "-" if self.r[key] is None else f"{self.r[key]:g}"
+
+    def pct(self, key: str, paper: bool = False) -> str:
+        value = PAPER[key] if paper else self.r[key]
         if value is None:
             return "-"
-        if not paper and key in spread and "std" in spread[key]:
-            return f"{100 * value:.1f}% ± {100 * spread[key]['std']:.1f}"
+        if not paper and key in self.spread and "std" in self.spread[key]:
+            return f"{100 * value:.1f}% ± {100 * self.spread[key]['std']:.1f}"
         return f"{100 * value:.1f}%"
 
-    c = {name: _cmd(step, root) for name, step in steps.items()}
-    rows = [
+
+def _experiment_rows(r: dict[str, Any], c: dict[str, str]) -> list[tuple[Any, ...]]:
+    """(experiment, the paper's figure, ours, the command): the rows of report.md's table."""
+    p, f = PAPER, _Figures(r)
+    n, pct = f.n, f.pct
+    return [
         ("teachers", f"{p['teacher_errors']} (one 1200x1200 net)",
          f"{r['teacher_ensemble_errors']} (ensemble; members "
          f"{', '.join(map(str, r['teacher_member_errors']))})", c["teachers"]),
@@ -349,48 +378,44 @@ def markdown(r: dict[str, Any], steps: dict[str, Step], root: Path) -> str:
         ("gap recovered on views (all three students on the same views)", "87%",
          pct("soft3pct_views_gap_recovered"), "-"),
     ]  # fmt: skip
-    seeds = r["seeds"]
-    lines = [
-        "# distillrun: reproducing Hinton, Vinyals and Dean (2015) on MNIST",
-        "",
-        f"{r['date']} on {r['machine']} ({r['device']}); torch {r['torch']}; "
-        f"{r['minutes']:.1f} minutes; "
-        + (f"every student with seeds 0-{seeds - 1}: mean ± standard deviation." if seeds > 1
-           else "one seed."),
-        "",
-        "Test errors of 10,000 (the paper's section 4 figures are frame accuracies of its "
-        "speech model; ours are MNIST's, with accuracies in brackets). The rows on views go "
-        "beyond the paper (distillrun's docs/method.md#consistent-teaching).",
-        "",
-        "| experiment | paper | distillrun | command |",
-        "| --- | --- | --- | --- |",
-        *(f"| {a} | {b} | {c_} | {d} |" for a, b, c_, d in rows),
-        "",
-        "| goal | target | distillrun | met |",
-        "| --- | --- | --- | --- |",
-    ]  # fmt: skip
+
+
+def _goal_rows(r: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """(goal, target, ours, met): the rows of report.md's goal table."""
+    rows = []
     for name, (key, op, target) in GOALS.items():
         value, ok = r[key], r["goals_met"][name]
         shown = value if not isinstance(value, float) else f"{value:.1f}"
         if key.endswith("gap_recovered"):
-            shown, target = pct(key), f"{100 * target:g}%"
-        lines.append(f"| {name} | {op} {target} | {shown} | {'yes' if ok else 'NO'} |")
+            shown, target = _Figures(r).pct(key), f"{100 * target:g}%"
+        rows.append((name, f"{op} {target}", shown, "yes" if ok else "NO"))
+    return rows
 
-    def errors(e: float) -> str:  # a count, or with seeds a mean
-        return f"{e:g}" if float(e).is_integer() else f"{e:.2f}"
 
-    by_T = ", ".join(
-        f"T={t}: {errors(e)} ({errors(r['val_errors_by_T'][t])} on validation)"
-        for t, e in r["errors_by_T"].items()
+def _errors(e: float) -> str:
+    """A count of errors, or with seeds a mean."""
+    return f"{e:g}" if float(e).is_integer() else f"{e:.2f}"
+
+
+def markdown(r: dict[str, Any], steps: dict[str, Step], root: Path) -> str:
+    seeds = r["seeds"]
+    commands = {name: _cmd(step, root) for name, step in steps.items()}
+    fields = {**r, "seeds": "one seed."}
+    if seeds > 1:
+        fields["seeds"] = f"every student with seeds 0-{seeds - 1}: mean ± standard deviation."
+    return REPORT.format(
+        **fields,
+        experiments=_table(_experiment_rows(r, commands)),
+        goals=_table(_goal_rows(r)),
+        by_T=", ".join(
+            f"T={t}: {_errors(e)} ({_errors(r['val_errors_by_T'][t])} on validation)"
+            for t, e in r["errors_by_T"].items()
+        ),
     )
-    lines += [
-        "",
-        f"Test errors by T: {by_T}. Plot: [errors_vs_T.png](errors_vs_T.png).",
-        "",
-        f"Reproduce: `{r['command']}`",
-        "",
-    ]
-    return "\n".join(lines)
+
+
+def _table(rows: list[tuple[Any, ...]]) -> str:
+    return "\n".join("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)
 
 
 def plot_T(r: dict[str, Any], path: Any) -> None:

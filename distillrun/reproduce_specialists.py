@@ -223,83 +223,130 @@ def relative(change: float | None) -> str:
     return "n/a" if change is None else f"{100 * change:+.1f}%"
 
 
-def markdown(r: dict[str, Any], steps: list[Step], root: Path) -> str:
-    pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+REPORT = """\
+# distillrun: the paper's specialists (distillrun's docs/method.md#specialists), reproduced \
+in shape
+
+{date} on {machine} ({device}); torch {torch}; {minutes:.1f} minutes.
+
+Data: `dataset=jft_like`, {classes} classes in {n_super} confusable groups, {modes} blobs per \
+class of which each lies in another group with probability {cross_modes}, {train_per_class} \
+training examples per class; {test_examples:,} test examples. The generalist gets \
+{generalist_train} of its own training set right: it is limited by its capacity. \
+{n_specialists} specialists, cluster sizes {cluster_sizes}, found without labels (adjusted Rand \
+index against the groups {ari:.2f}).
+
+| test accuracy | paper (JFT) | distillrun |
+| --- | --- | --- |
+{accuracies}
+
+By the number of specialists covering the correct class (whose class set holds it, as the \
+paper's Table 4), test set:
+
+| covering | paper: examples | gained | relative change | distillrun: examples | generalist \
+accuracy | gained | relative change |
+| --- | --- | --- | --- | --- | --- | --- | --- |
+{by_coverage}
+
+Counting only the active specialists (those holding the generalist's top class) instead mixes \
+in whether the generalist was right, since its top class picks them:
+
+| active covering | examples | generalist accuracy | gained | relative change |
+| --- | --- | --- | --- | --- |
+{by_active_coverage}
+
+| goal | target | distillrun | met |
+| --- | --- | --- | --- |
+{goals}
+
+Steps:
+
+{steps}
+
+Reproduce: `{command}`
+"""
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _accuracy_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
+    return [
+        ("generalist", _pct(PAPER["generalist_accuracy"]), _pct(r["generalist_accuracy"])),
+        (
+            "generalist + specialists",
+            _pct(PAPER["combined_accuracy"]),
+            _pct(r["combined_accuracy"]),
+        ),
+        ("relative gain", relative(PAPER["relative_gain"]), relative(r["relative_gain"])),
+        (
+            "the combination distilled back into one net of the generalist's size",
+            "not done",
+            _pct(r["distilled_back_accuracy"]),
+        ),
+        (
+            "the same net distilled from the generalist alone (control)",
+            "-",
+            _pct(r["distilled_from_generalist_accuracy"]),
+        ),
+        ("the same net on hard labels (control)", "-", _pct(r["hard_labels_accuracy"])),
+    ]
+
+
+def _coverage_rows(r: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """The paper's Table 4 beside ours, by the number of specialists covering the class."""
     ours = {row["covering"]: row for row in r["by_coverage"]}
     paper = {row["covering"]: row for row in paper_grouped()}
-    table = []
+    rows = []
     for label in GROUPS:
         p, o = paper[label], ours.get(label)
-        mine = (
-            f"{o['examples']:,} | {pct(o['generalist_accuracy'])} | {o['gained']:+d} | "
-            f"{relative(o['relative_change'])}"
-            if o
-            else "0 | - | - | -"
-        )
         derived = " (its rows 4 to 10+)" if label == "4+" else ""
-        table.append(
-            f"| {label} | {p['examples']:,} | {p['gained']:+,} | "
-            f"{relative(p['relative_change'])}{derived} | {mine} |"
-        )
+        theirs = (label, f"{p['examples']:,}", f"{p['gained']:+,}")
+        theirs += (f"{relative(p['relative_change'])}{derived}",)
+        if o:
+            mine = (f"{o['examples']:,}", _pct(o["generalist_accuracy"]), f"{o['gained']:+d}")
+            rows.append((*theirs, *mine, relative(o["relative_change"])))
+        else:
+            rows.append((*theirs, "0", "-", "-", "-"))
+    return rows
+
+
+def markdown(r: dict[str, Any], steps: list[Step], root: Path) -> str:
     d = r["dataset"]
-    lines = [
-        "# distillrun: the paper's specialists (distillrun's docs/method.md#specialists), "
-        "reproduced in shape",
-        "",
-        f"{r['date']} on {r['machine']} ({r['device']}); torch {r['torch']}; "
-        f"{r['minutes']:.1f} minutes.",
-        "",
-        f"Data: `dataset=jft_like`, {d['n_super'] * d['n_sub']} classes in {d['n_super']} "
-        f"confusable groups, {d['modes']} blobs per class of which each lies in another group "
-        f"with probability {d['cross_modes']}, {d['train_per_class']} training examples per "
-        f"class; {r['test_examples']:,} test examples. The generalist gets "
-        f"{pct(r['generalist_train_accuracy'])} of its own training set right: it is limited "
-        f"by its capacity. {len(r['cluster_sizes'])} specialists, cluster sizes "
-        f"{r['cluster_sizes']}, found without labels (adjusted Rand index against the groups "
-        f"{r['cluster_ari'] or 0:.2f}).",
-        "",
-        "| test accuracy | paper (JFT) | distillrun |",
-        "| --- | --- | --- |",
-        f"| generalist | {pct(PAPER['generalist_accuracy'])} | {pct(r['generalist_accuracy'])} |",
-        f"| generalist + specialists | {pct(PAPER['combined_accuracy'])} | "
-        f"{pct(r['combined_accuracy'])} |",
-        f"| relative gain | {relative(PAPER['relative_gain'])} | {relative(r['relative_gain'])} |",
-        f"| the combination distilled back into one net of the generalist's size | not done | "
-        f"{pct(r['distilled_back_accuracy'])} |",
-        f"| the same net distilled from the generalist alone (control) | - | "
-        f"{pct(r['distilled_from_generalist_accuracy'])} |",
-        f"| the same net on hard labels (control) | - | {pct(r['hard_labels_accuracy'])} |",
-        "",
-        "By the number of specialists covering the correct class (whose class set holds it, as "
-        "the paper's Table 4), test set:",
-        "",
-        "| covering | paper: examples | gained | relative change | distillrun: examples | "
-        "generalist accuracy | gained | relative change |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-        *table,
-        "",
-        "Counting only the active specialists (those holding the generalist's top class) instead "
-        "mixes in whether the generalist was right, since its top class picks them:",
-        "",
-        "| active covering | examples | generalist accuracy | gained | relative change |",
-        "| --- | --- | --- | --- | --- |",
-        *(
-            f"| {o['covering']} | {o['examples']:,} | {pct(o['generalist_accuracy'])} | "
-            f"{o['gained']:+d} | {relative(o['relative_change'])} |"
-            for o in r["by_active_coverage"]
-        ),
-        "",
-        "| goal | target | distillrun | met |",
-        "| --- | --- | --- | --- |",
-    ]
+    goals = []
     for name, (key, op, target) in GOALS.items():
         value, ok = r[key], r["goals_met"][name]
         shown = f"{value:.4f}" if isinstance(value, float) else value
-        lines.append(f"| {name} | {op} {target} | {shown} | {'yes' if ok else 'NO'} |")
-    lines += ["", "Steps:", ""]
-    lines += [f"- {s.name}: `{shlex.join(s.command(root / s.name))}`" for s in steps]
-    lines += ["", f"Reproduce: `{r['command']}`", ""]
-    return "\n".join(lines)
+        goals.append((name, f"{op} {target}", shown, "yes" if ok else "NO"))
+    return REPORT.format(
+        **{k: r[k] for k in ("date", "machine", "device", "torch", "minutes", "command")},
+        **{k: d[k] for k in ("n_super", "modes", "cross_modes", "train_per_class")},
+        classes=d["n_super"] * d["n_sub"],
+        test_examples=r["test_examples"],
+        generalist_train=_pct(r["generalist_train_accuracy"]),
+        n_specialists=len(r["cluster_sizes"]),
+        cluster_sizes=r["cluster_sizes"],
+        ari=r["cluster_ari"] or 0,
+        accuracies=_table(_accuracy_rows(r)),
+        by_coverage=_table(_coverage_rows(r)),
+        by_active_coverage=_table(
+            (
+                o["covering"],
+                f"{o['examples']:,}",
+                _pct(o["generalist_accuracy"]),
+                f"{o['gained']:+d}",
+                relative(o["relative_change"]),
+            )
+            for o in r["by_active_coverage"]
+        ),
+        goals=_table(goals),
+        steps="\n".join(f"- {s.name}: `{shlex.join(s.command(root / s.name))}`" for s in steps),
+    )
+
+
+def _table(rows: Any) -> str:
+    return "\n".join("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)
 
 
 # --- the command ---------------------------------------------------------------------------------

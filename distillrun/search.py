@@ -7,7 +7,7 @@ run folder per trial. The study lives in SQLite in the sweep folder, so the same
 `hydra.sweep.dir=<that folder>` continues a killed search: finished trials are kept, trials cut
 off mid-run resume in their own folders from their last epoch. Inside each job, `TrialObserver`
 reports the monitored model's per-epoch validation score to the study and raises
-`tracking.Pruned` when the pruner says the trial is hopeless. The objective is measured on the
+`errors.Pruned` when the pruner says the trial is hopeless. The objective is measured on the
 validation split (errors, ties broken by NLL), never on the test split.
 
 Optuna is imported only by the sweeper and by the jobs it runs.
@@ -211,7 +211,7 @@ class TrialObserver:
             return
         self.trial.report(value, int(record["epoch"]))
         if self.trial.should_prune():
-            from distillrun.tracking import Pruned
+            from distillrun.errors import Pruned
 
             seen = {k: v for k, v in record.items() if k.startswith("val_")}
             raise Pruned(int(record["epoch"]), {**seen, "epochs": int(record["epoch"])})
@@ -405,13 +405,3 @@ def write_best(path: Path, best: dict[str, Any], stage: str, folder: Path) -> No
     ]
     text = "\n".join(header) + "\n" + OmegaConf.to_yaml(body)
     artifacts.atomic_write(path, lambda f: f.write(text), "w")
-
-
-def register_sweeper() -> None:
-    """Make hydra/sweeper=optuna known to Hydra. An installed wheel's hydra_plugins/ is found by
-    Hydra's plugin scan; an editable install (pip install -e) hides it from that scan."""
-    from hydra.core.plugins import Plugins
-
-    from hydra_plugins.distillrun_search.optuna_sweeper import OptunaSearchSweeper
-
-    Plugins.instance().register(OptunaSearchSweeper)

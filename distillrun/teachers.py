@@ -4,7 +4,7 @@ A teachers source is one train-teachers run, a sweep folder of train-teachers jo
 `train-teachers -m seed=0,1,2,3,4`, one member per job, any launcher), or a list of such
 folders: every member of every run joins one ensemble. An evaluate run (a generalist plus its
 specialists) is a teacher too, and an import-teachers run (teachers trained elsewhere) counts as
-a train-teachers run everywhere (artifacts.STANDS_IN_FOR).
+a train-teachers run everywhere (its record in distillrun.stages.STAGES).
 
 The teachers' logits on the train/val/test splits are computed once, by train-teachers, and
 saved with each run (logits.pt). A source of several runs stacks them once into
@@ -26,6 +26,7 @@ import torch
 from distillrun import artifacts
 from distillrun.data import Data
 from distillrun.errors import UserError
+from distillrun.stages import stages_for
 
 STAGE = "train-teachers"
 COMBINATION = "evaluate"
@@ -162,7 +163,7 @@ def find_teachers(
 def _newest_source(output_root: Path, data: Data, say: Callable[[str], None]) -> Path:
     """The newest complete train-teachers run or whole sweep on this data."""
     base = output_root / STAGE
-    sweeps = sorted(s for name in artifacts.stages_for(STAGE) for s in _sweeps(output_root / name))
+    sweeps = sorted(s for name in stages_for(STAGE) for s in _sweeps(output_root / name))
     candidates, skipped = [], 0
     for folder in artifacts.run_folders(output_root, STAGE):
         if folder.parent.parent.name == "multirun":

@@ -13,7 +13,6 @@ use this module.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -26,22 +25,13 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from distillrun import artifacts
+from distillrun.choices import trackers_selected as selected
+from distillrun.errors import Pruned
 
-TRACKERS = {"mlflow": "mlflow", "tensorboard": "tensorboard"}  # logger -> package it needs
 FINAL = ("complete", "failed", "interrupted", "pruned")
 # The run's final status as MLflow's; a pruned trial finished (tagged status=pruned).
 MLFLOW_STATUS = {"complete": "FINISHED", "pruned": "FINISHED", "interrupted": "KILLED"}
 PARENT_FILE = ".mlflow_parent.json"  # in a sweep folder: the parent run its jobs report to
-INSTALL = 'pip install "distillrun[tracking]"'
-
-
-class Pruned(Exception):
-    """Raised from `Run.log` when the search's pruner stops a hopeless trial; `run_stage` marks
-    the run `pruned` (finished, never consumed as complete) with the metrics seen so far."""
-
-    def __init__(self, epoch: int, metrics: dict[str, Any]) -> None:
-        super().__init__(f"pruned by the search after epoch {epoch}")
-        self.fields = {"pruned_at_epoch": epoch, "metrics": metrics}
 
 
 class Observer(Protocol):
@@ -50,27 +40,6 @@ class Observer(Protocol):
     def epoch(self, record: dict[str, Any]) -> None: ...
 
     def end(self, manifest: dict[str, Any]) -> None: ...
-
-
-def selected(logger: Any) -> list[str]:
-    """The trackers a `logger` config node selects (none: the node is absent or empty)."""
-    return [name for name in TRACKERS if logger and name in logger]
-
-
-def problems(logger: Any) -> list[str]:
-    """Config problems of the `logger` node, for config.validate (run before any folder)."""
-    out = []
-    for name in selected(logger):
-        if importlib.util.find_spec(TRACKERS[name]) is None:
-            out.append(f"logger={name} needs the {TRACKERS[name]} package: {INSTALL}")
-    if "mlflow" in selected(logger):
-        uri = logger.mlflow.tracking_uri
-        if uri is not None and not (isinstance(uri, str) and uri.strip()):
-            out.append("logger.mlflow.tracking_uri must be a URI (http://host:5000) or null")
-        name = logger.get("experiment")
-        if name is not None and not (isinstance(name, str) and name.strip()):
-            out.append("logger.experiment must be a name or null (the stage's name)")
-    return out
 
 
 def warn(name: str, error: BaseException) -> None:

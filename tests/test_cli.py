@@ -60,6 +60,21 @@ def test_help_lists_the_stages_without_importing_torch(tmp_path: Path) -> None:
     assert piped.stderr == ""
 
 
+def test_hydra_reads_the_command_line_as_the_dispatcher_expects() -> None:
+    """What precheck relies on from Hydra's own argument parser (an internal API)."""
+    from distillrun.cli import parse_hydra_args
+
+    parsed = parse_hydra_args(["-m", "T=1,2", "alpha=0.5", "--cfg", "job"])
+    assert (parsed.multirun, parsed.overrides, parsed.cfg) == (True, ["T=1,2", "alpha=0.5"], "job")
+    parsed = parse_hydra_args(["--help"])
+    assert parsed.help and not parsed.multirun and parsed.overrides == []
+    parsed = parse_hydra_args(["-sc", "install=bash"])
+    assert parsed.shell_completion and parsed.overrides == ["install=bash"]
+    for flag in ("config_path", "config_name", "config_dir", "experimental_rerun", "info"):
+        assert getattr(parsed, flag) is None, flag
+    assert parse_hydra_args(["--hydra-help"]).hydra_help
+
+
 def test_unknown_stage_suggests_the_closest(tmp_path: Path) -> None:
     assert_one_line_error(distillrun(tmp_path, "distil", check=None), "'distil'", "'distill'")
 

@@ -4,6 +4,7 @@ group, and that the README's library example runs as written."""
 
 from __future__ import annotations
 
+import ast
 import importlib
 import re
 import subprocess
@@ -15,12 +16,13 @@ import pytest
 import torch
 from conftest import distillrun
 
-from distillrun import choices, losses, models, train
+from distillrun import augment, choices, losses, models, train
 from distillrun.ensemble import combine
 from distillrun.errors import UserError
 from distillrun.stages import STAGES, config_name, module_name
 
 ROOT = Path(__file__).resolve().parents[1]
+TOOLS = ["reproduce", "reproduce_specialists"]
 METHOD = ["losses", "ensemble", "inference", "specialists", "models", "data", "metrics", "train"]
 
 
@@ -30,7 +32,7 @@ def test_the_method_modules_import_no_hydra_and_no_cli_code() -> None:
         f"import sys, {modules}\n"
         "bad = [m for m in sys.modules if m.split('.')[0] == 'hydra' or m in "
         "('distillrun.cli', 'distillrun.config', 'distillrun.console') "
-        "or m.startswith('distillrun.stages')]\n"
+        "or m.startswith('distillrun.stages.')]\n"  # the stage table itself is plain data
         "print(sorted(bad))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -49,11 +51,22 @@ def test_each_table_of_functions_has_exactly_the_allowed_names() -> None:
     assert tuple(train.SCHEDULES) == choices.SCHEDULES
     assert tuple(train.AUTOCAST) == choices.PRECISIONS
     assert tuple(models.BUILDERS) == choices.MODELS
+    assert tuple(augment.BUILDERS) == choices.AUGMENTATIONS
     logits = torch.randn(3, 4, 5)
     for method in choices.ENSEMBLES:
         assert combine(logits, method).shape == (4, 5)
     with pytest.raises(ValueError, match="arithmetic or geometric"):
         combine(logits, "median")
+
+
+def test_the_continuous_augmentations_are_those_without_a_count() -> None:
+    """config.py (torch-free) reads choices.CONTINUOUS_AUGMENTATIONS; the code asks `count`."""
+    shape, normalization = (1, 8, 8), {"normalize": "none"}
+    settings = {"pixels": 1, "padding": 1, "flip": True, "border": "zeros", "alpha": 1.0}
+    for name in choices.AUGMENTATIONS:
+        built = augment.from_config({"name": name, **settings}, shape, normalization)
+        continuous = built is not None and built.count is None
+        assert continuous == (name in choices.CONTINUOUS_AUGMENTATIONS), name
 
 
 @pytest.mark.parametrize(
@@ -86,6 +99,89 @@ def test_every_stage_has_its_module_and_its_primary_config() -> None:
     for stage in STAGES:
         assert hasattr(importlib.import_module(module_name(stage)), "main"), stage
         assert (ROOT / "conf" / f"{config_name(stage)}.yaml").is_file(), stage
+
+
+def test_every_stage_has_its_config_checks() -> None:
+    from distillrun.config import stage_checks
+
+    for stage in STAGES:
+        assert callable(stage_checks(stage)), stage
+
+
+def _string_literals_naming_stages(tree: ast.AST) -> list[tuple[int, list[str]]]:
+    """Tuple, list, set and dict literals that name two or more stages."""
+    found = []
+    for node in ast.walk(tree):
+        items = node.keys if isinstance(node, ast.Dict) else getattr(node, "elts", None)
+        if not isinstance(node, (ast.Tuple, ast.List, ast.Set, ast.Dict)) or items is None:
+            continue
+        names = [n.value for n in items if isinstance(n, ast.Constant) and n.value in STAGES]
+        if len(names) >= 2:
+            found.append((node.lineno, names))
+    return found
+
+
+def test_only_the_stage_table_lists_stages() -> None:
+    """Adding a stage touches its module, its config and its record in STAGES, nothing else."""
+    table = ROOT / "distillrun" / "stages" / "__init__.py"
+    # The reproductions script a pipeline: they name the stages they run, in order.
+    pipelines = {ROOT / "distillrun" / f"{name}.py" for name in TOOLS}
+    listed = [
+        f"{path.relative_to(ROOT)}:{line} {names}"
+        for path in sorted((ROOT / "distillrun").rglob("*.py"))
+        if path != table and path not in pipelines
+        for line, names in _string_literals_naming_stages(ast.parse(path.read_text()))
+    ]
+    assert not listed, listed
+    assert _string_literals_naming_stages(ast.parse(table.read_text()))  # the check can see one
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports, at module level or inside functions."""
+    files = [p for d in ("distillrun", "hydra_plugins") for p in (ROOT / d).rglob("*.py")]
+
+    def name(path: Path) -> str:
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    modules = {name(p): p for p in files}
+    graph = {}
+    for module, path in modules.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names if a.name in modules}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                for a in node.names:
+                    full = f"{node.module}.{a.name}"
+                    edges.add(full if full in modules else node.module)
+        graph[module] = {e for e in edges if e in modules and e != module}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    cycles, state = [], {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for dep in sorted(graph[module]):
+            if state.get(dep) == "open":
+                cycles.append(path[path.index(dep) :] + [module, dep])
+            elif dep not in state:
+                visit(dep, [*path, module])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
+    return cycles
+
+
+def test_the_import_graph_has_no_cycle() -> None:
+    """Integrations (trackers, the search, its Hydra plugin) depend on the core, never the
+    reverse, and no two modules import each other, even inside functions."""
+    assert _cycles(_import_graph()) == []
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}})  # the check can see one
 
 
 def test_library_errors_are_value_errors_and_paths_may_be_strings(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from distillrun import artifacts, augment, distributed
-from distillrun.augment import Augmentation, Batch, Mixup
+from distillrun.augment import Augmentation, Batch
 from distillrun.console import results_table, say
 from distillrun.data import Data, load_dataset
 from distillrun.ensemble import combine
@@ -216,7 +216,8 @@ def teacher_outputs(
     t = cfg.teacher_outputs
     mode = t.mode
     if mode == "auto":
-        mode = "online" if isinstance(augmentation, Mixup) else "cached"
+        continuous = augmentation is not None and augmentation.count is None
+        mode = "online" if continuous else "cached"
     record: dict[str, Any] = {"mode": mode}
     if augmentation is not None:
         record["augment"] = augmentation.describe()
