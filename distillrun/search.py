@@ -8,7 +8,8 @@ run folder per trial. The study lives in SQLite in the sweep folder, so the same
 off mid-run resume in their own folders from their last epoch. Inside each job, `TrialObserver`
 reports the monitored model's per-epoch validation score to the study and raises
 `errors.Pruned` when the pruner says the trial is hopeless. The objective is measured on the
-validation split (errors, ties broken by NLL), never on the test split.
+validation split (errors, ties broken by NLL), never on the test split: an objective naming
+any other metric is refused before anything runs.
 
 Optuna is imported only by the sweeper and by the jobs it runs.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from distillrun import artifacts
-from distillrun.config import GROUPS, RESUME_ENV
+from distillrun.config import GROUPS, RESUME_ENV, did_you_mean
 from distillrun.errors import UserError
 
 SWEEPER = "optuna"  # hydra/sweeper=optuna
@@ -34,6 +36,11 @@ STUDY_FILE = "study.db"
 SUMMARY_FILE = "search.json"
 BEST_FILE = "best.yaml"
 EXAMPLE = "'T=tag(log,interval(1,32))' 'alpha=interval(0,1)'"
+# The validation metrics a run's manifest records (metrics.classification_metrics, "val"), each
+# minimised; val_accuracy is their one maximised sibling and ranks exactly like val_errors.
+OBJECTIVE_KEYS = ("val_errors", "val_nll", "val_ece")
+# Manifest statuses of a job that ended: its trial is told to the study, never run again.
+ENDED = ("complete", "pruned", "failed")
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,38 @@ def parse_space(overrides: list[Any]) -> tuple[list[Param], list[str]]:
     return space, fixed
 
 
+def check_objective(keys: Any) -> list[str]:
+    """The objective's keys, or a UserError: one or two validation metrics to minimise, the
+    second only breaking the ties of val_errors (a whole number; the others have none)."""
+    example = "e.g. hydra.sweeper.objective=[val_errors,val_nll]"
+    listed = isinstance(keys, Sequence) and not isinstance(keys, str)
+    if not listed or not 1 <= len(keys) <= 2:
+        shown = f"[{','.join(map(str, keys))}]" if listed else keys
+        raise UserError(
+            f"hydra.sweeper.objective={shown}: name one or two validation metrics as a list, "
+            f"the second breaking ties, {example}"
+        )
+    keys = [str(k) for k in keys]
+    for key in keys:
+        if key == "val_accuracy":
+            raise UserError(
+                "hydra.sweeper.objective: the search minimises, and val_accuracy is maximised: "
+                "use val_errors, which ranks the trials the same"
+            )
+        if key not in OBJECTIVE_KEYS:
+            raise UserError(
+                f"hydra.sweeper.objective: {key} is not a validation metric"
+                f"{did_you_mean(key, list(OBJECTIVE_KEYS))}; the validation split chooses and "
+                f"the test split only reports: choose from {', '.join(OBJECTIVE_KEYS)}"
+            )
+    if len(keys) == 2 and keys[0] != "val_errors":
+        raise UserError(
+            f"hydra.sweeper.objective=[{','.join(keys)}]: only val_errors (a whole number) has "
+            f"ties for a second metric to break: name {keys[0]} alone, or {example}"
+        )
+    return keys
+
+
 def space_combinations(overrides: list[Any]) -> list[list[str]]:
     """For the dispatcher's precheck: with hydra/sweeper=optuna, refuse a bad search space and
     return the configs to validate at both ends of each interval (T=interval(0,32) fails there,
@@ -104,6 +143,8 @@ def space_combinations(overrides: list[Any]) -> list[list[str]]:
     for o in overrides:
         if o.key_or_group == "hydra.sweeper.pruner" and o.value() not in PRUNERS:
             raise UserError(f"hydra.sweeper.pruner={o.value()}: choose one of {', '.join(PRUNERS)}")
+        if o.key_or_group == "hydra.sweeper.objective":
+            check_objective(o.value())
     space, fixed = parse_space(overrides)
     if not space:
         raise UserError(f"hydra/sweeper=optuna needs a search space, e.g. -m {EXAMPLE}")
@@ -252,20 +293,23 @@ def run_search(config: Any, launcher: Any, arguments: list[str]) -> None:
     from distillrun.console import say
 
     settings = config.hydra.sweeper
+    check_objective(settings.objective)  # also when no precheck ran (--config-dir, a preset)
     space, fixed = parse_space(OverridesParser.create().parse_overrides(arguments))
     folder = Path(config.hydra.sweep.dir)
     folder.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(config, folder / "multirun.yaml")
     study = open_study(settings, open_storage(settings, folder))
-    # Trials a kill cut off: relaunched first, each resuming in its own run folder.
-    leftover = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
+    running = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
+    # Trials a kill cut off: told from their manifests when their job had ended, otherwise
+    # relaunched first, each resuming in its own run folder.
+    leftover = _settle_ended(study, running, folder, settings, say)
     if study.trials:
         # A fresh sampler with the same seed would propose the killed search's points again.
         study.sampler = make_sampler(settings, offset=len(study.trials))
-        done = sum(t.state.is_finished() for t in study.trials)
+        done = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
         say(f"search: continuing {folder} ({done} trials finished, {len(leftover)} to resume)")
     while True:
-        batch = [(t.number, _resumed(t)) for t in leftover[: settings.n_jobs]]
+        batch = [(t.number, _resumed(t, folder)) for t in leftover[: settings.n_jobs]]
         leftover = leftover[len(batch) :]
         finished = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
         room = settings.n_trials - finished - len(batch) - len(leftover)
@@ -289,11 +333,31 @@ def run_search(config: Any, launcher: Any, arguments: list[str]) -> None:
     write_results(study, folder, settings, space)
 
 
-def _resumed(trial: Any) -> list[str]:
+def _settle_ended(
+    study: Any, running: list[Any], folder: Path, settings: Any, say: Any
+) -> list[Any]:
+    """Of the trials a kill left RUNNING, tell the study those whose job had ended (its batch
+    had not returned yet), from their manifests as if it had; return the ones to relaunch.
+    Relaunched, an ended job would start again from scratch, its resume/ folder gone."""
+    from optuna.trial import TrialState
+
+    relaunch = []
+    for trial in running:
+        if "overrides" not in trial.user_attrs:  # killed between ask and launch: never ran
+            study.tell(trial.number, state=TrialState.FAIL)
+            say(f"trial {trial.number}: never launched, its settings unrecorded -> failed")
+        elif _manifest(trial, folder).get("status") in ENDED:
+            _tell(study, trial.number, folder, settings, say)
+        else:  # running when killed, interrupted, or not started: it resumes or starts
+            relaunch.append(trial)
+    return relaunch
+
+
+def _resumed(trial: Any, folder: Path) -> list[str]:
     overrides = list(trial.user_attrs.get("overrides", []))
-    run_dir = trial.user_attrs.get("run_dir")
-    if run_dir and Path(run_dir).is_dir():
-        quoted = run_dir.replace("\\", "\\\\").replace("'", "\\'")
+    run_dir = _run_dir(trial, folder)
+    if run_dir.is_dir():
+        quoted = str(run_dir.resolve()).replace("\\", "\\\\").replace("'", "\\'")
         overrides.append(f"++hydra.job.env_set.{RESUME_ENV}='{quoted}'")
     return overrides
 
@@ -313,14 +377,18 @@ def _run_dir(trial: Any, folder: Path) -> Path:
     return Path(trial.user_attrs.get("run_dir") or folder / str(trial.number))
 
 
+def _manifest(trial: Any, folder: Path) -> dict[str, Any]:
+    try:
+        return artifacts.read_manifest(_run_dir(trial, folder)) or {}
+    except UserError:
+        return {}
+
+
 def _tell(study: Any, number: int, folder: Path, settings: Any, say: Any) -> None:
     from optuna.trial import TrialState
 
     trial = study.trials[number]
-    try:
-        manifest = artifacts.read_manifest(_run_dir(trial, folder)) or {}
-    except UserError:
-        manifest = {}
+    manifest = _manifest(trial, folder)
     status = manifest.get("status", "unfinished")
     value = score(manifest.get("metrics") or {}, list(settings.objective))
     shown = " ".join(trial.user_attrs.get("searched", []))
@@ -370,7 +438,8 @@ def write_results(study: Any, folder: Path, settings: Any, space: list[Param]) -
             "run_dir": str(run_dir),
             "metrics": {k: v for k, v in (manifest.get("metrics") or {}).items() if "_" in k},
         }
-        write_best(folder / BEST_FILE, summary["best"], manifest.get("stage", "?"), folder)
+        stage = manifest.get("stage", "?")
+        write_best(folder / BEST_FILE, summary["best"], stage, folder, summary["objective"])
         say(
             f"search: best trial {best.number} of {len(trials)} "
             f"({' '.join(best.user_attrs.get('searched', []))}), objective {best.value:.4f}: "
@@ -379,9 +448,12 @@ def write_results(study: Any, folder: Path, settings: Any, space: list[Param]) -
     artifacts.write_json(folder / SUMMARY_FILE, summary)
 
 
-def write_best(path: Path, best: dict[str, Any], stage: str, folder: Path) -> None:
+def write_best(
+    path: Path, best: dict[str, Any], stage: str, folder: Path, objective: list[str]
+) -> None:
     """The best overrides as an experiment preset: copy it to <dir>/experiment/<name>.yaml and
-    run `distillrun <stage> --config-dir <dir> +experiment=<name>`."""
+    run `distillrun <stage> --config-dir <dir> +experiment=<name>`. Its header names the
+    objective's keys, which were measured on the validation split (check_objective)."""
     groups, keys = [], []
     for item in best["overrides"]:
         key, _, value = item.partition("=")
@@ -393,12 +465,11 @@ def write_best(path: Path, best: dict[str, Any], stage: str, folder: Path) -> No
     body.experiment = {"name": "best", "stage": stage}
     if groups:
         body.defaults = [{f"override /{g.split('=')[0]}": g.split("=", 1)[1]} for g in groups]
-    objective = best["metrics"]
+    values = ", ".join(f"{k} {best['metrics'].get(k)}" for k in objective)
     header = [
         "# @package _global_",
         f"# The best trial ({best['trial']}) of the search in {folder.resolve()}:",
-        f"#   val_errors {objective.get('val_errors')}, val_nll {objective.get('val_nll')} "
-        "(chosen on the validation split).",
+        f"#   {values} (chosen on the validation split by {', then '.join(objective)}).",
         "# Run it again: distillrun " + stage + " " + " ".join(best["overrides"]),
         "# or as a preset: copy this file to <dir>/experiment/best.yaml, then",
         f"#   distillrun {stage} --config-dir <dir> +experiment=best",

@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from conftest import DISTILLRUN, assert_one_line_error, distillrun, manifest
 from omegaconf import OmegaConf
 
 from distillrun import artifacts, search, summary
+from distillrun.config import RESUME_ENV
+from distillrun.errors import UserError
 
 TEACHER = ["teachers.n=1", "train.epochs=2", "model.hidden=[32]", "progress=false", "threads=1"]
 STUDENT = ["model.hidden=[16]", "progress=false", "baseline=false", "threads=1"]
@@ -36,6 +41,37 @@ def cwd(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def sweeps(cwd: Path) -> list[Path]:
     base = cwd / "outputs" / "distill" / "multirun"
     return sorted(base.iterdir()) if base.is_dir() else []
+
+
+def search_config(folder: Path, **settings: Any) -> Any:
+    """What Hydra hands the sweeper: its settings (the defaults, then `settings`) and the folder."""
+    from hydra_plugins.distillrun_search.optuna_sweeper import OptunaSearchConf
+
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(folder)}}})
+    config.hydra.sweeper = OmegaConf.merge(OmegaConf.structured(OptunaSearchConf), settings)
+    return config
+
+
+class FakeLauncher:
+    """Hydra's launcher, in process and instant: a job "runs" by appending an epoch to its
+    metrics.jsonl and writing the manifest that `ends[trial number]` gives it (status, metrics)."""
+
+    def __init__(self, folder: Path, ends: dict[int, tuple[str, dict[str, Any]]]) -> None:
+        self.folder, self.ends = folder, ends
+        self.launched: dict[int, list[str]] = {}
+
+    def launch(self, jobs: list[list[str]], initial_job_idx: int) -> list[Any]:
+        for number, overrides in enumerate(jobs, initial_job_idx):
+            self.launched[number] = list(overrides)
+            write_job(self.folder / str(number), *self.ends.get(number, ("complete", {})))
+        return [SimpleNamespace(return_value=None) for _ in jobs]
+
+
+def write_job(run_dir: Path, status: str, metrics: dict[str, Any]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"model": "student", "epoch": 1}\n')
+    artifacts.write_manifest(run_dir, stage="distill", status=status, metrics=metrics)
 
 
 @pytest.mark.slow
@@ -105,10 +141,14 @@ def test_bad_loggers_and_search_spaces_are_one_line_before_any_run_folder(tmp_pa
         (["-m", "hydra/sweeper=optuna", "T=tag(logg,interval(1,2))"], "unknown tag logg"),
         (["-m", "hydra/sweeper=optuna", "T=3"], "needs a search space"),
         (["-m", "hydra/sweeper=optuna", *SPACE, "hydra.sweeper.pruner=mean"], "choose one of"),
+        (
+            ["-m", "hydra/sweeper=optuna", *SPACE, "hydra.sweeper.objective=[test_errors]"],
+            "test_errors is not a validation metric",
+        ),
     ]
     for args, fragment in cases:
         assert_one_line_error(distillrun(tmp_path, "distill", *args, check=None), fragment)
-    assert not (tmp_path / "outputs" / "distill").exists()
+    assert not (tmp_path / "outputs").exists()  # no run folder, no sweep folder, no study
 
 
 def test_trackers_and_optuna_are_imported_only_when_selected() -> None:
@@ -120,13 +160,112 @@ def test_trackers_and_optuna_are_imported_only_when_selected() -> None:
     assert out.stdout.strip() == "[]"
 
 
-def test_the_objective_is_validation_errors_then_nll() -> None:
-    keys = ["val_errors", "val_nll"]
-    a = search.score({"val_errors": 3, "val_nll": 9.0, "test_errors": 0}, keys)
-    b = search.score({"val_errors": 4, "val_nll": 0.01}, keys)
-    c = search.score({"val_errors": 3, "val_nll": 0.5}, keys)
-    assert c < a < b
-    assert search.score({"test_errors": 1}, keys) is None
+# Three trials whose validation and test metrics rank them differently: on validation errors,
+# ties broken by NLL, trial 2 is best (trial 1 without the tie-break); on validation ECE trial
+# 0; on any test metric another one.
+RANKED = {
+    0: {"val_errors": 5, "val_nll": 0.3, "val_ece": 0.01, "test_errors": 1, "test_nll": 0.1},
+    1: {"val_errors": 2, "val_nll": 0.9, "val_ece": 0.20, "test_errors": 3, "test_nll": 0.2},
+    2: {"val_errors": 2, "val_nll": 0.1, "val_ece": 0.30, "test_errors": 9, "test_nll": 0.9},
+}
+for m in RANKED.values():
+    m["test_ece"] = 0.5 - m["val_ece"]
+
+
+@pytest.mark.parametrize(
+    "objective, chosen, wording",
+    [
+        (
+            ["val_errors", "val_nll"],
+            2,
+            "val_errors 2, val_nll 0.1 (chosen on the validation "
+            "split by val_errors, then val_nll)",
+        ),
+        (["val_ece"], 0, "val_ece 0.01 (chosen on the validation split by val_ece)"),
+    ],
+    ids=["val_errors_then_nll", "val_ece"],
+)
+def test_the_objective_is_validation_errors_then_nll(
+    tmp_path: Path, objective: list[str], chosen: int, wording: str
+) -> None:
+    """The search picks its best trial on the validation metrics it was given, never the test
+    split's, and best.yaml says which metrics chose it."""
+    folder = tmp_path / "sweep"
+    launcher = FakeLauncher(folder, {n: ("complete", m) for n, m in RANKED.items()})
+    config = search_config(folder, n_trials=3, pruner="none", objective=objective)
+    search.run_search(config, launcher, SPACE)
+    assert sorted(launcher.launched) == [0, 1, 2]
+    assert json.loads((folder / "search.json").read_text())["best"]["trial"] == chosen
+    text = (folder / "best.yaml").read_text()
+    assert f"# The best trial ({chosen}) " in text and wording in text
+    searched = dict(o.split("=") for o in launcher.launched[chosen])
+    assert OmegaConf.load(folder / "best.yaml").T == float(searched["T"])
+
+
+def test_an_objective_other_than_validation_metrics_is_refused(tmp_path: Path) -> None:
+    for keys, fragment in [
+        (["test_errors"], "test_errors is not a validation metric (did you mean 'val_errors'?)"),
+        (["val_accuracy"], "use val_errors"),
+        (["val_nll", "val_errors"], "name val_nll alone"),
+        (["val_errors", "val_nll", "val_ece"], "one or two validation metrics"),
+        ("val_errors", "as a list"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(fragment)):
+            search.check_objective(keys)
+    assert search.check_objective(["val_errors", "val_nll"]) == ["val_errors", "val_nll"]
+    # where no precheck ran (--config-dir, a preset): refused before the sweep folder exists
+    config = search_config(tmp_path / "sweep", objective=["test_errors"])
+    with pytest.raises(UserError, match="test_errors is not a validation metric"):
+        search.run_search(config, FakeLauncher(tmp_path / "sweep", {}), SPACE)
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_resumed_search_tells_ended_trials_from_their_manifests(tmp_path: Path) -> None:
+    """Killed after trials ended but before their batch returned, the study still has them
+    RUNNING: resumed, a trial whose job ended is told from its manifest and never run again;
+    one cut off mid-run resumes in its folder; one never started starts; one never launched
+    (no settings recorded) fails."""
+    import optuna
+
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    config = search_config(folder, n_trials=6, pruner="none")
+    settings = config.hydra.sweeper
+    study = search.open_study(settings, search.open_storage(settings, folder))
+    ended = {
+        0: ("complete", RANKED[1]),
+        1: ("pruned", {"val_errors": 30, "epochs": 2}),
+        2: ("failed", {}),
+        3: ("running", {}),  # killed mid-run
+    }
+    for number in range(6):
+        trial = study.ask()
+        if number < 5:
+            trial.set_user_attr("overrides", [f"T={number + 1}", "alpha=0.5"])
+        if number in ended:
+            run_dir = folder / str(number)
+            if number != 3:  # 3: killed before its job recorded its folder in the study
+                trial.set_user_attr("run_dir", str(run_dir.resolve()))
+            write_job(run_dir, *ended[number])
+    before = {n: (folder / str(n) / "metrics.jsonl").read_bytes() for n in range(3)}
+    launcher = FakeLauncher(folder, {3: ("complete", RANKED[2]), 4: ("complete", RANKED[0])})
+
+    search.run_search(config, launcher, SPACE)
+
+    assert sorted(launcher.launched) == [3, 4]  # the ended trials 0-2 are not run again
+    assert {n: (folder / str(n) / "metrics.jsonl").read_bytes() for n in range(3)} == before
+    resume = f"++hydra.job.env_set.{RESUME_ENV}='{(folder / '3').resolve()}'"
+    assert launcher.launched[3] == ["T=4", "alpha=0.5", resume]
+    assert launcher.launched[4] == ["T=5", "alpha=0.5"]
+    study = optuna.load_study(study_name="search", storage=search.storage_url(settings, folder))
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE", "PRUNED", "FAIL", "COMPLETE", "COMPLETE", "FAIL"]
+    objective = list(settings.objective)
+    assert study.trials[0].value == search.score(RANKED[1], objective)
+    assert study.best_trial.number == 3  # RANKED[2]: the one resumed and finished
+
+
+def test_consecutive_trial_numbers_launch_together() -> None:
     batch = [(5, ["x"]), (2, ["y"]), (3, ["z"])]
     assert [(s, len(g)) for s, g in search._consecutive(batch)] == [(2, 2), (5, 1)]
 
@@ -239,7 +378,7 @@ def test_best_yaml_turns_group_overrides_into_preset_defaults(tmp_path: Path) ->
         "overrides": ["model=cnn", "+T=2.5", "train.epochs=7", "hydra.job.chdir=false"],
         "metrics": {"val_errors": 4, "val_nll": 0.2},
     }
-    search.write_best(tmp_path / "best.yaml", best, "distill", tmp_path)
+    search.write_best(tmp_path / "best.yaml", best, "distill", tmp_path, ["val_errors"])
     text = (tmp_path / "best.yaml").read_text()
     assert text.startswith("# @package _global_\n")
     preset = OmegaConf.load(tmp_path / "best.yaml")

@@ -6,6 +6,8 @@ config and imports neither Optuna nor torch until a search runs.
 
 # No `from __future__ import annotations`: Hydra's plugin scan runs this module before it is in
 # sys.modules, where a dataclass cannot resolve string annotations.
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +53,16 @@ class OptunaSearchSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> None:
+        from distillrun.errors import UserError
         from distillrun.search import run_search
 
         assert self.config is not None
-        run_search(self.config, self.launcher, arguments)
+        try:
+            run_search(self.config, self.launcher, arguments)
+        except UserError as e:  # settings the dispatcher's precheck did not see (--config-dir)
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            from distillrun.console import error_line
+
+            error_line(self.config.hydra.job.config_name.replace("_", "-"), str(e))
+            sys.exit(2)
