@@ -163,13 +163,6 @@ def _logger(logger: Any, p: _Problems) -> None:
 
 def _torchrun(cfg: DictConfig, p: _Problems) -> None:
     """What data-parallel training cannot do (distributed.py)."""
-    n = distributed.world_size()
-    batch = cfg.train.batch_size
-    if _is_int(batch) and batch < 2 * n:
-        p.append(
-            f"train.batch_size={batch} under torchrun with {n} processes leaves some with fewer "
-            f"than 2 examples of a batch: use train.batch_size >= {2 * n} (the global batch)"
-        )
     if cfg.device == "mps" or str(cfg.device).startswith("cuda:"):
         p.append(
             f"device={cfg.device} under torchrun: use device=cuda (each process takes the GPU "

@@ -5,8 +5,10 @@
 Every process runs the whole stage on the whole data (resident on its device), so every choice
 (the batch order, each example's view, the epoch kept) is drawn identically everywhere. Each
 global batch of `train.batch_size` is then dealt out to the N processes (examples r, r+N, ...
-to process r); DDP averages the gradients, and each process's loss is weighted by its share of
-the batch, so a step is the step one process would take on the whole batch. What differs:
+to process r; a batch of fewer than 2N examples goes to its first n // 2 processes, so that no
+share holds a single example); DDP averages the gradients, and each process's loss is weighted
+by its share of the batch, so a step is the step one process would take on the whole batch,
+however the last batch falls (a process without examples adds a zero gradient). What differs:
 BatchNorm, which on CUDA becomes SyncBatchNorm (the global batch's statistics) but on CPU, where
 PyTorch has no SyncBatchNorm, normalises each share by its own statistics (the running
 statistics kept are process 0's, copied to all before each validation); and dropout, whose
@@ -122,9 +124,18 @@ def process_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) * 1009 + rank()
 
 
+def deal(n: int, processes: int, rank: int) -> slice:
+    """Process `rank`'s share of a global batch of n examples dealt among `processes`: every
+    k-th example from its rank, over the first k = min(processes, n // 2) processes, so that no
+    share holds a single example (BatchNorm cannot train on one); the others get none, and
+    still take part in the step (`train._Step`)."""
+    k = max(1, min(processes, n // 2))
+    return slice(rank, n, k) if rank < k else slice(0, 0)
+
+
 def shard(n: int) -> slice:
-    """This process's share of a global batch of n examples: every N-th, from its rank."""
-    return slice(rank(), n, world_size()) if active() else slice(0, n)
+    """This process's share of a global batch of n examples (`deal`)."""
+    return deal(n, world_size(), rank()) if active() else slice(0, n)
 
 
 def sync_buffers(model: torch.nn.Module) -> None:

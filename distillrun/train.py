@@ -161,12 +161,12 @@ def predict(
     return out.float()
 
 
-def batch_bounds(n: int, batch_size: int, smallest: int = 2) -> list[tuple[int, int]]:
-    """(start, stop) of each batch of an epoch. A last batch of fewer than `smallest` examples
-    is folded into the one before it: BatchNorm cannot train on one example (and under
-    data-parallel training, on one example per process)."""
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, stop) of each batch of an epoch. A last batch of a single example is folded
+    into the one before it: BatchNorm cannot train on one example. (Under torchrun the same:
+    distributed.deal gives no process a single example of a batch of two or more.)"""
     starts = list(range(0, n, batch_size))
-    if len(starts) > 1 and n - starts[-1] < smallest:
+    if len(starts) > 1 and n - starts[-1] < 2:
         starts.pop()
     return list(zip(starts, [*starts[1:], n], strict=True))
 
@@ -436,7 +436,6 @@ def fit(
     if s.compile:
         net = torch.compile(net)
     step = _Step(net, model, loss_fn, opt, scaler, amp, s)
-    smallest = 2 * distributed.world_size() if distributed.active() else 2
     model.train()
     stop = False
     with _sigterm_at_epoch_end(state_path is not None) as sigterm:
@@ -449,7 +448,7 @@ def fit(
             if batches is None:
                 perm = torch.randperm(len(x), generator=generator).to(device)
                 epoch_batches: Iterable[torch.Tensor] = (
-                    perm[start:stop] for start, stop in batch_bounds(len(x), s.batch_size, smallest)
+                    perm[start:stop] for start, stop in batch_bounds(len(x), s.batch_size)
                 )
             else:
                 epoch_batches = batches(generator)
@@ -515,15 +514,19 @@ class _Step:
     def __call__(self, batch: Batch) -> tuple[torch.Tensor, int]:
         """The summed loss of this process's examples, and how many there were."""
         share = batch.part(distributed.shard(len(batch.idx)))
+        n = len(share.idx)
         x = share.x
         if self.settings.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self.amp:
-            loss = self.loss_fn(self.net(x).float(), share)
+            out = self.net(x).float()
+            # A share without examples (the last batch under torchrun) has no mean loss; its
+            # forward pass on zero rows gives DDP the zero gradients it must average.
+            loss = self.loss_fn(out, share) if n else out.sum()
         # DDP averages the processes' gradients: weighting each process's mean loss by its
         # share of the batch makes that average the gradient of the whole batch's mean loss.
         if distributed.active():
-            weighted = loss * (len(share.idx) * distributed.world_size() / len(batch.idx))
+            weighted = loss * (n * distributed.world_size() / len(batch.idx))
         else:
             weighted = loss
         self.opt.zero_grad(set_to_none=True)
@@ -536,7 +539,7 @@ class _Step:
             self.scaler.update()
         if self.settings.max_norm:
             apply_max_norm(self.model, self.settings.max_norm)
-        return loss.detach() * len(share.idx), len(share.idx)
+        return loss.detach() * n, n
 
 
 def _train_epoch(

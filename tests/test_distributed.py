@@ -1,8 +1,9 @@
-"""Data-parallel training under torchrun, on the CPU with gloo and two processes.
+"""Data-parallel training under torchrun, on the CPU with gloo and two or three processes.
 
-Two processes with the same global batch take the same steps as one: the views and batches are
-drawn alike in both processes, each trains on half of every batch, and DDP averages gradients
-weighted by each half's share. Without BatchNorm or dropout (whose masks are per process) the
+N processes with the same global batch take the same steps as one: the views and batches are
+drawn alike in every process, each trains on its share of every batch, and DDP averages
+gradients weighted by each share's size; a last batch of 2 examples goes to process 0 alone,
+the others adding zero gradients. Without BatchNorm or dropout (whose masks are per process) the
 only difference left is the order of floating-point sums, so the tolerance is float32's: 1e-5
 relative on losses and weights, and identical error counts.
 """
@@ -27,14 +28,15 @@ from conftest import (
     without_timings,
 )
 
-pytestmark = pytest.mark.slow  # the installed command, in subprocesses
+from distillrun.distributed import deal
 
-# An MLP without dropout on shifted views of digits, checkpointed every epoch.
+# An MLP without dropout on shifted views of digits, checkpointed every epoch. Digits has 1212
+# training examples: batches of 110 end with one of 2, fewer than 2 per process.
 TEACHERS = [
     "train-teachers",
     "teachers.n=2",
     "train.epochs=4",
-    "train.batch_size=64",
+    "train.batch_size=110",
     "train.checkpoint_every=0",
     "model.hidden=[64]",
     "model.dropout=0",
@@ -46,13 +48,25 @@ TEACHERS = [
 ]
 
 
-def torchrun(cwd: Path, *args: str, wait: bool = True) -> subprocess.Popen:
-    """`torchrun --nproc_per_node=2 -m distillrun ...` (as `python -m torch.distributed.run`),
-    with the temporary folder under cwd."""
+def test_every_example_of_a_batch_is_dealt_once_and_none_alone() -> None:
+    for processes in (1, 2, 3, 4):
+        for n in range(1, 30):
+            shares = [range(n)[deal(n, processes, r)] for r in range(processes)]
+            assert sorted(i for share in shares for i in share) == list(range(n))
+            assert len(shares[0]) == n or len(shares[0]) >= 2  # process 0 is never idle
+            assert all(len(share) != 1 for share in shares) or n == 1
+            if n >= 2 * processes:  # the usual case: examples r, r+N, ... to process r
+                assert shares == [range(n)[r::processes] for r in range(processes)]
+
+
+def torchrun(cwd: Path, *args: str, wait: bool = True, processes: int = 2) -> subprocess.Popen:
+    """`torchrun --nproc_per_node=<processes> -m distillrun ...` (as `python -m
+    torch.distributed.run`), with the temporary folder under cwd."""
     tmp = cwd / "tmp"
     tmp.mkdir(exist_ok=True)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        + [f"--nproc_per_node={processes}"]
         + ["-m", "distillrun", *args],
         cwd=cwd,
         stdout=subprocess.PIPE,
@@ -81,8 +95,10 @@ def close(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-5 * max(1.0, abs(a), abs(b))
 
 
+@pytest.mark.slow
 def test_two_processes_take_the_steps_of_one(pair: tuple[Path, Path]) -> None:
     one, two = pair
+    assert manifest(one)["dataset"]["sizes"]["train"] % 110 == 2  # a last batch of 2
     lines_one, lines_two = metric_lines(one), metric_lines(two)
     assert len(lines_one) == len(lines_two) == 8  # 2 members x 4 epochs
     for a, b in zip(lines_one, lines_two, strict=True):
@@ -103,6 +119,7 @@ def test_two_processes_take_the_steps_of_one(pair: tuple[Path, Path]) -> None:
             assert torch.allclose(w1[k], w2[k], rtol=1e-5, atol=1e-6), k
 
 
+@pytest.mark.slow
 def test_only_process_zero_writes_and_speaks(pair: tuple[Path, Path]) -> None:
     root = pair[1].parent
     assert sorted(p.name for p in root.iterdir()) == ["one", "outputs", "tmp", "two", "two.log"]
@@ -114,12 +131,12 @@ def test_only_process_zero_writes_and_speaks(pair: tuple[Path, Path]) -> None:
     assert manifest(pair[1])["overrides"] == [*TEACHERS[1:], "hydra.run.dir=two"][:-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
         (["evaluate"], "evaluate does not train: run it without torchrun"),
         (["distill", "-m", "T=2,4"], "a sweep (-m) under torchrun"),
-        (["distill", "train.batch_size=3"], "train.batch_size=3 under torchrun with 2 processes"),
         (["distill", "device=cuda:1"], "device=cuda:1 under torchrun"),
         (["distill", "dataset=mnist", "dataset.download=true"], "download once per process"),
     ],
@@ -135,19 +152,27 @@ def test_what_torchrun_cannot_run_is_one_line_from_process_zero(
     assert not (tmp_path / "outputs").exists()
 
 
-def test_specialists_train_data_parallel_too(pair: tuple[Path, Path], tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_three_processes_train_specialists_whose_last_batch_is_two(
+    pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Half-and-half batches of 242 (121 from the specialist's classes): the generalist's two
+    clusters hold 485 and 727 training examples, so each specialist's last batch has 2."""
     specialists = ["specialists", "dataset=digits", "debug=tiny", "specialists.k=2"]
-    specialists += [f"generalist={pair[0]}"]
-    distillrun(tmp_path, *specialists, "threads=1", "hydra.run.dir=one", env=ONE_THREAD)
-    torchrun(tmp_path, *specialists, "threads=1", "hydra.run.dir=two")
-    a, b = metric_lines(tmp_path / "one"), metric_lines(tmp_path / "two")
-    assert len(a) == len(b) >= 2  # a line per specialist and epoch
+    specialists += [f"generalist={pair[0]}", "train.batch_size=242", "threads=1"]
+    distillrun(tmp_path, *specialists, "hydra.run.dir=one", env=ONE_THREAD)
+    torchrun(tmp_path, *specialists, "hydra.run.dir=three", processes=3)
+    members = manifest(tmp_path / "one")["metrics"]["members"]
+    assert [m["train_examples"] % 121 for m in members] == [1, 1]  # last batches of 2
+    a, b = metric_lines(tmp_path / "one"), metric_lines(tmp_path / "three")
+    assert len(a) == len(b) == 2  # a line per specialist and epoch
     for x, y in zip(a, b, strict=True):
         assert (x["model"], x["val_errors"]) == (y["model"], y["val_errors"])
         assert close(x["train_loss"], y["train_loss"]) and close(x["val_nll"], y["val_nll"])
-    assert manifest(tmp_path / "two")["processes"] == 2
+    assert manifest(tmp_path / "three")["processes"] == 3
 
 
+@pytest.mark.slow
 def test_a_killed_two_process_run_resumes_to_the_same_numbers(tmp_path: Path) -> None:
     """A student on cached views, with dropout (each process draws its own masks, and draws them
     again when resumed), killed with SIGKILL; its teachers, found as the newest run, are process
@@ -189,8 +214,12 @@ def test_a_killed_two_process_run_resumes_to_the_same_numbers(tmp_path: Path) ->
     ).read_bytes()
 
 
+@pytest.mark.slow
 def test_a_batchnorm_net_trains_with_its_statistics_from_process_zero(tmp_path: Path) -> None:
+    """Batches of 121 end with one of 2, which process 0 trains on alone: process 1 passes zero
+    rows through the convolutions and BatchNorm, for a zero gradient."""
     args = ["train-teachers", "debug=tiny", "teachers.n=1", "model=resnet8", "threads=1"]
+    args += ["train.batch_size=121"]
     torchrun(tmp_path, *args, "hydra.run.dir=bn")
     m = manifest(tmp_path / "bn")
     assert m["status"] == "complete" and m["processes"] == 2
