@@ -317,11 +317,12 @@ def _tell(study: Any, number: int, folder: Path, settings: Any, say: Any) -> Non
     from optuna.trial import TrialState
 
     trial = study.trials[number]
+    run_dir = _run_dir(trial, folder)
     try:
-        manifest = artifacts.read_manifest(_run_dir(trial, folder)) or {}
+        manifest = artifacts.read_manifest(run_dir) or {}
     except UserError:
         manifest = {}
-    status = manifest.get("status", "unfinished")
+    status = artifacts.reported_status(run_dir, manifest) if manifest else "unfinished"
     value = score(manifest.get("metrics") or {}, list(settings.objective))
     shown = " ".join(trial.user_attrs.get("searched", []))
     if status == "complete" and value is not None:
