@@ -187,7 +187,7 @@ class TrainSettings:
     channels_last: bool = False  # images in NHWC memory order (faster convolutions on GPUs)
     compile: bool = False  # torch.compile the model for training
     # A resumable checkpoint at most every this many seconds (0: after every epoch), and always
-    # after the last epoch and when SIGTERM stops a run.
+    # after the last epoch and when SIGTERM or SIGHUP stops a run.
     checkpoint_every: float = 60.0
 
 

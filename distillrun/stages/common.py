@@ -279,8 +279,8 @@ def _changed_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
 def _sigterm_interrupts() -> Iterator[None]:
     """`kill <pid>` (a scheduler's preemption) and a closed terminal (SIGHUP) end the run like
     Ctrl-C: marked interrupted, with the command that continues it. Under `nohup` SIGHUP stays
-    ignored. (Stopping rather than training on unseen: a hangup asks a program to stop, and
-    the epoch in progress still finishes and is saved first, so nothing is lost.)"""
+    ignored. (Stopping rather than training on with nobody watching: a hangup asks a program
+    to stop, and the epoch in progress still finishes and is saved first, so nothing is lost.)"""
 
     try:
         previous = stop_on_signals()
