@@ -235,6 +235,19 @@ def is_locked(folder: Path) -> bool:
     return False
 
 
+def reported_status(folder: Path, manifest: dict[str, Any]) -> str:
+    """A run's status as it is reported: a manifest saying "running" whose folder lock no
+    process holds was left by a process that died (kill -9, power loss, out of memory), so
+    that run reads "interrupted" (resume it) rather than "running" forever."""
+    said = str(manifest.get("status", "?"))
+    if said != "running":
+        return said
+    try:
+        return "running" if is_locked(folder) else "interrupted"
+    except OSError:  # a folder we may not lock (read-only): take the manifest's word
+        return said
+
+
 def is_complete(manifest: dict[str, Any] | None, stage: str) -> bool:
     return (
         bool(manifest)
@@ -272,14 +285,14 @@ def newest_complete_run(
     say: Callable[[str], None],
 ) -> tuple[Path, dict[str, Any]]:
     """The newest complete run of `stage` that `accept` takes (it returns None or why not)."""
-    candidates, skipped, refused = [], 0, []
+    candidates, skipped, refused = [], [], []
     for folder in run_folders(output_root, stage):
         try:
             manifest = read_manifest(folder)
         except UserError:
             manifest = None
         if not is_complete(manifest, stage):
-            skipped += 1
+            skipped.append(reported_status(folder, manifest) if manifest else "unfinished")
             continue
         why_not = accept(manifest)
         if why_not:
@@ -287,9 +300,10 @@ def newest_complete_run(
             continue
         candidates.append((manifest.get("started", ""), folder, manifest))
     if skipped:
+        counts = ", ".join(f"{skipped.count(s)} {s}" for s in sorted(set(skipped)))
         say(
-            f"skipped {skipped} unfinished or failed {stage} run(s) under {output_root / stage} "
-            f"(continue one with `distillrun {stage} resume=<run folder>`)"
+            f"skipped {len(skipped)} unfinished or failed {stage} run(s) ({counts}) under "
+            f"{output_root / stage} (continue one with `distillrun {stage} resume=<run folder>`)"
         )
     if not candidates:
         detail = f" ({refused[0]})" if refused else ""
@@ -317,9 +331,14 @@ def complete_run(folder: Path, stage: str) -> dict[str, Any]:
             f"{folder} is a {manifest.get('stage')} run, not a {stage} run: "
             f"pass the folder of a {stage} run"
         )
-    status = manifest.get("status")
-    if status != "complete":
-        why = "running: it was killed or is still running" if status == "running" else status
+    state = reported_status(folder, manifest)
+    if state == "running":
+        raise UserError(
+            f"{folder} is a {stage} run still running (another process holds it): wait for it "
+            "to finish, or pass another run"
+        )
+    if state != "complete":
+        why = "interrupted: it was stopped or killed" if state == "interrupted" else state
         raise UserError(
             f"{folder} is an unfinished {stage} run (status {why}): finish it with {resume}, "
             "or pass another run"

@@ -15,7 +15,6 @@ import itertools
 import os
 import re
 import shutil
-import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 
 from distillrun import artifacts, distributed
 from distillrun.config import RESUME_ENV, sweep_values
-from distillrun.errors import UserError, interrupted_exit_code, raise_terminated
+from distillrun.errors import UserError, interrupted_exit_code, stop_on_signals
 from distillrun.search import space_combinations
 from distillrun.stages import STAGES, config_name, module_name, training_stages
 
@@ -376,17 +375,21 @@ def main() -> None:
     # Hydra's parser takes -m only before or after all overrides: put it first, wherever it is.
     sweep_flags = [a for a in args if a in ("-m", "--multirun")]
     args = sweep_flags + [a for a in args if a not in ("-m", "--multirun")]
-    # SIGTERM (`kill`, a scheduler) stops the sweep like Ctrl-C does, so that a parallel
-    # launcher shuts its worker processes down instead of leaving them behind.
-    signal.signal(signal.SIGTERM, raise_terminated)
+    # SIGTERM (`kill`, a scheduler) and SIGHUP (the terminal closed) stop the sweep like
+    # Ctrl-C does, so that a parallel launcher shuts its worker processes down instead of
+    # leaving them behind.
+    stop_on_signals()
+    from distillrun.console import output_may_close  # (rich: not for --help or completion)
+
     try:
-        if any(a.startswith("resume=") for a in args):
-            args = _user_errors(stage, resume_args, stage, args)
-        if distributed.launched():
-            args = _user_errors(stage, torchrun_args, stage, args)
-        register_sweeper()  # hydra/sweeper=optuna
-        args = precheck(stage, args)
-        call_stage(stage, args)
+        with output_may_close():  # `| head`, a closed terminal: the run goes on unheard
+            if any(a.startswith("resume=") for a in args):
+                args = _user_errors(stage, resume_args, stage, args)
+            if distributed.launched():
+                args = _user_errors(stage, torchrun_args, stage, args)
+            register_sweeper()  # hydra/sweeper=optuna
+            args = precheck(stage, args)
+            call_stage(stage, args)
     except BrokenPipeError:  # `distillrun distill --help | head`: the reader left, not an error
         _quiet_stdout()
         sys.exit(1)

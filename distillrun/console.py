@@ -1,12 +1,15 @@
 """Terminal output: rich progress bars while training, rich tables for results.
 
 Progress bars only draw on a terminal (`progress=auto`), so CI logs get the result lines and
-tables, not thousands of refreshes.
+tables, not thousands of refreshes. Output that can no longer be written (`| head` left, the
+terminal closed) is dropped: it never stops a run (`output_may_close`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -27,6 +30,68 @@ from distillrun import distributed
 # Logs and pipes get 120 columns, so the result tables do not wrap at rich's default of 80.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True, highlight=False)
+
+
+# A write fails with these once nobody reads: the pipe's reader left (EPIPE), the terminal
+# hung up (EIO).
+OUTPUT_GONE = {errno.EPIPE, errno.EIO}
+
+
+class _DropsWhenClosed:
+    """sys.stdout or sys.stderr, whose writes go to /dev/null from the first one that finds
+    the reader gone, instead of raising BrokenPipeError in the middle of training."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.gone = False
+
+    def write(self, text: str) -> int:
+        self._guarded(self.stream.write, text)
+        return len(text)
+
+    def flush(self) -> None:
+        self._guarded(self.stream.flush)
+
+    def _guarded(self, method: Any, *args: Any) -> None:
+        if self.gone:
+            return
+        try:
+            method(*args)
+        except OSError as e:
+            if e.errno not in OUTPUT_GONE:
+                raise
+            self._to_devnull()
+
+    def _to_devnull(self) -> None:
+        """Point the stream's file descriptor at /dev/null: what is still buffered, and every
+        other writer of it (logging handlers, rich), then write into nothing."""
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+            self.stream.flush()
+        except (OSError, ValueError):  # no descriptor of its own: drop at this level
+            self.gone = True
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding, ...
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def output_may_close() -> Iterator[None]:
+    """Within it, stdout and stderr may close at any moment (`distillrun ... | head -1`, a
+    closed terminal): what cannot be written is dropped and the run goes on."""
+    if isinstance(sys.stdout, _DropsWhenClosed):  # already (the command wraps each stage)
+        yield
+        return
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _DropsWhenClosed(sys.stdout), _DropsWhenClosed(sys.stderr)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()  # what is buffered fails here or nowhere (at exit, unguarded)
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = saved
 
 
 def say(message: str) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 
@@ -12,17 +13,45 @@ class UserError(ValueError):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill`, a scheduler's preemption), handled like Ctrl-C; exit code 143."""
+    """SIGTERM (`kill`, a scheduler's preemption) or SIGHUP (the terminal closed), handled like
+    Ctrl-C; exit code 128 + the signal's number (143, 129)."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(int(signum))  # (args that rebuild it, should it be pickled)
+        self.signum = int(signum)
+
+
+# The signals that stop a run like Ctrl-C: at the end of the epoch in progress, resumable.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def raise_terminated(signum: int, frame: object) -> None:
-    """A SIGTERM handler: `signal.signal(signal.SIGTERM, raise_terminated)`."""
-    raise Terminated
+    """A SIGTERM or SIGHUP handler: `signal.signal(signal.SIGTERM, raise_terminated)`."""
+    raise Terminated(signum)
+
+
+def stop_on_signals() -> dict[int, Any]:
+    """Make SIGTERM and SIGHUP raise Terminated; returns the handlers they had. A SIGHUP that
+    is ignored (`nohup distillrun ...`) stays ignored: the user asked for the run to outlive
+    the terminal."""
+    previous = {}
+    for signum in STOP_SIGNALS:
+        if signum == signal.SIGHUP and signal.getsignal(signum) == signal.SIG_IGN:
+            continue
+        previous[signum] = signal.signal(signum, raise_terminated)
+    return previous
 
 
 def interrupted_exit_code(error: KeyboardInterrupt) -> int:
-    """128 + the signal number: 143 for SIGTERM, 130 for Ctrl-C."""
-    return 143 if isinstance(error, Terminated) else 130
+    """128 + the signal number: 143 for SIGTERM, 129 for SIGHUP, 130 for Ctrl-C."""
+    return 128 + error.signum if isinstance(error, Terminated) else 130
+
+
+def interruption(error: KeyboardInterrupt) -> str:
+    """What stopped the run, in words, for its manifest."""
+    if not isinstance(error, Terminated):
+        return "Ctrl-C"
+    return "SIGHUP: the terminal closed" if error.signum == signal.SIGHUP else "SIGTERM"
 
 
 class Pruned(Exception):

@@ -389,7 +389,8 @@ def _tell(study: Any, number: int, folder: Path, settings: Any, say: Any) -> Non
 
     trial = study.trials[number]
     manifest = _manifest(trial, folder)
-    status = manifest.get("status", "unfinished")
+    run_dir = _run_dir(trial, folder)
+    status = artifacts.reported_status(run_dir, manifest) if manifest else "unfinished"
     value = score(manifest.get("metrics") or {}, list(settings.objective))
     shown = " ".join(trial.user_attrs.get("searched", []))
     if status == "complete" and value is not None:

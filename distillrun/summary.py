@@ -112,7 +112,7 @@ def _row(source: str, folder: Path) -> Row:
         source,
         folder,
         str(manifest.get("stage", "?")),
-        str(manifest.get("status", "?")),
+        artifacts.reported_status(folder, manifest),  # a stale "running": interrupted
         _overrides(manifest.get("overrides") or []),
         metrics,
         _minutes(manifest),

@@ -34,7 +34,7 @@ from torch import nn
 from distillrun import artifacts, distributed
 from distillrun.augment import Augmentation, Batch
 from distillrun.choices import PRECISIONS, fp16_refusal, one_of
-from distillrun.errors import Terminated, UserError, raise_terminated
+from distillrun.errors import STOP_SIGNALS, Terminated, UserError, raise_terminated
 from distillrun.metrics import classification_metrics
 from distillrun.models import apply_max_norm
 
@@ -187,7 +187,7 @@ class TrainSettings:
     channels_last: bool = False  # images in NHWC memory order (faster convolutions on GPUs)
     compile: bool = False  # torch.compile the model for training
     # A resumable checkpoint at most every this many seconds (0: after every epoch), and always
-    # after the last epoch and when SIGTERM stops a run.
+    # after the last epoch and when SIGTERM or SIGHUP stops a run.
     checkpoint_every: float = 60.0
 
 
@@ -355,9 +355,9 @@ def divergence(history: list[dict[str, Any]], initial_loss: float, chance: float
 
 @contextmanager
 def _sigterm_at_epoch_end(enabled: bool) -> Iterator[list[int]]:
-    """In a stage (where SIGTERM already stops the run cleanly), SIGTERM during training lets
-    the epoch in progress finish, so that its checkpoint is written before the run stops; a
-    second SIGTERM stops at once. Yields a list that is non-empty once SIGTERM came."""
+    """In a stage (where SIGTERM and SIGHUP already stop the run cleanly), either signal during
+    training lets the epoch in progress finish, so that its checkpoint is written before the
+    run stops; a second one stops at once. Yields a list that holds the signal once one came."""
     requested: list[int] = []
 
     def defer(signum: int, frame: Any) -> None:
@@ -365,14 +365,17 @@ def _sigterm_at_epoch_end(enabled: bool) -> Iterator[list[int]]:
             raise_terminated(signum, frame)
         requested.append(signum)
 
-    if not enabled or signal.getsignal(signal.SIGTERM) is not raise_terminated:
+    deferred = [s for s in STOP_SIGNALS if signal.getsignal(s) is raise_terminated]
+    if not enabled or not deferred:
         yield requested
         return
-    signal.signal(signal.SIGTERM, defer)
+    for signum in deferred:
+        signal.signal(signum, defer)
     try:
         yield requested
     finally:
-        signal.signal(signal.SIGTERM, raise_terminated)
+        for signum in deferred:
+            signal.signal(signum, raise_terminated)
 
 
 def fit(
@@ -487,14 +490,14 @@ def fit(
                 )
                 saved_epoch, saved_at = epoch, time.monotonic()
             if stop and epoch < s.epochs:
-                raise Terminated
+                raise Terminated(sigterm[0] if sigterm else signal.SIGTERM)
     if progress.best_state is not None:
         model.load_state_dict(progress.best_state)
     model.eval()
     if writes:
         _save_state(state_path, progress, s.epochs, model, None, None, generator, device)
     if stop:  # it came during the last epoch: this model is saved, the run stops here
-        raise Terminated
+        raise Terminated(sigterm[0] if sigterm else signal.SIGTERM)
     return _finish(model, progress, y_val)
 
 

@@ -92,17 +92,23 @@ def metric_lines(folder: Path) -> list[dict]:
     return [without_timings(json.loads(line)) for line in (folder / "metrics.jsonl").open()]
 
 
-def start(cwd: Path, *args: str) -> subprocess.Popen:
-    """The command in the background, with SIGINT as at a terminal: a suite started in the
-    background of a non-interactive shell inherits SIGINT ignored, and Python keeps it so."""
+def _signals_as_at_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)  # (a suite run under nohup ignores it)
+
+
+def start(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """The command in the background, with SIGINT and SIGHUP as at a terminal: a suite started
+    in the background of a non-interactive shell inherits SIGINT ignored, and Python keeps it
+    so."""
     return subprocess.Popen(
         [DISTILLRUN, *args],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "HYDRA_FULL_ERROR": "0", **ONE_THREAD},
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        env={**os.environ, "HYDRA_FULL_ERROR": "0", **ONE_THREAD, **(env or {})},
+        preexec_fn=_signals_as_at_a_terminal,
     )
 
 

@@ -11,12 +11,14 @@ import random
 import shlex
 import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
+    DISTILLRUN,
     ONE_THREAD,
     assert_one_line_error,
     distillrun,
@@ -32,6 +34,7 @@ from distillrun import artifacts
 from distillrun.augment import Views
 from distillrun.errors import Terminated, UserError, raise_terminated
 from distillrun.models import build_model
+from distillrun.stages.common import TEST_KILL_ENV
 from distillrun.train import TrainSettings, divergence, fit
 
 # Small enough for seconds, long enough to be killed in the middle of the second teacher; a
@@ -73,6 +76,44 @@ def copy_run(folder: Path, cwd: Path, name: str = "2026-01-01_00-00-00-000000") 
     return target
 
 
+@pytest.fixture(scope="module")
+def distill_reference(reference: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted distill run (baseline, then student) on the reference teachers."""
+    cwd = tmp_path_factory.mktemp("distill-reference")
+    copy_run(reference, cwd)
+    cli(cwd, "distill", *STUDENT)
+    (folder,) = runs(cwd, "distill")
+    return folder
+
+
+# The default checkpoint cadence (60 s): no checkpoint before a model's last epoch, unless a
+# signal asks for one, so a kill lands before a model's first checkpoint.
+DEFAULT_CADENCE_TEACHERS = [a for a in TEACHERS if a != EVERY_EPOCH]
+DEFAULT_CADENCE_STUDENT = [a for a in STUDENT if a != EVERY_EPOCH]
+
+
+def killed_at(cwd: Path, point: str, *args: str, code: int = -signal.SIGKILL):
+    """The command, stopped at `point` ("<model>:<epoch>[:<signal>]", see
+    stages.common._test_kill_point), with SIGHUP as at a terminal (not as under nohup)."""
+    result = subprocess.run(
+        [DISTILLRUN, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0", **ONE_THREAD, TEST_KILL_ENV: point},
+        timeout=300,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
+    )
+    assert result.returncode == code, result.stdout + result.stderr
+    return result
+
+
+def assert_a_prefix_of(folder: Path, reference: Path) -> None:
+    """After a kill, metrics.jsonl holds the uninterrupted run's first lines, none twice."""
+    lines, whole = metric_lines(folder), metric_lines(reference)
+    assert lines and lines == whole[: len(lines)], [(r.get("model"), r["epoch"]) for r in lines]
+
+
 # --- kill, resume, determinism ------------------------------------------------------------------
 
 
@@ -103,6 +144,68 @@ def test_a_killed_run_is_never_consumed_and_resumes_to_the_same_numbers(
 
 
 @pytest.mark.slow
+def test_metrics_lines_are_exact_after_a_kill_at_any_moment(
+    reference: Path, tmp_path: Path
+) -> None:
+    """Killed before the first model's first checkpoint, between two models, stopped by a
+    closed terminal (SIGHUP: a checkpoint) while `| head -1` has left, killed past that
+    checkpoint, then resumed to the end, its output closed again: no run is lost, and every
+    resume leaves each model's lines exactly its checkpointed epochs."""
+    killed_at(tmp_path, "teacher 0:5", "train-teachers", *DEFAULT_CADENCE_TEACHERS)
+    (folder,) = runs(tmp_path, "train-teachers")
+    assert not (folder / "resume").exists()  # no checkpoint yet, 5 lines
+    assert manifest(folder)["status"] == "running"
+    assert artifacts.reported_status(folder, manifest(folder)) == "interrupted"  # nobody runs it
+    resume = ("train-teachers", f"resume={folder}")
+
+    killed_at(tmp_path, "teacher 1:0", *resume)  # teacher 0 done, teacher 1 not begun
+    assert_a_prefix_of(folder, reference)
+    hangup = start_and_close_output(tmp_path, *resume, env={TEST_KILL_ENV: "teacher 1:4:HUP"})
+    assert hangup.wait(timeout=300) == 128 + signal.SIGHUP
+    m = manifest(folder)
+    assert m["status"] == "interrupted" and "SIGHUP" in m["error"]
+    assert m["resume_command"] == f"distillrun train-teachers resume={folder.resolve()}"
+    assert_a_prefix_of(folder, reference)
+    killed_at(tmp_path, "teacher 1:8", *resume)  # four lines past the checkpoint of epoch 4
+    assert_a_prefix_of(folder, reference)
+
+    assert start_and_close_output(tmp_path, *resume).wait(timeout=300) == 0
+    assert metric_lines(folder) == metric_lines(reference)
+    done = manifest(folder)
+    assert without_timings(done["metrics"]) == without_timings(manifest(reference)["metrics"])
+    assert done["status"] == "complete" and "resume_command" not in done
+    for name in ("logits.pt", "member_0.pt", "member_1.pt"):
+        assert (folder / name).read_bytes() == (reference / name).read_bytes()
+
+
+def start_and_close_output(cwd: Path, *args: str, env: dict[str, str] | None = None):
+    """The command with its reader gone after one line, as in `distillrun ... | head -1`."""
+    proc = start(cwd, *args, env=env)
+    assert proc.stdout.readline()  # what `head -1` reads before it leaves
+    proc.stdout.close()
+    proc.stderr.close()
+    return proc
+
+
+@pytest.mark.slow
+def test_distill_metrics_lines_are_exact_after_kills_in_either_model(
+    reference: Path, distill_reference: Path, tmp_path: Path
+) -> None:
+    copy_run(reference, tmp_path)
+    # After the baseline's last line, before its (final) checkpoint; then in the student.
+    killed_at(tmp_path, "baseline:12", "distill", *DEFAULT_CADENCE_STUDENT)
+    (folder,) = runs(tmp_path, "distill")
+    assert not (folder / "resume").exists()
+    killed_at(tmp_path, "student:4", "distill", f"resume={folder}")
+    assert_a_prefix_of(folder, distill_reference)
+    cli(tmp_path, "distill", f"resume={folder}")
+    assert metric_lines(folder) == metric_lines(distill_reference)
+    assert without_timings(manifest(folder)["metrics"]) == without_timings(
+        manifest(distill_reference)["metrics"]
+    )
+
+
+@pytest.mark.slow
 def test_the_manifest_records_how_to_repeat_the_run(reference: Path) -> None:
     m = manifest(reference)
     assert m["command"] == shlex.join(["distillrun", "train-teachers", *TEACHERS])
@@ -115,12 +218,10 @@ def test_the_manifest_records_how_to_repeat_the_run(reference: Path) -> None:
 
 @pytest.mark.slow
 def test_ctrl_c_marks_the_run_interrupted_and_resume_keeps_its_teachers(
-    reference: Path, tmp_path: Path
+    reference: Path, distill_reference: Path, tmp_path: Path
 ) -> None:
     teachers = copy_run(reference, tmp_path)
-    uninterrupted = cli(tmp_path, "distill", *STUDENT, "hydra.run.dir=outputs/whole")
-    assert "Traceback" not in uninterrupted.stderr
-    whole = tmp_path / "outputs/whole"
+    whole = distill_reference
 
     proc = start(tmp_path, "distill", *STUDENT)
     signal_when(proc, "outputs/distill/*/resume/student.pt", tmp_path, signal.SIGINT)
@@ -222,10 +323,31 @@ def test_each_kind_of_bad_file_gets_its_own_reason(damage, reference: Path, tmp_
     assert not (tmp_path / "pwned").exists()
 
 
-def test_a_named_unfinished_run_says_how_to_finish_it(tmp_path: Path) -> None:
-    artifacts.write_manifest(tmp_path, stage="train-teachers", status="running")
-    with pytest.raises(UserError, match=f"killed or is still running.*resume={tmp_path}"):
-        artifacts.complete_run(tmp_path, "train-teachers")
+def test_a_stale_running_manifest_reads_as_interrupted(tmp_path: Path) -> None:
+    """A manifest saying "running" whose folder lock nobody holds: its process died."""
+    from distillrun.summary import _row
+
+    folder = tmp_path / "outputs" / "train-teachers" / "run"
+    folder.mkdir(parents=True)
+    artifacts.write_manifest(folder, stage="train-teachers", status="running")
+    artifacts.lock_run_folder(folder).close()  # a lock file, released: as a killed run leaves
+    with pytest.raises(UserError, match=f"status interrupted: .*resume={folder}"):
+        artifacts.complete_run(folder, "train-teachers")
+    said: list[str] = []
+    with pytest.raises(UserError, match="no complete train-teachers run"):
+        artifacts.newest_complete_run(
+            tmp_path / "outputs", "train-teachers", lambda m: None, said.append
+        )
+    assert "(1 interrupted)" in said[0]
+    assert _row("run", folder).status == "interrupted"
+
+    held = artifacts.lock_run_folder(folder)  # the run's process is alive: it is running
+    try:
+        with pytest.raises(UserError, match="still running .*wait for it"):
+            artifacts.complete_run(folder, "train-teachers")
+        assert _row("run", folder).status == "running"
+    finally:
+        held.close()
 
 
 # Through the command: the cache a distill run reads (the other kinds are covered just above).
@@ -409,6 +531,25 @@ def test_a_nan_loss_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
             state_path=tmp_path / "s.pt",
         )
     assert torch.load(tmp_path / "s.pt", weights_only=True)["epoch"] == 2
+
+
+def test_a_resumed_run_keeps_only_the_lines_its_checkpoints_hold(tmp_path: Path) -> None:
+    """Lines of a model with no checkpoint (killed before its first one) and of no model
+    (evaluate's, computed afresh) go; `restore_log` then trims the others to their
+    checkpoints."""
+    from distillrun.stages.common import Run
+
+    run = Run("train-teachers", tmp_path, torch.device("cpu"), resuming=True)
+    lines = [
+        {"model": "teacher 0", "epoch": 1},
+        {"model": "teacher 0", "epoch": 2},
+        {"model": "teacher 1", "epoch": 1},
+        {"split": "val", "examples": 10},
+    ]
+    artifacts.write_jsonl(tmp_path / "metrics.jsonl", lines)
+    artifacts.save_tensors(run.state_path("teacher 0"), {"epoch": 1})
+    run.drop_lines_to_redo()
+    assert artifacts.read_jsonl(tmp_path / "metrics.jsonl") == lines[:2]
 
 
 def test_environment_errors_become_one_line_messages(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from distillrun import artifacts, distributed, tracking
 from distillrun.config import RESUME_ENV, validate
 from distillrun.console import error_line, training_bars, warning_line
-from distillrun.errors import UserError, interrupted_exit_code, raise_terminated
+from distillrun.errors import UserError, interrupted_exit_code, interruption, stop_on_signals
 from distillrun.train import (
     Fit,
     TrainSettings,
@@ -76,6 +76,21 @@ class Run:
     def log(self, record: dict[str, Any]) -> None:
         artifacts.append_jsonl(self.dir / "metrics.jsonl", record)
         tracking.epoch(self, record)  # may raise tracking.Pruned
+        if "model" in record:
+            _test_kill_point(record["model"], record.get("epoch", 0))
+
+    def drop_lines_to_redo(self) -> None:
+        """Resuming: keep in metrics.jsonl only the lines of models with a checkpoint, which
+        `restore_log` then makes exactly their checkpointed epochs. Every other line will be
+        written again: its model trains from its start (killed before its first checkpoint),
+        and lines of no model (evaluate's) are computed afresh."""
+        path = self.dir / "metrics.jsonl"
+        kept = [
+            r
+            for r in artifacts.read_jsonl(path)
+            if isinstance(r.get("model"), str) and self.state_path(r["model"]).is_file()
+        ]
+        artifacts.write_jsonl(path, kept)
 
     def restore_log(self, label: str, history: list[dict[str, Any]]) -> None:
         """Resuming `label`: its lines in metrics.jsonl become exactly its checkpointed epochs
@@ -94,6 +109,22 @@ class Run:
 
 def resume_command(stage: str, run_dir: Path) -> str:
     return f"`distillrun {stage} resume={run_dir}`"
+
+
+TEST_KILL_ENV = "DISTILLRUN_TEST_KILL_AFTER"
+
+
+def _test_kill_point(label: str, epoch: int) -> None:
+    """For tests of kill and resume only (unset, nothing happens): with
+    DISTILLRUN_TEST_KILL_AFTER="<model>:<epoch>[:<signal>]", this process sends itself the
+    signal (KILL unless named: TERM, HUP, INT) once that epoch's line is in metrics.jsonl, or,
+    for epoch 0, as that model starts: a kill point a test names exactly."""
+    wanted = os.environ.get(TEST_KILL_ENV)
+    if not wanted:
+        return
+    model, at, *name = wanted.split(":")
+    if model == label and at == str(epoch):
+        os.kill(os.getpid(), getattr(signal, f"SIG{name[0] if name else 'KILL'}"))
 
 
 def run_stage(
@@ -148,6 +179,8 @@ def _run_locked(
         "libraries": artifacts.library_versions(),
         "environment": artifacts.environment(),
         "config": config,
+        # while it is unfinished: how to continue it (a run killed outright cannot say so)
+        "resume_command": f"distillrun {stage} resume={run_dir.resolve()}",
     }
     run = Run(stage, run_dir, torch.device("cpu"), resuming=resuming, record=record)
     run.observers_started = not distributed.is_main()  # trackers: process 0's alone
@@ -167,17 +200,20 @@ def _run_locked(
             distributed.start(run.device)
             run.state_dir = Path(distributed.broadcast(str(run_dir)))
             record["processes"] = distributed.world_size()
+        if resuming and distributed.is_main():
+            run.drop_lines_to_redo()
         run.write_manifest(record)
         with _sigterm_interrupts():
             metrics = body(cfg, run)
-        done = {**record, "status": "complete", "ended": artifacts.now()}
+        done = {**finished(record), "status": "complete", "ended": artifacts.now()}
         if run.diverged:  # the run completes, flagged (the sweep summary shows the flag)
             metrics["diverged"] = True
             done["diverged_models"] = run.diverged
         run.write_manifest(done, metrics=metrics)
     except BaseException as e:
         if isinstance(e, tracking.Pruned):  # the search stopped a hopeless trial: not a failure
-            run.write_manifest({**record, "status": "pruned", "ended": artifacts.now()}, **e.fields)
+            pruned = {**finished(record), "status": "pruned", "ended": artifacts.now()}
+            run.write_manifest(pruned, **e.fields)
             artifacts.remove_tree(run_dir / RESUME_DIR)
             return None
         if _fail(run, record, e):
@@ -185,6 +221,11 @@ def _run_locked(
         raise
     artifacts.remove_tree(run_dir / RESUME_DIR)
     return metrics.get("val_accuracy")  # for sweepers; never the test set
+
+
+def finished(record: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of a run that ended for good: nothing to resume."""
+    return {k: v for k, v in record.items() if k != "resume_command"}
 
 
 def _cores() -> int:
@@ -236,17 +277,21 @@ def _changed_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 @contextmanager
 def _sigterm_interrupts() -> Iterator[None]:
-    """`kill <pid>` (a scheduler's preemption) ends the run like Ctrl-C: marked interrupted."""
+    """`kill <pid>` (a scheduler's preemption) and a closed terminal (SIGHUP) end the run like
+    Ctrl-C: marked interrupted, with the command that continues it. Under `nohup` SIGHUP stays
+    ignored. (Stopping rather than training on with nobody watching: a hangup asks a program
+    to stop, and the epoch in progress still finishes and is saved first, so nothing is lost.)"""
 
     try:
-        previous = signal.signal(signal.SIGTERM, raise_terminated)
+        previous = stop_on_signals()
     except ValueError:  # not the main thread (some launchers): leave signals alone
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _fail(run: Run, record: dict[str, Any], error: BaseException) -> bool:
@@ -259,7 +304,7 @@ def _fail(run: Run, record: dict[str, Any], error: BaseException) -> bool:
         status = "interrupted" if interrupted else "failed"
         reason = message or f"{type(error).__name__}: {error}"
         if interrupted:
-            reason = "interrupted (Ctrl-C or SIGTERM)"
+            reason = f"interrupted ({interruption(error)})"
         try:
             run.write_manifest({**record, "status": status, "ended": artifacts.now()}, error=reason)
         except OSError:
@@ -339,6 +384,7 @@ def train_one(
     `fit` (`batches`, `val_view`). A run that looks diverged gets a warning line, and its
     manifest says so."""
     batches = len(batch_bounds(len(x), settings.batch_size))
+    _test_kill_point(label, 0)
     with training_bars(cfg.progress, label, settings.epochs, batches) as bars:
 
         def on_epoch(record: dict[str, Any]) -> None:
