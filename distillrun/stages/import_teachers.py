@@ -2,10 +2,11 @@
 
 Each member (a state_dict, a TorchScript archive, an ONNX model or precomputed logits; see
 imported.py) is scored on the validation and test splits; one at or near chance is refused
-with the likely causes. Writes what a train-teachers run writes: logits.pt (every member's
-logits on the train, val and test splits), member_<i>.pt for the members that are PyTorch
-models of a known architecture (for the others, member_<i>.pt.absent says why there is none),
-and manifest.json last, so distill, specialists and evaluate consume it unchanged.
+with the likely causes. Every member is read and checked before anything is written. Writes
+what a train-teachers run writes: logits.pt (every member's logits on the train, val and test
+splits), member_<i>.pt for the members that are PyTorch models of a known architecture (for the
+others, member_<i>.pt.absent says why there is none), and manifest.json last, so distill,
+specialists and evaluate consume it unchanged.
 """
 
 from __future__ import annotations
