@@ -335,11 +335,7 @@ def onnx_session(path: Path) -> tuple[Any, int]:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # onnx raises DecodeError, ...
-        reason = " ".join(str(e).split())[:160] or type(e).__name__
-        raise UserError(
-            f"cannot load {path} as an ONNX model ({reason}): export it with torch.onnx.export "
-            "or your framework's ONNX exporter"
-        ) from e
+        raise _not_onnx(path, e) from e
     _check_external_data(proto, path)
     try:
         params = sum(math.prod(t.dims) for t in proto.graph.initializer)
@@ -352,16 +348,20 @@ def onnx_session(path: Path) -> tuple[Any, int]:
         # No register_custom_ops_library, ever: an op outside ONNX Runtime's own is refused.
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own Fail / InvalidGraph, ...
-        reason = " ".join(str(e).split())[:160] or type(e).__name__
-        raise UserError(
-            f"cannot load {path} as an ONNX model ({reason}): export it with torch.onnx.export "
-            "or your framework's ONNX exporter"
-        ) from e
+        raise _not_onnx(path, e) from e
     if session.get_inputs()[0].type != "tensor(float)":
         raise UserError(
             f"{path} takes {session.get_inputs()[0].type} inputs: export it for float32 inputs"
         )
     return session, params
+
+
+def _not_onnx(path: Path, e: Exception) -> UserError:
+    reason = " ".join(str(e).split())[:160] or type(e).__name__
+    return UserError(
+        f"cannot load {path} as an ONNX model ({reason}): export it with torch.onnx.export "
+        "or your framework's ONNX exporter"
+    )
 
 
 def _check_external_data(proto: Any, path: Path) -> None:
