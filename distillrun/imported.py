@@ -2,9 +2,12 @@
 
 Kinds (`choices.MEMBER_KINDS`): `state_dict` (weights for a model config of ours or a
 torchvision architecture; `.pt`/`.pth` or `.safetensors`), `torchscript`, `onnx` (run with ONNX
-Runtime) and `logits` (precomputed, `.npz`). Nothing a file carries is ever run as Python:
-`.pt` files load with `torch.load(weights_only=True)`, the others are data formats
-(safetensors, TorchScript's own archive, ONNX, numpy without pickle).
+Runtime) and `logits` (precomputed, `.npz`). Weights and logits are data: `.pt` files load
+with `torch.load(weights_only=True)` only, `.npz` without pickle, and nothing in them is run.
+TorchScript and ONNX members are programs: they are loaded (and run on the dataset) only when the
+user names them as such, with a `.ts`/`.torchscript`/`.ptl`/`.onnx` file or `kind=`; a TorchScript
+archive saved as `.pt` is refused unread. ONNX runs on ONNX Runtime's own operators alone: no
+custom-op library is ever registered, and external data must lie in the model's folder.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import math
 import os
 import warnings
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,7 +75,7 @@ class Member:
 
 
 def infer_kind(path: Path) -> str:
-    """A member's kind from its file: the suffix, and for .pt/.pth whether it is TorchScript."""
+    """A member's kind from its file's suffix; `.pt`/`.pth` are weights, never a program."""
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         return "onnx"
@@ -83,7 +86,7 @@ def infer_kind(path: Path) -> str:
     if suffix in (".ts", ".torchscript", ".ptl"):
         return "torchscript"
     if suffix in (".pt", ".pth"):
-        return "torchscript" if _is_torchscript_archive(path) else "state_dict"
+        return "state_dict"
     raise UserError(
         f"cannot tell what {path} holds from its name: add kind=<{'|'.join(MEMBER_KINDS)}> "
         "(or {path: ..., kind: ...} for one member)"
@@ -91,12 +94,14 @@ def infer_kind(path: Path) -> str:
 
 
 def _is_torchscript_archive(path: Path) -> bool:
-    """torch.jit.save writes a zip with the module's code; torch.save's zip has none."""
+    """torch.jit.save writes a zip with the module's code (`code/`) and `constants.pkl`;
+    torch.save's zip has neither. Only the zip's directory is read: nothing is loaded or run."""
     try:
         with zipfile.ZipFile(path) as z:
-            return any(n.split("/", 1)[-1].startswith("code/") for n in z.namelist())
+            names = [n.split("/", 1)[-1] for n in z.namelist()]
     except (OSError, zipfile.BadZipFile):
         return False
+    return any(n == "constants.pkl" or n.startswith("code/") for n in names)
 
 
 def member_specs(cfg: DictConfig) -> list[MemberSpec]:
@@ -111,10 +116,7 @@ def member_specs(cfg: DictConfig) -> list[MemberSpec]:
         label_map = given.get("label_map", cfg.label_map)
         if OmegaConf.is_list(label_map):
             label_map = list(label_map)
-        path = Path(os.path.expanduser(str(given["path"]))).resolve()
-        if not path.is_file():
-            what = "is a folder" if path.is_dir() else "does not exist"
-            raise UserError(f"teacher file {path} {what}: pass the model or logits file")
+        path = _teacher_file(str(given["path"]))
         specs.append(
             MemberSpec(
                 path=path,
@@ -127,11 +129,32 @@ def member_specs(cfg: DictConfig) -> list[MemberSpec]:
     return specs
 
 
+def _teacher_file(given: str) -> Path:
+    """The member's file, resolved; a folder, a missing file, a symlink loop or anything but a
+    regular file is one line."""
+    path = Path(os.path.abspath(os.path.expanduser(given)))
+    try:
+        path = path.resolve(strict=True)
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (before Python 3.13)
+        what = "is a symlink loop" if "loop" in str(e).lower() else "does not exist"
+        if isinstance(e, FileNotFoundError) and path.is_symlink():
+            what = f"is a symlink to {os.readlink(path)}, which does not exist"
+        raise UserError(f"teacher file {path} {what}: pass the model or logits file") from e
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "is not a regular file"
+        raise UserError(f"teacher file {path} {what}: pass the model or logits file")
+    return path
+
+
 def sha256(path: Path) -> str:
+    """The file's content hash; a file that cannot be read is one line."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror or e}): make it readable") from e
     return h.hexdigest()
 
 
@@ -151,6 +174,12 @@ def _weights(path: Path) -> Any:
             raise UserError(
                 f"cannot read {path} as safetensors ({reason}): pass a whole .safetensors file"
             ) from e
+    if _is_torchscript_archive(path):
+        raise UserError(
+            f"{path} is a TorchScript program, not weights, so it was not loaded: importing it "
+            "runs its code; if you trust it, import it as TorchScript with kind=torchscript "
+            "(or rename it to .ts), or save the weights with torch.save(model.state_dict(), path)"
+        )
     try:
         return artifacts.load_tensors(path)
     except UserError as e:
@@ -305,6 +334,10 @@ def onnx_session(path: Path) -> tuple[Any, int]:
 
     try:
         proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError, ...
+        raise _not_onnx(path, e) from e
+    _check_external_data(proto, path)
+    try:
         params = sum(math.prod(t.dims) for t in proto.graph.initializer)
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: no warnings on the terminal
@@ -312,13 +345,10 @@ def onnx_session(path: Path) -> tuple[Any, int]:
         # which would take the cores from torch when export times one after the other.
         options.intra_op_num_threads = torch.get_num_threads()
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # No register_custom_ops_library, ever: an op outside ONNX Runtime's own is refused.
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnx raises DecodeError, ORT its own Fail / InvalidGraph, ...
-        reason = " ".join(str(e).split())[:160] or type(e).__name__
-        raise UserError(
-            f"cannot load {path} as an ONNX model ({reason}): export it with torch.onnx.export "
-            "or your framework's ONNX exporter"
-        ) from e
+    except Exception as e:  # ORT raises its own Fail / InvalidGraph, ...
+        raise _not_onnx(path, e) from e
     if session.get_inputs()[0].type != "tensor(float)":
         raise UserError(
             f"{path} takes {session.get_inputs()[0].type} inputs: export it for float32 inputs"
@@ -326,14 +356,62 @@ def onnx_session(path: Path) -> tuple[Any, int]:
     return session, params
 
 
+def _not_onnx(path: Path, e: Exception) -> UserError:
+    reason = " ".join(str(e).split())[:160] or type(e).__name__
+    return UserError(
+        f"cannot load {path} as an ONNX model ({reason}): export it with torch.onnx.export "
+        "or your framework's ONNX exporter"
+    )
+
+
+def _check_external_data(proto: Any, path: Path) -> None:
+    """Tensors stored outside the .onnx file must lie in files in the model's own folder, so a
+    model cannot make ONNX Runtime read any other file (newer ORT versions check this too)."""
+    folder = path.parent.resolve()
+    functions = [t for f in proto.functions for t in _node_tensors(f.node)]
+    for tensor in [*_onnx_tensors(proto.graph), *functions]:
+        if tensor.data_location != tensor.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (folder / location).resolve()
+        if os.path.isabs(location) or not target.is_relative_to(folder):
+            raise UserError(
+                f"{path} reads tensor {tensor.name!r} from {location}, outside the model's "
+                "folder, so it was not loaded: keep its external data files beside the .onnx"
+            )
+
+
+def _onnx_tensors(graph: Any) -> Iterator[Any]:
+    """Every tensor of a graph: its initializers and those in its nodes' attributes."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    yield from _node_tensors(graph.node)
+
+
+def _node_tensors(nodes: Any) -> Iterator[Any]:
+    for node in nodes:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            subgraphs = [a.g] if a.HasField("g") else []
+            for graph in [*subgraphs, *a.graphs]:  # If, Loop, Scan
+                yield from _onnx_tensors(graph)
+
+
 def _logits_file(
     spec: MemberSpec, data: Data, model_cfg: Mapping[str, Any], device: torch.device
 ) -> Loaded:
     """`.npz` with train, val, test arrays aligned with our splits, or with `train` over the
     loader's whole training set (validation rows included, in their original order) and test."""
-    arrays = load_npz(
-        spec.path, "logits", "write it with np.savez(path, train=..., val=..., test=...)"
-    )
+    write = "write it with np.savez(path, train=..., val=..., test=...)"
+    if not zipfile.is_zipfile(spec.path):  # np.load would return an .npy's single array
+        raise UserError(
+            f"{spec.path} is not an .npz (a zip of named arrays; an .npy saved under that name, "
+            f"or a damaged file?): {write}"
+        )
+    arrays = load_npz(spec.path, "logits", write)
     sizes = {s: len(getattr(data, f"y_{s}")) for s in SPLITS}
     whole = sizes["train"] + sizes["val"]
     fix = (
@@ -345,15 +423,18 @@ def _logits_file(
     if missing:
         raise UserError(f"{spec.path} lacks array(s) {', '.join(missing)}: {fix}")
     for key, a in arrays.items():
-        if key in SPLITS and (a.ndim != 2 or not np.issubdtype(a.dtype, np.number)):
+        if key in SPLITS and (a.ndim != 2 or not np.issubdtype(a.dtype, np.floating)):
             raise UserError(
-                f"{spec.path}: {key} has shape {a.shape} and dtype {a.dtype}; logits are numbers "
-                "shaped (examples, classes)"
+                f"{spec.path}: {key} has shape {a.shape} and dtype {a.dtype}; logits are "
+                "floating-point numbers shaped (examples, classes), not class ids, booleans or "
+                "complex numbers: save the model's raw scores"
             )
-    train = torch.from_numpy(np.asarray(arrays["train"], dtype=np.float32))
-    out = {"test": torch.from_numpy(np.asarray(arrays["test"], dtype=np.float32))}
+    with np.errstate(over="ignore"):  # beyond float32's range becomes inf, refused below
+        arrays = {k: np.asarray(a, np.float32) for k, a in arrays.items() if k in SPLITS}
+    train = torch.from_numpy(arrays["train"])
+    out = {"test": torch.from_numpy(arrays["test"])}
     if "val" in arrays:
-        out |= {"train": train, "val": torch.from_numpy(np.asarray(arrays["val"], np.float32))}
+        out |= {"train": train, "val": torch.from_numpy(arrays["val"])}
     elif len(train) == whole and data.train_rows is not None and data.val_rows is not None:
         out |= {"train": train[data.train_rows], "val": train[data.val_rows]}
     else:
@@ -364,8 +445,6 @@ def _logits_file(
                 f"{spec.path}: {split} has {len(out[split])} rows, dataset={data.name}'s {split} "
                 f"split has {sizes[split]}: {fix}"
             )
-        if not torch.isfinite(out[split]).all():
-            raise UserError(f"{spec.path}: {split} holds NaN or infinite logits: fix the file")
     return Loaded(logits=out)
 
 
@@ -385,15 +464,48 @@ LOADERS: dict[str, Callable[[MemberSpec, Data, Mapping[str, Any], torch.device],
 def _run(forward: Forward, x: torch.Tensor, batch_size: int, label: str) -> torch.Tensor:
     outs = []
     for start in range(0, len(x), batch_size):
+        batch = x[start : start + batch_size]
         try:
-            outs.append(forward(x[start : start + batch_size]).float().cpu())
+            out = forward(batch)
         except Exception as e:  # shape errors surface as RuntimeError, ORT's own errors, ...
             reason = " ".join(str(e).split())[:200] or type(e).__name__
             raise UserError(
                 f"{label} cannot run on this dataset's inputs of shape {tuple(x.shape[1:])} "
                 f"({reason}): import a model for inputs of that shape (and channel count)"
             ) from e
+        outs.append(_checked_output(out, len(batch), label))
     return torch.cat(outs) if outs else torch.zeros(0, 0)
+
+
+def _checked_output(out: Any, rows: int, label: str) -> torch.Tensor:
+    """A model's output as float32 logits, or one line saying what it returned instead."""
+    fix = "import a model whose output is its logits, shaped (examples, classes)"
+    if not isinstance(out, torch.Tensor):
+        raise UserError(f"{label} returns a {type(out).__name__}, not a tensor: {fix}")
+    if out.dim() != 2 or len(out) != rows or not out.is_floating_point():
+        raise UserError(
+            f"{label} returns shape {tuple(out.shape)} and dtype {out.dtype} for {rows} "
+            f"examples (class ids? one score?): {fix}"
+        )
+    return out.float().cpu()
+
+
+def _check_logits(logits: dict[str, torch.Tensor], label: str) -> int:
+    """The class count of a member's logits; NaN, infinite (beyond float32's range before the
+    cast) or splits of different widths are one line."""
+    for split, t in logits.items():
+        if not torch.isfinite(t).all():
+            raise UserError(
+                f"{label} gives NaN or infinite logits on the {split} split (or values beyond "
+                "float32's range): fix the model or the file"
+            )
+    widths = {s: t.shape[1] for s, t in logits.items() if len(t)}
+    if len(set(widths.values())) > 1:
+        raise UserError(
+            f"{label} gives a different number of classes per split ({widths}): every split "
+            "needs one logit per class"
+        )
+    return next(iter(widths.values()), 0)
 
 
 def import_member(
@@ -424,7 +536,8 @@ def import_member(
             for s in SPLITS
         }
         info["input_scale"] = scale
-    classes = next(t.shape[1] for t in logits.values() if t.dim() == 2 and len(t))
+    classes = _check_logits(logits, label)
+    logits = {s: t.reshape(0, classes) if not len(t) else t for s, t in logits.items()}
     if spec.label_map is not None:
         logits = {
             s: _relabel(t, spec.label_map, data.num_classes, label) for s, t in logits.items()
@@ -483,11 +596,34 @@ def _relabel(t: torch.Tensor, label_map: list[int], num_classes: int, label: str
 # --- is it a teacher at all? -------------------------------------------------------------------
 
 
+MODEL_CAUSES = (
+    "or another input normalisation: dataset.normalize=none for inputs as loaded, "
+    "input_scale=255 for 0-255 pixels; or a wrong input shape: import a model for this "
+    "dataset's inputs"
+)
+
+
+def logits_file_causes(data: Data) -> str:
+    """Why precomputed logits score near chance besides the label order: their rows."""
+    rows = f"{len(data.y_train)} train, {len(data.y_val)} val, {len(data.y_test)} test"
+    return (
+        f"or rows in another order or from other data: a logits file's rows must follow "
+        f"the splits of dataset={data.name} (the dataset assumed) in order and count ({rows}); "
+        "set dataset= to the data they were computed on (dataset=npz dataset.path=<file> "
+        "for your own)"
+    )
+
+
 def near_chance(
-    logits: torch.Tensor, y: torch.Tensor, num_classes: int, min_accuracy: float | None
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    min_accuracy: float | None,
+    other_causes: str = MODEL_CAUSES,
 ) -> str | None:
     """None when the member beats chance clearly (or `min_accuracy`), else what it scores and,
-    when a reordering of its outputs would fix it, the label_map that does."""
+    when a reordering of its outputs would fix it, the label_map that does; then the
+    `other_causes` (a model's inputs, or a logits file's rows)."""
     from scipy.optimize import linear_sum_assignment
 
     if len(y) == 0:
@@ -508,8 +644,6 @@ def near_chance(
         hint = f" (label_map={guess} would score {mapped:.1%})"
     return (
         f"accuracy {accuracy:.1%}, at or near chance ({chance:.1%}; the floor is {floor:.1%}): "
-        f"likely another label order: set label_map=[...]{hint}; or another input "
-        "normalisation: dataset.normalize=none for inputs as loaded, input_scale=255 for 0-255 "
-        "pixels; or a wrong input shape: import a model for this dataset's inputs. "
+        f"likely another label order: set label_map=[...]{hint}; {other_causes}. "
         "min_accuracy=0 imports it anyway"
     )

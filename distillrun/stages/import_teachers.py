@@ -2,10 +2,11 @@
 
 Each member (a state_dict, a TorchScript archive, an ONNX model or precomputed logits; see
 imported.py) is scored on the validation and test splits; one at or near chance is refused
-with the likely causes. Writes what a train-teachers run writes: logits.pt (every member's
-logits on the train, val and test splits), member_<i>.pt for the members that are PyTorch
-models of a known architecture (for the others, member_<i>.pt.absent says why there is none),
-and manifest.json last, so distill, specialists and evaluate consume it unchanged.
+with the likely causes. Every member is read and checked before anything is written. Writes
+what a train-teachers run writes: logits.pt (every member's logits on the train, val and test
+splits), member_<i>.pt for the members that are PyTorch models of a known architecture (for the
+others, member_<i>.pt.absent says why there is none), and manifest.json last, so distill,
+specialists and evaluate consume it unchanged.
 """
 
 from __future__ import annotations
@@ -18,9 +19,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from distillrun import artifacts
 from distillrun.console import say
-from distillrun.data import load_dataset
+from distillrun.data import Data, load_dataset
 from distillrun.errors import UserError
-from distillrun.imported import SPLITS, import_member, member_specs, near_chance
+from distillrun.imported import (
+    MODEL_CAUSES,
+    SPLITS,
+    Member,
+    MemberSpec,
+    import_member,
+    logits_file_causes,
+    member_specs,
+    near_chance,
+)
 from distillrun.metrics import classification_metrics
 from distillrun.stages.common import Run, run_stage
 from distillrun.stages.train_teachers import dataset_info, finish_ensemble
@@ -46,15 +56,15 @@ def import_teachers(cfg: DictConfig, run: Run) -> dict[str, Any]:
         f"{len(data.y_val)} val / {len(data.y_test)} test) on {run.device} -> {run.dir}"
     )
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    # Every member is read and checked before anything is written: one bad member leaves no
+    # member file behind, only the folder marked failed.
+    imported = [
+        checked_member(i, spec, data, model_cfg, cfg, run.device) for i, spec in enumerate(specs)
+    ]
     members: list[dict[str, Any]] = []
     logits: dict[str, list[torch.Tensor]] = {s: [] for s in SPLITS}
     params: list[int | None] = []
-    for i, spec in enumerate(specs):
-        member = import_member(i, spec, data, model_cfg, cfg.train.eval_batch_size, run.device)
-        check = ("val", data.y_val) if len(data.y_val) else ("train", data.y_train)
-        why = near_chance(member.logits[check[0]], check[1], data.num_classes, cfg.min_accuracy)
-        if why:
-            raise UserError(f"member {i} ({spec.path}) on the {check[0]} split: {why}")
+    for i, (spec, member) in enumerate(zip(specs, imported, strict=True)):
         for split in SPLITS:
             logits[split].append(member.logits[split])
         target = run.dir / f"member_{i}.pt"
@@ -78,3 +88,21 @@ def import_teachers(cfg: DictConfig, run: Run) -> dict[str, Any]:
     labels = [f"member {i} ({m['kind']})" for i, m in enumerate(members)]
     teacher_params = None if None in params else sum(params)
     return finish_ensemble(run, data, logits, labels, members, teacher_params)
+
+
+def checked_member(
+    i: int,
+    spec: MemberSpec,
+    data: Data,
+    model_cfg: dict[str, Any],
+    cfg: DictConfig,
+    device: torch.device,
+) -> Member:
+    """Member i's logits on every split, refused in one line when it scores near chance."""
+    member = import_member(i, spec, data, model_cfg, cfg.train.eval_batch_size, device)
+    split, y = ("val", data.y_val) if len(data.y_val) else ("train", data.y_train)
+    causes = logits_file_causes(data) if spec.kind == "logits" else MODEL_CAUSES
+    why = near_chance(member.logits[split], y, data.num_classes, cfg.min_accuracy, causes)
+    if why:
+        raise UserError(f"member {i} ({spec.path}) on the {split} split: {why}")
+    return member
