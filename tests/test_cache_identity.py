@@ -149,23 +149,25 @@ def test_a_retrained_teachers_folder_is_refused_and_its_old_caches_are_never_rea
 
 
 @pytest.mark.slow
-def test_a_list_of_runs_is_stacked_again_when_one_of_them_is_replaced(
-    trained: dict[str, Path], tmp_path: Path
+@pytest.mark.parametrize("source", ["list", "sweep"])
+def test_stacked_teachers_are_stacked_again_when_one_run_is_replaced(
+    source: str, trained: dict[str, Path], tmp_path: Path
 ) -> None:
-    a, b = tmp_path / "a", tmp_path / "b"
+    """Several runs: a list (cached under outputs/teacher-cache/) or a sweep folder's jobs
+    (cached in the sweep folder, where a replaced job leaves the old cache)."""
+    a, b = (tmp_path / "sweep" / "0", tmp_path / "sweep" / "1")
     shutil.copytree(trained["seed0"], a)
     shutil.copytree(trained["seed5"], b)
-    first = run(tmp_path, *STUDENT, "teachers=[a,b]")
+    (tmp_path / "sweep" / "multirun.yaml").write_text("{}\n")
+    teachers = "teachers=[sweep/0,sweep/1]" if source == "list" else "teachers=sweep"
+    first = run(tmp_path, *STUDENT, teachers)
     assert "stacked their logits into" in first.stdout
-    (cache,) = (tmp_path / "outputs" / "teacher-cache").glob("*/teacher_logits.pt")
     # b deleted, and seed 0 trained again into it: the same files as a's, but another run
     shutil.rmtree(b)
     shutil.copytree(trained["seed0"], b)
     artifacts.write_json(b / "manifest.json", {**manifest(b), "run_id": artifacts.new_run_id()})
-    second = run(tmp_path, *STUDENT, "teachers=[a,b]")
-    assert "stacked their logits into" in second.stdout
-    assert f"logits from {cache}" not in second.stdout
-    assert len(list((tmp_path / "outputs" / "teacher-cache").glob("*/teacher_logits.pt"))) == 2
+    second = run(tmp_path, *STUDENT, teachers)
+    assert "stacked their logits into" in second.stdout and "logits from" not in second.stdout
 
 
 @pytest.mark.slow
