@@ -243,7 +243,7 @@ def _continue_record(run: Run, record: dict[str, Any], config: dict[str, Any]) -
 
 def refuse_complete_run(run_dir: Path) -> None:
     """A complete run is never overwritten. The dispatcher refuses such a folder before Hydra
-    writes into it (cli._check_run_dir); this catches what it cannot see (a launcher's own
+    writes into it (cli._refuse_held_folders); this catches what it cannot see (a launcher's own
     folder layout), before anything but Hydra's `.hydra/` is touched."""
     if os.environ.get(RESUME_ENV) == str(run_dir.resolve()):
         return  # a resume (of a complete run, the dispatcher already said so and stopped)
