@@ -3,12 +3,17 @@
 A run folder holds Hydra's `.hydra/`, `metrics.jsonl`, checkpoints and `manifest.json`. Every
 file appears atomically (written under a temporary name, then renamed), and the manifest is
 written last: a folder whose manifest does not say "complete" is unfinished and never consumed.
+
+A run is known by its `run_id` (written when it starts, kept on resume, copied with the folder)
+and by the sha256 of its files (`content`, recorded when it completes), never by its path: a
+consumer records both of every input run, and every cache derived from a run is keyed by them.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import hashlib
 import json
 import os
 import platform
@@ -16,8 +21,9 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
@@ -344,3 +350,111 @@ def complete_run(folder: Path, stage: str) -> dict[str, Any]:
             "or pass another run"
         )
     return manifest
+
+
+# --- run identity: what consumers record of their inputs, and what keys derived caches ------------
+
+# Not content: the manifest itself, and the log of epochs (a resumed run rewrites it).
+NOT_CONTENT = {MANIFEST, "metrics.jsonl"}
+
+
+def new_run_id() -> str:
+    return str(uuid.uuid4())
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def content_hashes(run_dir: Path) -> dict[str, str]:
+    """The sha256 of every file a run wrote at its top level (checkpoints, logits.pt, exports,
+    plots), recorded in its manifest as `content` when it completes. Folders (`.hydra/`, a
+    teachers run's `view-cache/`) and hidden files are not the run's content."""
+    return {
+        p.name: file_sha256(p)
+        for p in sorted(run_dir.iterdir())
+        if p.is_file() and not p.name.startswith(".") and p.name not in NOT_CONTENT
+    }
+
+
+def run_identity(folder: Path, manifest: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    """What a consumer records of a complete input run, and what keys the caches it derives:
+    the run's id and the sha256 of the files `names` it reads, hashed now (so what is checked
+    is what is there, not what the manifest claims).
+
+    A file whose hash differs from the one the run recorded when it completed was replaced or
+    edited since, and is refused. Runs made before distillrun recorded ids and hashes have
+    neither: their files are hashed now, unchecked, and their id is None (their caches are
+    then keyed by content alone).
+    """
+    recorded = manifest.get("content")
+    content = {}
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            raise UserError(f"missing file {path}: the run folder is incomplete; re-run its stage")
+        digest = file_sha256(path)
+        if isinstance(recorded, dict) and recorded.get(name) != digest:
+            raise UserError(
+                f"{path} is not the file its run wrote (its sha256 differs from the one in "
+                f"{folder / MANIFEST}): it was replaced or edited since; restore it, or run "
+                f"{manifest.get('stage')} again into a fresh folder"
+            )
+        content[name] = digest
+    return {"path": str(folder), "run_id": manifest.get("run_id"), "content": content}
+
+
+def cache_identity(identities: list[dict[str, Any]], prefix: str = "") -> list[Any]:
+    """The part of input runs' identities a cache key holds: ids and hashes of the files whose
+    names start with `prefix`, never paths (a moved or copied run keeps its caches)."""
+    return [
+        [i.get("run_id"), {k: v for k, v in i["content"].items() if k.startswith(prefix)}]
+        for i in identities
+    ]
+
+
+def changed_run(recorded: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """Why the run now at a recorded input's path is not the run that was consumed (None: the
+    same run, its files unchanged)."""
+    if recorded.get("run_id") and recorded.get("run_id") != now.get("run_id"):
+        return (
+            f"{recorded['path']} now holds another run (run id {now.get('run_id')}, not "
+            f"{recorded['run_id']})"
+        )
+    changed = [k for k, v in recorded.get("content", {}).items() if now["content"].get(k) != v]
+    if changed:
+        return f"{Path(recorded['path']) / changed[0]} changed since"
+    return None
+
+
+def changed_inputs(manifest: dict[str, Any]) -> str | None:
+    """Why a run's recorded input runs are no longer what is at their paths (None: unchanged).
+    For a resume: a run continued on other inputs would be neither the old run nor a new one."""
+    for key, runs in (manifest.get("input_runs") or {}).items():
+        for recorded in runs:
+            folder = Path(recorded["path"])
+            try:
+                current = read_manifest(folder) if folder.is_dir() else None
+                if not current or current.get("status") != "complete":
+                    return f"its {key} run {folder} is gone or unfinished"
+                why = changed_run(recorded, run_identity(folder, current, recorded["content"]))
+            except UserError as e:
+                why = str(e)
+            if why:
+                return f"its {key} input {why}"
+    return None
+
+
+def holds_run(folder: Path) -> dict[str, Any] | None:
+    """The manifest of the run a folder holds ({} for one that started but wrote none yet, or
+    whose manifest is unreadable), or None when it holds no run."""
+    if (folder / MANIFEST).is_file():
+        try:
+            return read_manifest(folder) or {}
+        except UserError:
+            return {}
+    return {} if (folder / ".hydra").is_dir() else None

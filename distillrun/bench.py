@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from distillrun import artifacts
 from distillrun.augment import Views
 from distillrun.ensemble import combine
 from distillrun.losses import distillation_loss
@@ -159,7 +160,7 @@ def bench_view_cache(
     """The members' logits on every view of every example of `x`, built as distill builds
     them (teaching.view_cache, checkpoints read from `files`), in `folder`."""
     cached, _ = view_cache(
-        sources=[folder],
+        sources=[{f.name: artifacts.file_sha256(f) for f in files}],
         member_files=files,
         fingerprint="bench",
         cache_dir=Path(folder),

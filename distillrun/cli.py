@@ -118,6 +118,7 @@ def precheck(stage: str, args: list[str]) -> list[str]:
         for cfg in cfgs:
             validate(stage, cfg)
         _check_output_root(cfgs[0].paths.output_root)
+        _refuse_held_folders(stage, overrides, parsed.multirun)
         _check_run_dir(overrides, parsed.multirun)
         if parsed.multirun:
             return _keys_from_swept_groups(stage, args, overrides)
@@ -260,6 +261,61 @@ def _check_run_dir(overrides: list, multirun: bool) -> None:
             )
 
 
+def _refuse_held_folders(stage: str, overrides: list, multirun: bool) -> None:
+    """Never write a run into a folder that holds one (before Hydra writes its `.hydra/`
+    there): a complete run is never overwritten, an unfinished one is continued with resume=.
+    For a sweep: the folders its jobs would land in (a search continues in its own folder by
+    design: its finished trials are kept and its cut-off ones resumed)."""
+    given = {o.key_or_group: o for o in overrides if not o.is_sweep_override()}
+    if not multirun:
+        folder = _literal_folder(given.get("hydra.run.dir"))
+        if folder is not None and os.environ.get(RESUME_ENV) != str(folder.resolve()):
+            _refuse_held(stage, folder, "hydra.run.dir")
+        return
+    sweeper = given.get("hydra/sweeper")
+    folder = _literal_folder(given.get("hydra.sweep.dir"))
+    if folder is None or (sweeper and sweeper.value() != "basic") or "hydra.sweep.subdir" in given:
+        return
+    for job in range(_job_count(overrides)):
+        _refuse_held(stage, folder / str(job), "hydra.sweep.dir")
+
+
+def _literal_folder(override: Any) -> Path | None:
+    """The folder an override names, None when it has none or an interpolation (${now:...}
+    makes a fresh one)."""
+    if override is None or "${" in str(override.value()):
+        return None
+    return Path(str(override.value())).expanduser()
+
+
+def _job_count(overrides: list) -> int:
+    """How many jobs a grid sweep launches (numbered 0, 1, ...): the product of the numbers
+    of values (a glob() sweep, which Hydra expands itself, counted as one)."""
+    count = 1
+    for o in overrides:
+        if o.is_sweep_override() and not _hydra_key(o):
+            values = sweep_values(o)
+            count *= len(values) if values else 1
+    return count
+
+
+def _refuse_held(stage: str, folder: Path, key: str) -> None:
+    """Refuse `folder` if it holds a run; reads only (a refused folder is left as it was)."""
+    held = artifacts.holds_run(folder)
+    if held is None or artifacts.is_locked(folder):
+        return  # no run; or one running now, which _check_run_dir refuses as in use
+    what = held.get("stage", stage)
+    if held.get("status") in ("complete", "pruned"):
+        raise UserError(
+            f"{key}={folder} holds a {held['status']} {what} run, which is never overwritten: "
+            "choose a fresh folder"
+        )
+    raise UserError(
+        f"{key}={folder} holds an unfinished {what} run: continue it with `distillrun {what} "
+        f"resume={folder}`, or choose a fresh folder"
+    )
+
+
 # --- resume=<run folder> -------------------------------------------------------------------------
 
 
@@ -304,6 +360,11 @@ def resume_args(stage: str, args: list[str]) -> list[str]:
     # (Under torchrun, process 0 may have locked it already: it checks for all of them.)
     if distributed.is_main() and artifacts.is_locked(folder):
         raise UserError(f"resume={folder} is still running: wait for it, or stop it first")
+    why = artifacts.changed_inputs(manifest or {})
+    if why:
+        raise UserError(
+            f"resume={folder}: {why}; it cannot be resumed on other inputs: start a new run"
+        )
     changed = [a for a in others if a not in saved]
     if changed:
         raise UserError(

@@ -9,15 +9,19 @@ a train-teachers run everywhere (its record in distillrun.stages.STAGES).
 The teachers' logits on the train/val/test splits are computed once, by train-teachers, and
 saved with each run (logits.pt). A source of several runs stacks them once into
 `teacher_logits.pt` beside them (in the sweep folder, or under the output root for a list),
-under a file lock, so the parallel jobs of a distill sweep build it once and share it.
+under a file lock, so the parallel jobs of a distill sweep build it once and share it. It is
+keyed by the runs' ids and the sha256 of their logits.pt (`Teachers.identities`), never by their
+folders: a copied or moved source keeps it, and a folder that now holds other teachers does not.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +45,8 @@ class Teachers:
     source: str  # what to print and record: a run folder, a sweep folder, or a list
     runs: list[Path]
     manifests: list[dict[str, Any]]
-    cache_dir: Path
+    folder: Path | None  # the one run or sweep folder named (its caches go in it); None: a list
+    output_root: Path  # a list's caches go in output_root/teacher-cache/<key>
 
     @property
     def members(self) -> list[dict[str, Any]]:
@@ -65,6 +70,25 @@ class Teachers:
             files += found
         return files
 
+    @cached_property
+    def identities(self) -> list[dict[str, Any]]:
+        """Each run's id and the sha256 of what distill reads of it, checked against its
+        manifest (artifacts.run_identity): recorded as distill's input, and the key of every
+        cache derived from these teachers."""
+        return [
+            artifacts.run_identity(run, manifest, _files_read(run, manifest))
+            for run, manifest in zip(self.runs, self.manifests, strict=True)
+        ]
+
+    @property
+    def cache_dir(self) -> Path:
+        """Where the caches of these teachers live: in the run or sweep folder named, or for a
+        list of runs in a folder named by their identities (not their paths)."""
+        if self.folder is not None:
+            return self.folder
+        key = json.dumps(artifacts.cache_identity(self.identities, "logits"), sort_keys=True)
+        return self.output_root / "teacher-cache" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
     @property
     def combination(self) -> dict[str, Any] | None:
         """The metrics of an evaluate run (a generalist plus specialists), else None."""
@@ -74,6 +98,14 @@ class Teachers:
     @property
     def dataset(self) -> dict[str, Any]:
         return self.manifests[0].get("dataset", {})
+
+
+def _files_read(folder: Path, manifest: dict[str, Any]) -> list[str]:
+    """What distill reads of a teachers run: logits.pt, and the member checkpoints it has (the
+    view cache and online teachers run them)."""
+    count = len(manifest["metrics"].get("members", []))
+    members = [f"member_{i}.pt" for i in range(count)]
+    return ["logits.pt", *(name for name in members if (folder / name).is_file())]
 
 
 def parse_source(source: str | None) -> Any:
@@ -152,12 +184,10 @@ def find_teachers(
     if len(set(runs)) != len(runs):
         raise UserError("teachers= names the same run twice: list each run once")
     if len(names) == 1:
-        source, cache_dir = str(names[0].resolve()), names[0].resolve()
+        source, folder = str(names[0].resolve()), names[0].resolve()
     else:
-        source = "[" + ", ".join(str(n.resolve()) for n in names) + "]"
-        key = hashlib.sha256("\n".join(map(str, runs)).encode()).hexdigest()[:16]
-        cache_dir = output_root.resolve() / "teacher-cache" / key
-    return Teachers(source, runs, [m for _, m in found], cache_dir)
+        source, folder = "[" + ", ".join(str(n.resolve()) for n in names) + "]", None
+    return Teachers(source, runs, [m for _, m in found], folder, output_root.resolve())
 
 
 def _newest_source(output_root: Path, data: Data, say: Callable[[str], None]) -> Path:
@@ -213,7 +243,8 @@ def _holds_logits(cache: Any, data: Data) -> bool:
 
 
 def load_run_logits(folder: Path, data: Data) -> dict[str, torch.Tensor]:
-    """One run's logits.pt, checked against this dataset's splits (a UserError if not)."""
+    """One run's logits.pt, checked against this dataset's splits (a UserError if not). The
+    caller checks it is the file the run wrote (artifacts.run_identity)."""
     cache = artifacts.load_tensors(folder / "logits.pt")
     if not _holds_logits(cache, data):
         raise UserError(
@@ -237,12 +268,16 @@ def teacher_logits(
 ) -> tuple[dict[str, torch.Tensor], Path | None, bool]:
     """Every member's logits [M, N, C] per split, the file they came from (None: stacked in
     memory, the cache folder being read-only), and whether this call wrote that file (True
-    once per source, however many jobs ask at the same time)."""
+    once per source, however many jobs ask at the same time). Each run's logits.pt is checked
+    against the hash its run recorded (`teachers.identities`), whether it is read or cached."""
     if len(teachers.runs) == 1:
         path = teachers.runs[0] / "logits.pt"
-        return load_run_logits(teachers.runs[0], data), path, False
+        logits = load_run_logits(teachers.runs[0], data)  # first: a damaged file says so
+        teachers.identities  # noqa: B018 - refuses a logits.pt its run did not write
+        return logits, path, False
     path = teachers.cache_dir / CACHE
-    sources = [str(r) for r in teachers.runs]
+    identity = artifacts.cache_identity(teachers.identities, "logits")
+    key = json.dumps([data.fingerprint, identity], sort_keys=True)
     try:
         teachers.cache_dir.mkdir(parents=True, exist_ok=True)
         lock = open(teachers.cache_dir / f".{CACHE}.lock", "a")
@@ -252,12 +287,12 @@ def teacher_logits(
         if lock is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)  # the other jobs wait here while one builds it
             cache = _read_cache(path)
-            if cache.get("sources") == sources and _holds_logits(cache, data):
+            if cache.get("key") == key and _holds_logits(cache, data):
                 return cache, path, False
         parts = [load_run_logits(run, data) for run in teachers.runs]
         cache = {
             "fingerprint": data.fingerprint,
-            "sources": sources,
+            "key": key,
             **{s: torch.cat([p[s] for p in parts]) for s in SPLITS},
         }
         if lock is None:

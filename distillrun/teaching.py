@@ -10,8 +10,10 @@ into the ensemble's targets at T the same way, whichever the source.
 
 The view cache holds every member's logits on every (transfer example, view) as fp16, or only
 each view's k largest logits and one floor for the others (`top_k`: the floor keeps the total
-probability of the classes left out). It is built once per teachers, data, transfer set,
-augmentation and precision, under a file lock, and written under a temporary name then renamed:
+probability of the classes left out). It is built once per teachers (keyed by their run ids
+and the sha256 of their member checkpoints, never their folders: a copied teachers folder keeps
+its cache, a folder that now holds other teachers does not), data, transfer set, augmentation
+and precision, under a file lock, and written under a temporary name then renamed:
 the parallel jobs of a sweep build it once, and a killed build leaves nothing that is read.
 """
 
@@ -92,7 +94,7 @@ def cache_size(members: int, examples: int, views: int, classes: int, top_k: int
     return members * examples * views * per_view
 
 
-def _key(sources: list[str], fingerprint: str, transfer: torch.Tensor, what: dict) -> str:
+def _key(sources: list[Any], fingerprint: str, transfer: torch.Tensor, what: dict) -> str:
     h = hashlib.sha256(json.dumps([FORMAT, sources, fingerprint, what], sort_keys=True).encode())
     h.update(transfer.cpu().numpy().tobytes())
     return h.hexdigest()
@@ -112,7 +114,7 @@ def _digest(t: torch.Tensor) -> str:
 
 def view_cache(
     *,
-    sources: list[str],
+    sources: list[Any],
     member_files: list[Path],
     fingerprint: str,
     cache_dir: Path,
@@ -128,7 +130,9 @@ def view_cache(
 ) -> tuple[CachedLogits, dict[str, Any]]:
     """The members' logits on every view of the transfer examples `x` (the rows `transfer` of
     the training split), from the cache in `cache_dir` or built there now; and what to record
-    of it (path, size, whether this call built it)."""
+    of it (path, size, whether this call built it). `sources` identifies the members in the
+    cache's key: the teacher runs' ids and the hashes of `member_files`
+    (artifacts.cache_identity), never paths."""
     views = augmentation.views if isinstance(augmentation, SubsetViews) else augmentation
     count = augmentation.count
     if top_k is not None and top_k >= num_classes:

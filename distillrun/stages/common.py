@@ -67,8 +67,15 @@ class Run:
         self.manifest_written = True
         tracking.manifest_written(self, manifest)
 
-    def add_input(self, key: str, folder: Path) -> None:
-        """Record a run folder this run consumes, at once: a resumed run uses the same one."""
+    def add_input(
+        self, key: str, folder: Path | str, runs: list[dict[str, Any]] | None = None
+    ) -> None:
+        """Record a run folder this run consumes, at once: a resumed run uses the same one.
+        `runs`: the identity of each run it stands for (artifacts.run_identity), recorded as
+        `input_runs`; a resumed run refuses inputs that are no longer the runs it began with."""
+        if runs is not None:
+            _check_same_inputs(self, key, runs)
+            self.info.setdefault("input_runs", {})[key] = runs
         self.inputs[key] = str(folder)
         if self.manifest_written:
             self.write_manifest(self.record)
@@ -145,6 +152,7 @@ def run_stage(
             distributed.stop()
     try:
         lock = artifacts.lock_run_folder(run_dir)
+        refuse_complete_run(run_dir)
     except UserError as e:  # another process runs in this folder: leave everything as it is
         error_line(stage, str(e))
         sys.exit(2)
@@ -181,6 +189,7 @@ def _run_locked(
         "config": config,
         # while it is unfinished: how to continue it (a run killed outright cannot say so)
         "resume_command": f"distillrun {stage} resume={run_dir.resolve()}",
+        "run_id": artifacts.new_run_id(),  # a resumed run keeps its first one
     }
     run = Run(stage, run_dir, torch.device("cpu"), resuming=resuming, record=record)
     run.observers_started = not distributed.is_main()  # trackers: process 0's alone
@@ -206,6 +215,8 @@ def _run_locked(
         with _sigterm_interrupts():
             metrics = body(cfg, run)
         done = {**finished(record), "status": "complete", "ended": artifacts.now()}
+        if distributed.is_main():  # (the other processes' folders are temporary)
+            done["content"] = artifacts.content_hashes(run_dir)
         if run.diverged:  # the run completes, flagged (the sweep summary shows the flag)
             metrics["diverged"] = True
             done["diverged_models"] = run.diverged
@@ -264,8 +275,40 @@ def _continue_record(run: Run, record: dict[str, Any], config: dict[str, Any]) -
             "defaults changed since?); it cannot be resumed exactly: start a new run"
         )
     record["started"] = previous.get("started", record["started"])
+    record["run_id"] = previous.get("run_id", record["run_id"])
     record["resumed"] = [*previous.get("resumed", []), artifacts.now()]
     run.inputs.update(previous.get("inputs", {}))
+    if previous.get("input_runs"):
+        run.info["input_runs"] = previous["input_runs"]
+
+
+def refuse_complete_run(run_dir: Path) -> None:
+    """A complete run is never overwritten. The dispatcher refuses such a folder before Hydra
+    writes into it (cli._refuse_held_folders); this catches what it cannot see (a launcher's own
+    folder layout), before anything but Hydra's `.hydra/` is touched."""
+    if os.environ.get(RESUME_ENV) == str(run_dir.resolve()):
+        return  # a resume (of a complete run, the dispatcher already said so and stopped)
+    held = artifacts.holds_run(run_dir) or {}
+    if held.get("status") == "complete":
+        raise UserError(
+            f"{run_dir} holds a complete {held.get('stage')} run, which is never overwritten: "
+            "choose a fresh folder"
+        )
+
+
+def _check_same_inputs(run: Run, key: str, runs: list[dict[str, Any]]) -> None:
+    """Resuming: the input runs must be the ones the run began with (same ids, same files)."""
+    recorded = run.info.get("input_runs", {}).get(key) if run.resuming else None
+    if recorded is None:
+        return
+    whys = [artifacts.changed_run(before, now) for before, now in zip(recorded, runs, strict=False)]
+    if len(recorded) != len(runs):
+        whys.insert(0, f"{len(runs)} run(s) where it began with {len(recorded)}")
+    why = next((w for w in whys if w), None)
+    if why:
+        raise UserError(
+            f"cannot resume {run.dir} on other {key} than it began with ({why}): start a new run"
+        )
 
 
 def _changed_keys(a: Any, b: Any, prefix: str = "") -> list[str]:

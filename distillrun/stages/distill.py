@@ -93,8 +93,8 @@ def distill(cfg: DictConfig, run: Run) -> dict[str, Any]:
     chosen = distributed.broadcast(teachers.source if distributed.is_main() else None)
     if not distributed.is_main():
         teachers = find_teachers(parse_source(chosen), Path(cfg.paths.output_root), data, say)
-    run.add_input("teachers", teachers.source)
     cache, cache_path, built = teacher_logits(teachers, data)
+    run.add_input("teachers", teachers.source, teachers.identities)
     run.info["teacher_cache"] = {"path": str(cache_path), "built_by_this_run": built}
     augmentation = augment.from_config(cfg.augment, data.image_shape, data.normalization)
     data = data.to(run.device)
@@ -235,7 +235,7 @@ def teacher_outputs(
         augmentation = augment.subset(augmentation, len(idx), m, t.views_seed, run.device)
         record["augment"] = augmentation.describe()
     cached, record["view_cache"] = view_cache(
-        sources=[str(r) for r in teachers.runs],
+        sources=artifacts.cache_identity(teachers.identities, "member_"),
         member_files=teachers.member_files,
         fingerprint=data.fingerprint,
         cache_dir=teachers.cache_dir,

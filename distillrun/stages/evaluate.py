@@ -32,6 +32,7 @@ from distillrun.teachers import load_run_logits
 from distillrun.train import predict
 
 SPECIALISTS_STAGE = "specialists"
+GENERALIST_STAGE = "train-teachers"
 SPLITS = ("train", "val", "test")
 
 
@@ -122,6 +123,28 @@ def find_specialists(cfg: DictConfig) -> tuple[list[tuple[Path, int]], dict[str,
     return [(folder, i) for i in range(k)], manifest
 
 
+def specialists_identity(folder: Path, specs: list[tuple[Path, int]]) -> dict[str, Any]:
+    """A specialists run's identity, with the hashes of the specialists read from it."""
+    manifest = artifacts.complete_run(folder, SPECIALISTS_STAGE)
+    read = [f"specialist_{i}.pt" for f, i in specs if f == folder]
+    return artifacts.run_identity(folder, manifest, read)
+
+
+def trained_from(generalist: Path, specialists: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of the generalist the specialists were trained from, which must still be
+    the run at its path (the combination needs the same generalist's outputs)."""
+    manifest = artifacts.complete_run(generalist, GENERALIST_STAGE)
+    for recorded in specialists.get("input_runs", {}).get("generalist", []):
+        now = artifacts.run_identity(generalist, manifest, recorded["content"])
+        why = artifacts.changed_run(recorded, now)
+        if why:
+            raise UserError(
+                f"the specialists were trained from another generalist than the one now at "
+                f"{generalist} ({why}): train the specialists again on this generalist"
+            )
+    return manifest
+
+
 def by_coverage(
     covering: torch.Tensor, generalist_right: torch.Tensor, combined_right: torch.Tensor
 ) -> list[dict[str, Any]]:
@@ -179,11 +202,15 @@ def plot_by_coverage(path: Path, rows: list[dict[str, Any]]) -> None:
 def evaluate(cfg: DictConfig, run: Run) -> dict[str, Any]:
     specs, manifest = find_specialists(cfg)
     folders = list(dict.fromkeys(f for f, _ in specs))
-    run.inputs["specialists"] = str(folders[0] if len(folders) == 1 else folders[0].parent)
+    run.add_input(
+        "specialists",
+        folders[0] if len(folders) == 1 else folders[0].parent,
+        [specialists_identity(folder, specs) for folder in folders],
+    )
     info = manifest["specialists"]
     clusters, member = info["clusters"], int(info["generalist_member"])
     generalist = Path(manifest.get("inputs", {}).get("generalist", ""))
-    run.inputs["generalist"] = str(generalist)
+    generalist_run = trained_from(generalist, manifest)
     dataset = manifest.get("dataset", {})
     data = load_dataset(dataset.get("config", {}))
     if data.fingerprint != dataset.get("fingerprint"):
@@ -193,6 +220,8 @@ def evaluate(cfg: DictConfig, run: Run) -> dict[str, Any]:
         )
     run.info["dataset"] = dataset
     cache = load_run_logits(generalist, data)
+    read = artifacts.run_identity(generalist, generalist_run, ["logits.pt"])
+    run.add_input("generalist", generalist, [read])
     data = data.to(run.device)
     models = [load_model(folder / f"specialist_{i}.pt", run.device) for folder, i in specs]
     say(

@@ -29,7 +29,7 @@ def main(cfg: DictConfig) -> float | None:
 def export(cfg: DictConfig, run: Run) -> dict[str, Any]:
     source = Path(str(cfg.run)).expanduser().resolve()
     exp = exportable(source, cfg.member)
-    run.add_input("run", source)
+    run.add_input("run", source, [artifacts.run_identity(source, exp.manifest, [exp.file.name])])
     run.info["dataset"] = exp.manifest.get("dataset")
     run.info["model"] = {k: exp.config[k] for k in ("model", "input_shape", "num_classes")}
     say(f"export: {exp.file} ({exp.manifest.get('stage')} run) -> {run.dir}")

@@ -59,10 +59,18 @@ def load_predictor(source: Path, member: int | None, device: torch.device) -> tu
     return lambda x: torch_predict(exp.model, x.to(device)).cpu(), exp.config, "pytorch"
 
 
+def source_identity(source: Path, config: dict[str, Any], runtime: str) -> dict[str, Any]:
+    """The identity of the run the predictions come from, with the hashes of the files read."""
+    manifest = artifacts.read_manifest(source) or {}
+    if runtime == "onnxruntime":  # an export folder
+        return artifacts.run_identity(source, manifest, [FILES["onnx"], FILES["config"]])
+    return artifacts.run_identity(source, manifest, [config["source"]["file"]])
+
+
 def predict(cfg: DictConfig, run: Run) -> dict[str, Any]:
     source = Path(str(cfg.run)).expanduser().resolve()
     forward, config, runtime = load_predictor(source, cfg.member, run.device)
-    run.add_input("run", source)
+    run.add_input("run", source, [source_identity(source, config, runtime)])
     given = Path(str(cfg.input)).expanduser().resolve()
     ids, raw = read_inputs(given, config["input_shape"])
     run.info["input"] = str(given)

@@ -88,7 +88,6 @@ def specialists(cfg: DictConfig, run: Run) -> dict[str, Any]:
     chosen = distributed.broadcast(str(folder) if distributed.is_main() else None)
     if not distributed.is_main():
         folder, generalist_run = find_generalist(cfg, data, chosen)
-    run.add_input("generalist", folder)
     n_members = len(generalist_run.get("metrics", {}).get("members", [])) or 1
     if member >= n_members:
         raise UserError(
@@ -96,6 +95,10 @@ def specialists(cfg: DictConfig, run: Run) -> dict[str, Any]:
             f"{n_members - 1}"
         )
     cache = load_run_logits(folder, data)
+    read = ["logits.pt"]
+    if (folder / f"member_{member}.pt").is_file():  # (an imported member may have none: below)
+        read.append(f"member_{member}.pt")
+    run.add_input("generalist", folder, [artifacts.run_identity(folder, generalist_run, read)])
     # The member's own architecture (an imported one need not be its run's `model` config).
     generalist, model_cfg = load_checkpoint(folder / f"member_{member}.pt", run.device)
     run.info["dataset"] = dataset_info(data, cfg)
