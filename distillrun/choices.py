@@ -20,6 +20,7 @@ AUGMENTATIONS = ("none", "shift", "crop_flip", "mixup")  # augment.from_config
 BORDERS = ("replicate", "reflect", "zeros")  # augment.BORDERS: augment.border
 TEACHER_OUTPUTS = ("auto", "cached", "online")  # stages.distill: teacher_outputs.mode
 PRECISIONS = ("fp32", "bf16", "fp16")  # train.AUTOCAST: train.precision
+CSV_HEADERS = ("auto", "true", "false")  # inputs.read_inputs: predict's header=
 
 
 def fp16_refusal(device: str) -> str:
