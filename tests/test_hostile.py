@@ -276,3 +276,13 @@ def test_predict_refuses_in_one_line_and_writes_no_predictions(
     (folder,) = runs(tmp_path, "predict")
     assert manifest(folder)["status"] == "failed"
     assert not (folder / "predictions.csv").exists()
+
+
+def test_outputs_that_are_not_finite_are_refused_before_writing() -> None:
+    """Finite inputs far outside the training data's scale can overflow the model."""
+    from distillrun.stages.predict import check_finite
+
+    probs = torch.tensor([[0.5, 0.5], [float("nan"), 0.5], [1.0, 0.0]])
+    with pytest.raises(UserError, match=r"outputs for 1 input\(s\) of x.npz are not finite \(b\)"):
+        check_finite(probs, ["a", "b", "c"], Path("x.npz"))
+    check_finite(probs[[0, 2]], ["a", "c"], Path("x.npz"))
