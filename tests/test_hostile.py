@@ -199,7 +199,7 @@ def test_8_bit_modes_are_read_and_transparency_is_refused(tmp_path: Path) -> Non
     assert x[3, 0].tolist() == [[0, 1], [1, 0]]
     rgba = np.zeros((2, 2, 4), dtype=np.uint8)  # black strokes on a transparent background
     save(folder, "e_transparent.png", Image.fromarray(rgba))
-    refused(folder, "e_transparent.png has transparent pixels.*flatten it", [1, 2, 2])
+    refused(folder, r"^image \S+e_transparent.png has transparent pixels.*flatten it", [1, 2, 2])
 
 
 def test_damaged_images_and_folders(tmp_path: Path) -> None:
@@ -286,3 +286,20 @@ def test_outputs_that_are_not_finite_are_refused_before_writing() -> None:
     with pytest.raises(UserError, match=r"outputs for 1 input\(s\) of x.npz are not finite \(b\)"):
         check_finite(probs, ["a", "b", "c"], Path("x.npz"))
     check_finite(probs[[0, 2]], ["a", "c"], Path("x.npz"))
+
+
+def test_other_pil_modes_are_refused_by_name(tmp_path: Path) -> None:
+    """PNG and JPEG decode to the modes above; a float image, or 32-bit values beyond 16 bits,
+    can only come from elsewhere and are refused rather than guessed at."""
+    from PIL import Image
+
+    from distillrun.inputs import _pixels
+
+    with pytest.raises(UserError, match=r"^image f.png has PIL mode F, which predict does not"):
+        _pixels(Path("f.png"), Image.new("F", (2, 2)), 1, 2, 2)
+    wide = Image.fromarray(np.array([[0, 70000]], dtype=np.int32))
+    assert wide.mode == "I"
+    with pytest.raises(UserError, match=r"^image i.png holds values outside 0..65535"):
+        _pixels(Path("i.png"), wide, 1, 1, 2)
+    within = Image.fromarray(np.array([[0, 65535]], dtype=np.int32))
+    assert _pixels(Path("i.png"), within, 1, 1, 2).tolist() == [[[0.0, 1.0]]]
