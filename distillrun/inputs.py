@@ -265,6 +265,8 @@ def _image(file: Path, channels: int, height: int, width: int) -> np.ndarray:
         with Image.open(file) as image:
             image.load()
             return _pixels(file, image, channels, height, width)
+    except UserError:
+        raise  # already the message (a UserError is a ValueError too)
     except Image.DecompressionBombError as e:
         raise UserError(f"image {file} is too large to read safely ({e}): resize it") from e
     except damaged as e:
