@@ -22,6 +22,7 @@ CONTINUOUS_AUGMENTATIONS = ("mixup",)
 BORDERS = ("replicate", "reflect", "zeros")  # augment.BORDERS: augment.border
 TEACHER_OUTPUTS = ("auto", "cached", "online")  # stages.distill: teacher_outputs.mode
 PRECISIONS = ("fp32", "bf16", "fp16")  # train.AUTOCAST: train.precision
+CSV_HEADERS = ("auto", "true", "false")  # inputs.read_inputs: predict's header=
 TRACKERS = {"mlflow": "mlflow", "tensorboard": "tensorboard"}  # logger=: the package each needs
 TRACKING_INSTALL = 'pip install "distillrun[tracking]"'
 

@@ -591,6 +591,11 @@ def _predict(cfg: DictConfig, p: _Problems) -> None:
         f"member={cfg.member} must be null or a member number >= 0",
     )
     p.need(_is_int(cfg.top_k) and cfg.top_k >= 1, f"top_k={cfg.top_k} must be an integer >= 1")
+    header = cfg.get("header", "auto")  # Hydra reads header=true as a bool
+    p.need(
+        str(header).lower() in choices.CSV_HEADERS and not _is_num(header),
+        f"header={header}: use {one_of(choices.CSV_HEADERS)}",
+    )
 
 
 def stage_checks(stage: str) -> Callable[[DictConfig, _Problems], None]:

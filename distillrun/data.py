@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -416,75 +415,83 @@ def _load_mnist1d(cfg: Any) -> Data:
     return _finish("mnist1d", cfg, d["x"], d["y"], d["x_test"], d["y_test"])
 
 
+NPZ_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+NPZ_FIX = "np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)"
+
+
 def _load_npz(cfg: Any) -> Data:
     """The user's own .npz file with x_train, y_train, x_test, y_test."""
-    path = Path(os.path.expanduser(str(_get(cfg, "path")))).resolve()
-    if not path.is_file():
-        what = "is a directory" if path.is_dir() else "does not exist"
-        raise UserError(f"dataset.path={path} {what}: set dataset.path to your .npz file")
-    arrays = {}
-    try:
-        with open(path, "rb") as fh:
-            loaded = np.load(fh, allow_pickle=False)
-            if not isinstance(loaded, np.lib.npyio.NpzFile):
-                raise ValueError("it holds a single array (.npy), not named arrays")
-            with loaded:
-                missing = sorted({"x_train", "y_train", "x_test", "y_test"} - set(loaded.files))
-                if missing:
-                    raise UserError(
-                        f"{path} lacks array(s) {', '.join(missing)}: save it with "
-                        "np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)"
-                    )
-                for key in ("x_train", "y_train", "x_test", "y_test"):
-                    arrays[key] = loaded[key]
-    except UserError:
-        raise  # already the message (UserError is a ValueError too)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        reason = " ".join(str(exc).split())[:200]
-        if "pickle" in reason:  # numpy's hint is to load it unsafely: never
-            reason = "it would have to be unpickled, which could run code, so it was not loaded"
-        raise UserError(
-            f"{path} is not a readable .npz file ({reason}): write it with "
-            "np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)"
-        ) from exc
+    from distillrun.inputs import load_npz, missing_path, resolve
 
+    path = resolve(_get(cfg, "path"), "dataset.path")
+    if path.is_dir():
+        raise UserError(f"dataset.path={path} is a directory: set dataset.path to your .npz file")
+    if not path.is_file():
+        raise missing_path(path, "dataset.path", "set dataset.path to your .npz file")
+    arrays = load_npz(path, "x_train, y_train, x_test, y_test", f"write it with {NPZ_FIX}")
+    missing = [k for k in NPZ_ARRAYS if k not in arrays]
+    if missing:
+        raise UserError(f"{path} lacks array(s) {', '.join(missing)}: save it with {NPZ_FIX}")
     for split in ("train", "test"):
-        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool) or x.ndim not in (2, 3, 4):
-            raise UserError(
-                f"x_{split} in {path} has shape {x.shape} and dtype {x.dtype}: it must be numeric, "
-                "shaped (N, D), (N, H, W) or (N, C, H, W)"
-            )
-        if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
-            raise UserError(
-                f"y_{split} in {path} has shape {y.shape} and dtype {y.dtype}: it must be a 1-D "
-                "array of integer class ids (use y.astype(np.int64))"
-            )
-        if len(x) != len(y) or len(x) == 0:
-            raise UserError(
-                f"x_{split} has {len(x)} rows but y_{split} has {len(y)} in {path}: "
-                "give every example exactly one label (and at least one example)"
-            )
-        if (y < 0).any():
-            raise UserError(f"y_{split} in {path} holds negative labels: use class ids 0..C-1")
-        if not np.isfinite(x).all():
-            raise UserError(f"x_{split} in {path} holds NaN or infinite values: clean them first")
-        if x.ndim == 3:
-            arrays[f"x_{split}"] = x[:, None]
+        arrays[f"x_{split}"] = _npz_inputs(path, split, arrays[f"x_{split}"], arrays[f"y_{split}"])
+        _npz_labels(path, split, arrays[f"y_{split}"])
     if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
         raise UserError(
             f"x_train rows are {arrays['x_train'].shape[1:]} but x_test rows are "
             f"{arrays['x_test'].shape[1:]} in {path}: both splits need the same shape"
         )
+    y_train, y_test = arrays["y_train"], arrays["y_test"]
+    classes = int(y_train.max()) + 1
+    if classes > len(y_train):
+        raise UserError(
+            f"y_train in {path} has label {classes - 1} but only {len(y_train)} rows: labels "
+            "are class ids 0..C-1 (renumber them with np.unique(y, return_inverse=True))"
+        )
+    unseen = y_test[y_test >= classes]
+    if len(unseen):
+        raise UserError(
+            f"y_test in {path} has label {int(unseen[0])}, a class y_train never has "
+            f"(its classes: 0..{classes - 1}): give the training split every class"
+        )
     return _finish(
         "npz",
         cfg,
         arrays["x_train"],
-        arrays["y_train"],
+        y_train,
         arrays["x_test"],
-        arrays["y_test"],
+        y_test,
+        classes,
         standardize=bool(_get(cfg, "standardize")),
     )
+
+
+def _npz_inputs(path: Path, split: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """x_<split> as float32 [N, D] or [N, C, H, W], finite, one row per label."""
+    from distillrun.inputs import as_float32
+
+    shapes = "shaped (N, D), (N, H, W) or (N, C, H, W)"
+    if x.ndim not in (2, 3, 4) or 0 in x.shape[1:]:
+        raise UserError(
+            f"x_{split} in {path} has shape {x.shape}: it must be {shapes}, with values"
+        )
+    if len(x) != len(y) or len(x) == 0:
+        raise UserError(
+            f"x_{split} has {len(x)} rows but y_{split} has {len(y)} in {path}: "
+            "give every example exactly one label (and at least one example)"
+        )
+    x = as_float32(x, f"x_{split} in {path}", f"give finite real numbers {shapes}")
+    return x[:, None] if x.ndim == 3 else x
+
+
+def _npz_labels(path: Path, split: str, y: np.ndarray) -> None:
+    """y_<split>: a 1-D array of integer class ids >= 0 (bool or float labels are refused)."""
+    if y.dtype.kind not in "iu" or y.ndim != 1:
+        raise UserError(
+            f"y_{split} in {path} has shape {y.shape} and dtype {y.dtype}: it must be a 1-D "
+            "array of integer class ids (use y.astype(np.int64))"
+        )
+    if (y < 0).any():
+        raise UserError(f"y_{split} in {path} holds negative labels: use class ids 0..C-1")
 
 
 _LOADERS: dict[str, Callable[[Any], Data]] = {

@@ -467,6 +467,20 @@ def bad_npz(tmp_path: Path, case: str) -> object:
         path.write_bytes(path.read_bytes()[:300])
     elif case == "object":
         np.savez(path, **(arrays | {"y_train": np.array([[1], "a"], dtype=object)}))
+    elif case == "npy_named_npz":
+        with open(path, "wb") as f:
+            np.save(f, arrays["x_train"])
+    elif case == "empty_file":
+        path.write_bytes(b"")
+    elif case == "corrupt_member":  # a compressed member whose bytes were damaged
+        np.savez_compressed(path, **arrays)
+        data = bytearray(path.read_bytes())
+        data[200:260] = bytes(60)
+        path.write_bytes(bytes(data))
+    elif case == "directory":
+        path.mkdir()
+    elif case == "link_loop":
+        path.symlink_to(path)
     else:
         changes = {
             "missing": {"y_test": None},
@@ -476,6 +490,16 @@ def bad_npz(tmp_path: Path, case: str) -> object:
             "shapes": {"x_test": arrays["x_test"][:, :4]},
             "nan": {"x_train": np.where(arrays["x_train"] > 5, np.nan, arrays["x_train"])},
             "1d_x": {"x_train": arrays["x_train"][:, 0]},
+            "zero_rows": {"x_train": arrays["x_train"][:0], "y_train": arrays["y_train"][:0]},
+            "zero_width": {"x_train": arrays["x_train"][:, :0]},
+            "huge": {"x_test": np.where(arrays["x_test"] > 5, 1e300, arrays["x_test"])},
+            "inf": {"x_train": np.where(arrays["x_train"] > 5, -np.inf, arrays["x_train"])},
+            "complex": {"x_train": arrays["x_train"] + 1j},
+            "strings": {"x_test": arrays["x_test"].astype(str)},
+            "bool_labels": {"y_train": arrays["y_train"] > 0},
+            "2d_labels": {"y_test": arrays["y_test"][:, None]},
+            "sparse_labels": {"y_train": arrays["y_train"] * 1000},
+            "unseen_label": {"y_test": np.where(arrays["y_test"] == 2, 3, arrays["y_test"])},
         }[case]
         arrays |= changes
         np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
@@ -487,10 +511,10 @@ def bad_npz(tmp_path: Path, case: str) -> object:
     [
         ("unset", r"dataset\.path is not set: add dataset\.path="),
         ("nonexistent", "nope.npz does not exist"),
-        ("not_npz", "not a readable .npz file"),
-        ("npy", "not a readable .npz file.*single array"),
-        ("truncated", "not a readable .npz file"),
-        ("object", "not a readable .npz file"),
+        ("not_npz", "not a readable .npz .*not a zip archive"),
+        ("npy", "not a readable .npz .*single array"),
+        ("truncated", "not a readable .npz "),
+        ("object", "not a readable .npz .*unpickled"),
         ("missing", "lacks array.*y_test"),
         ("lengths", "x_train has 30 rows but y_train has 29"),
         ("float_labels", "y_train .*dtype float64.*integer class ids"),
@@ -498,6 +522,21 @@ def bad_npz(tmp_path: Path, case: str) -> object:
         ("shapes", "both splits need the same shape"),
         ("nan", "NaN"),
         ("1d_x", r"x_train .*shape \(30,\).*\(N, D\)"),
+        ("npy_named_npz", r"single array saved with np.save.*np.savez\(path, x_train="),
+        ("empty_file", r"not a readable .npz .*\(it is empty\)"),
+        ("corrupt_member", "not a readable .npz "),
+        ("directory", "is a directory: set dataset.path"),
+        ("link_loop", r"cannot be resolved \(Symlink loop.*point it at a real path"),
+        ("zero_rows", "x_train has 0 rows .*at least one example"),
+        ("zero_width", r"x_train .*shape \(30, 0\).*with values"),
+        ("huge", r"x_test .*1e\+300, beyond float32's range .* in row \d+: give finite"),
+        ("inf", r"x_train .*an infinite value in row"),
+        ("complex", "x_train .*complex numbers, not real numbers"),
+        ("strings", "x_test .*<U32 values, not real numbers"),
+        ("bool_labels", "y_train .*dtype bool.*integer class ids"),
+        ("2d_labels", r"y_test .*shape \(10, 1\).*1-D"),
+        ("sparse_labels", "label 2000 but only 30 rows.*np.unique"),
+        ("unseen_label", "y_test .*label 3, a class y_train never has.*0..2"),
     ],
 )
 def test_npz_bad_inputs_are_user_errors(tmp_path: Path, case: str, match: str) -> None:

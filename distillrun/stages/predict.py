@@ -29,7 +29,7 @@ from distillrun.formats import (
     normalize,
 )
 from distillrun.imported import onnx_session
-from distillrun.inputs import read_inputs
+from distillrun.inputs import read_inputs, resolve
 from distillrun.stages.common import Run, run_stage
 from distillrun.train import predict as torch_predict
 
@@ -67,17 +67,32 @@ def source_identity(source: Path, config: dict[str, Any], runtime: str) -> dict[
     return artifacts.run_identity(source, manifest, [config["source"]["file"]])
 
 
+def check_finite(probs: torch.Tensor, ids: list[str], given: Path) -> None:
+    """Refuse to write probabilities that are NaN: finite inputs far outside the training
+    data's scale can overflow the model."""
+    bad = (~torch.isfinite(probs).all(dim=1)).nonzero().flatten().tolist()
+    if bad:
+        shown = ", ".join(ids[i] for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise UserError(
+            f"the model's outputs for {len(bad)} input(s) of {given} are not finite ({shown}): "
+            "check that those inputs are in the units of the training data (images in [0, 1])"
+        )
+
+
 def predict(cfg: DictConfig, run: Run) -> dict[str, Any]:
-    source = Path(str(cfg.run)).expanduser().resolve()
+    source = resolve(cfg.run, "run")
+    given = resolve(cfg.input, "input")
     forward, config, runtime = load_predictor(source, cfg.member, run.device)
     run.add_input("run", source, [source_identity(source, config, runtime)])
-    given = Path(str(cfg.input)).expanduser().resolve()
-    ids, raw = read_inputs(given, config["input_shape"])
+    # Runs made before header= existed have no such key: auto, what they did.
+    header = str(cfg.get("header", "auto")).lower()
+    ids, raw = read_inputs(given, config["input_shape"], header)
     run.info["input"] = str(given)
     x = normalize(ensure_shape(raw, config["input_shape"], str(given)), config)
     batch = cfg.train.eval_batch_size
     logits = torch.cat([forward(x[i : i + batch]) for i in range(0, len(x), batch)])
     probs = torch.softmax(logits.float(), dim=1)
+    check_finite(probs, ids, given)
     k = min(int(cfg.top_k), probs.shape[1])
     top_p, top_c = probs.topk(k, dim=1)
     classes = config["classes"]
