@@ -331,7 +331,11 @@ def resume_args(stage: str, args: list[str]) -> list[str]:
     others = [a for a in args if not a.startswith("resume=")]
     if len(given) > 1:
         raise UserError("resume= given twice: name one run folder")
-    folder = Path(os.path.expanduser(given[0].split("=", 1)[1])).resolve()
+    value = given[0].split("=", 1)[1]
+    try:
+        folder = Path(os.path.expanduser(value)).resolve()
+    except (RuntimeError, OSError) as e:  # a symbolic-link loop
+        raise UserError(f"resume={value} cannot be resolved ({e}): name a run folder") from e
     flags = [a for a in others if a.startswith("-")]
     if flags:
         raise UserError(

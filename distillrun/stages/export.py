@@ -9,7 +9,6 @@ logits on the test split against the PyTorch model's) and the latency of each ru
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import hydra
@@ -18,6 +17,7 @@ from omegaconf import DictConfig
 from distillrun import artifacts
 from distillrun.console import results_table, say
 from distillrun.formats import FILES, export_metrics, exportable, model_card, write_formats
+from distillrun.inputs import resolve
 from distillrun.stages.common import Run, run_stage
 
 
@@ -27,7 +27,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def export(cfg: DictConfig, run: Run) -> dict[str, Any]:
-    source = Path(str(cfg.run)).expanduser().resolve()
+    source = resolve(cfg.run, "run")
     exp = exportable(source, cfg.member)
     run.add_input("run", source, [artifacts.run_identity(source, exp.manifest, [exp.file.name])])
     run.info["dataset"] = exp.manifest.get("dataset")
