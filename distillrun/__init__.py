@@ -1,7 +1,6 @@
 """distillrun: an experiment runner for knowledge distillation (Hinton, Vinyals and Dean, 2015).
 
-The command is `distillrun <stage>`; the method is also a library (README, "Use it as a
-library"):
+The command is `distillrun <stage>`; the method is also a library (docs/library.md):
 
     from distillrun import combine, distillation_loss, load_model
 

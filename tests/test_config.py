@@ -10,7 +10,9 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig, OmegaConf
 
+from distillrun import choices
 from distillrun.config import group_choices, validate
+from distillrun.data import _LOADERS
 from distillrun.errors import UserError
 from distillrun.stages import config_name
 
@@ -26,6 +28,15 @@ def test_every_group_choice_is_shipped_in_the_package() -> None:
     )
     assert {"mlp", "cnn", "resnet18", "hinton_big", "hinton_small"} <= set(group_choices("model"))
     assert group_choices("optim") == ["adam", "sgd"]
+
+
+def test_every_shipped_dataset_and_augmentation_names_its_code() -> None:
+    """A dataset config names a loader that exists, and every augmentation the code knows has
+    its config file (and no file names an unknown one): a piece forgotten is caught here."""
+    for dataset in group_choices("dataset"):
+        assert OmegaConf.load(f"conf/dataset/{dataset}.yaml").name in _LOADERS, dataset
+    shipped = {a: OmegaConf.load(f"conf/augment/{a}.yaml").name for a in group_choices("augment")}
+    assert shipped == {a: a for a in choices.AUGMENTATIONS}
 
 
 @functools.cache
