@@ -321,12 +321,27 @@ def newest_complete_run(
     return folder, manifest
 
 
+def _a(word: str) -> str:
+    """`word` with its indefinite article: "an export", "a distill"."""
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
+
+
 def complete_run(folder: Path, stage: str) -> dict[str, Any]:
     """The manifest of an explicitly named run folder, which must be a complete `stage` run."""
     if not folder.is_dir():
-        raise UserError(f"run folder {folder} does not exist: pass the path of a {stage} run")
+        what = "does not exist"
+        if folder.is_symlink():
+            what = "is a symbolic link to nothing (or a link loop)"
+        elif folder.exists():
+            what = "is a file, not a run folder"
+        raise UserError(f"run folder {folder} {what}: pass the path of a {stage} run")
     manifest = read_manifest(folder)
     resume = f"`distillrun {stage} resume={folder}`"
+    if manifest is not None and not manifest.get("stage"):
+        raise UserError(
+            f"corrupt manifest {folder / MANIFEST}: it names no stage; re-run the stage that "
+            "wrote it, or pass another run"
+        )
     if manifest is None:
         raise UserError(
             f"{folder} is not a finished run (no {MANIFEST}): it was interrupted or is still "
@@ -334,7 +349,7 @@ def complete_run(folder: Path, stage: str) -> dict[str, Any]:
         )
     if manifest.get("stage") not in stages_for(stage):
         raise UserError(
-            f"{folder} is a {manifest.get('stage')} run, not a {stage} run: "
+            f"{folder} is {_a(manifest['stage'])} run, not {_a(stage)} run: "
             f"pass the folder of a {stage} run"
         )
     state = reported_status(folder, manifest)

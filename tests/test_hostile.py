@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import zipfile
 from pathlib import Path
 
@@ -303,3 +304,25 @@ def test_other_pil_modes_are_refused_by_name(tmp_path: Path) -> None:
         _pixels(Path("i.png"), wide, 1, 1, 2)
     within = Image.fromarray(np.array([[0, 65535]], dtype=np.int32))
     assert _pixels(Path("i.png"), within, 1, 1, 2).tolist() == [[[0.0, 1.0]]]
+
+
+def test_a_named_run_folder_that_is_no_run_says_what_it_is(tmp_path: Path) -> None:
+    from distillrun import artifacts
+
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    export = tmp_path / "export"
+    export.mkdir()
+    artifacts.write_json(export / "manifest.json", {"stage": "export", "status": "complete"})
+    nameless = tmp_path / "nameless"
+    nameless.mkdir()
+    artifacts.write_json(nameless / "manifest.json", {})
+    cases = {
+        "file": "is a file, not a run folder",
+        "loop": "is a symbolic link to nothing (or a link loop)",
+        "export": "is an export run, not a train-teachers run",
+        "nameless": "it names no stage",
+    }
+    for name, message in cases.items():
+        with pytest.raises(UserError, match=re.escape(message)):
+            artifacts.complete_run(tmp_path / name, "train-teachers")
