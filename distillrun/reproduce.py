@@ -405,8 +405,8 @@ def markdown(r: dict[str, Any], steps: dict[str, Step], root: Path) -> str:
         fields["seeds"] = f"every student with seeds 0-{seeds - 1}: mean ± standard deviation."
     return REPORT.format(
         **fields,
-        experiments=_table(_experiment_rows(r, commands)),
-        goals=_table(_goal_rows(r)),
+        experiments=table_rows(_experiment_rows(r, commands)),
+        goals=table_rows(_goal_rows(r)),
         by_T=", ".join(
             f"T={t}: {_errors(e)} ({_errors(r['val_errors_by_T'][t])} on validation)"
             for t, e in r["errors_by_T"].items()
@@ -414,7 +414,8 @@ def markdown(r: dict[str, Any], steps: dict[str, Step], root: Path) -> str:
     )
 
 
-def _table(rows: list[tuple[Any, ...]]) -> str:
+def table_rows(rows: Any) -> str:
+    """Markdown table rows, one per tuple of cells."""
     return "\n".join("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)
 
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from distillrun import artifacts
 from distillrun.errors import UserError, raise_terminated
-from distillrun.reproduce import STATE, Step, machine, new_folder, run_steps
+from distillrun.reproduce import STATE, Step, machine, new_folder, run_steps, table_rows
 
 # docs/method.md#specialists, JFT: (specialists covering the correct class, test examples, top-1
 # correct gained, relative accuracy change).
@@ -328,9 +328,9 @@ def markdown(r: dict[str, Any], steps: list[Step], root: Path) -> str:
         n_specialists=len(r["cluster_sizes"]),
         cluster_sizes=r["cluster_sizes"],
         ari=r["cluster_ari"] or 0,
-        accuracies=_table(_accuracy_rows(r)),
-        by_coverage=_table(_coverage_rows(r)),
-        by_active_coverage=_table(
+        accuracies=table_rows(_accuracy_rows(r)),
+        by_coverage=table_rows(_coverage_rows(r)),
+        by_active_coverage=table_rows(
             (
                 o["covering"],
                 f"{o['examples']:,}",
@@ -340,13 +340,9 @@ def markdown(r: dict[str, Any], steps: list[Step], root: Path) -> str:
             )
             for o in r["by_active_coverage"]
         ),
-        goals=_table(goals),
+        goals=table_rows(goals),
         steps="\n".join(f"- {s.name}: `{shlex.join(s.command(root / s.name))}`" for s in steps),
     )
-
-
-def _table(rows: Any) -> str:
-    return "\n".join("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)
 
 
 # --- the command ---------------------------------------------------------------------------------
