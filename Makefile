@@ -39,7 +39,7 @@ test-fast: venv
 # a table on the terminal and the figures in outputs/bench.json. MNIST from DISTILLRUN_DATA
 # (default ../shared/data/mnist); without it the throughput figures use random data of its shape.
 bench: venv
-	$(BIN)/python -m distillrun.bench --out outputs/bench.json
+	$(BIN)/python -m distillrun.tools.bench --out outputs/bench.json
 
 # The paper's MNIST results (docs/method.md#mnist), and students on consistent views
 # (docs/method.md#consistent-teaching), with one command, about 55 minutes on 2 CPU cores:
@@ -51,7 +51,7 @@ bench: venv
 MNIST ?= $(or $(DISTILLRUN_DATA),../shared/data/mnist)
 SEEDS ?= 1
 reproduce: venv
-	$(BIN)/python -m distillrun.reproduce --data-root $(MNIST) $(if $(DOWNLOAD),--download) \
+	$(BIN)/python -m distillrun.tools.reproduce --data-root $(MNIST) $(if $(DOWNLOAD),--download) \
 		--seeds $(SEEDS) $(if $(RESUME),--resume $(RESUME)) $(ARGS)
 
 lint: venv
@@ -64,4 +64,4 @@ lint: venv
 # RESUME=<that folder> continues an interrupted one; ARGS="device=cuda" for overrides.
 .PHONY: reproduce-specialists
 reproduce-specialists: venv
-	$(BIN)/python -m distillrun.reproduce_specialists $(if $(RESUME),--resume $(RESUME)) $(ARGS)
+	$(BIN)/python -m distillrun.tools.reproduce_specialists $(if $(RESUME),--resume $(RESUME)) $(ARGS)

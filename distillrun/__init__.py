@@ -17,14 +17,14 @@ __version__ = "0.1.0"
 
 # name -> the module that defines it
 _API = {
-    "load_model": "distillrun.models",
-    "build_model": "distillrun.models",
-    "distillation_loss": "distillrun.losses",
-    "combine": "distillrun.ensemble",
-    "combine_kl": "distillrun.inference",
-    "load_dataset": "distillrun.data",
-    "fit": "distillrun.train",
-    "TrainSettings": "distillrun.train",
+    "load_model": "distillrun.core.models",
+    "build_model": "distillrun.core.models",
+    "distillation_loss": "distillrun.method.losses",
+    "combine": "distillrun.method.ensemble",
+    "combine_kl": "distillrun.method.combination",
+    "load_dataset": "distillrun.core.data",
+    "fit": "distillrun.core.train",
+    "TrainSettings": "distillrun.core.train",
     "UserError": "distillrun.errors",
 }
 __all__ = sorted(_API)

@@ -20,10 +20,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from distillrun import artifacts, distributed
 from distillrun.config import RESUME_ENV, sweep_values
+from distillrun.core import distributed
 from distillrun.errors import UserError, interrupted_exit_code, stop_on_signals
-from distillrun.search import space_combinations
+from distillrun.integrations.search import space_combinations
+from distillrun.runs import artifacts
 from distillrun.stages import STAGES, config_name, module_name, training_stages
 
 MIN_FREE_MB = 20  # below this a run cannot even write its config and first checkpoint
@@ -412,7 +413,7 @@ def call_stage(stage: str, args: list[str]) -> None:
     module = importlib.import_module(module_name(stage))
     sys.argv = [sys.argv[0], *args]
     module.main()
-    from distillrun import summary  # loaded by the sweep's callback, if a sweep ran
+    from distillrun.runs import summary  # loaded by the sweep's callback, if a sweep ran
 
     if summary.last_sweep and summary.last_sweep[0]:
         failed, jobs, folder = summary.last_sweep

@@ -16,8 +16,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from distillrun import choices, distributed
+from distillrun import choices
 from distillrun.choices import one_of
+from distillrun.core import distributed
 from distillrun.errors import UserError
 from distillrun.stages import STAGES
 

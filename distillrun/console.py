@@ -25,7 +25,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from distillrun import distributed
+from distillrun.core import distributed
 
 # Logs and pipes get 120 columns, so the result tables do not wrap at rich's default of 80.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)

@@ -25,13 +25,14 @@ from conftest import (
     without_timings,
 )
 
-from distillrun import artifacts, augment
-from distillrun.augment import Batch, Mixup, Views
-from distillrun.ensemble import combine
+from distillrun.core.models import build_model, checkpoint
+from distillrun.core.train import TrainSettings, fit
 from distillrun.errors import UserError
-from distillrun.models import build_model, checkpoint
-from distillrun.teaching import FOLDER, OnlineTeachers, view_cache
-from distillrun.train import TrainSettings, fit
+from distillrun.method import augment
+from distillrun.method.augment import Batch, Mixup, Views
+from distillrun.method.ensemble import combine
+from distillrun.method.teacher_outputs import FOLDER, OnlineTeachers, view_cache
+from distillrun.runs import artifacts
 
 TINY_CNN = {"name": "cnn", "channels": [4], "hidden": 8, "dropout": 0.0}
 OPTIM = {"name": "adam", "lr": 0.01, "betas": [0.9, 0.999], "weight_decay": 0.0}
@@ -184,7 +185,7 @@ def cache(members: list[Path], folder: Path, x: torch.Tensor, views, **options):
 def test_cached_and_online_teachers_give_the_same_targets_on_every_batch(
     members: list[Path], tmp_path: Path, per_example: int | None
 ) -> None:
-    from distillrun.models import load_model
+    from distillrun.core.models import load_model
 
     x, y = images(40), torch.arange(40) % 5
     views = Views(1, False, "replicate")
@@ -264,8 +265,8 @@ def save_half_then_hang(obj, f, *args, **kwargs):
     time.sleep(300)
 
 torch.save = save_half_then_hang  # before distillrun is imported
-from distillrun import teaching
-from distillrun.augment import Views
+from distillrun.method import teacher_outputs as teaching
+from distillrun.method.augment import Views
 members, folder = [Path(p) for p in sys.argv[1:-1]], Path(sys.argv[-1])
 x = torch.randn(40, 1, 6, 6, generator=torch.Generator().manual_seed(0))  # images(40)
 teaching.view_cache(

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from distillrun import bench
-from distillrun.augment import Views
+from distillrun.method.augment import Views
+from distillrun.tools import bench
 
 RESNET8 = {"name": "cifar_resnet", "depth": 8, "widths": [16, 16, 32, 64]}
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 from conftest import ONE_THREAD, assert_one_line_error, distillrun, manifest
 
-from distillrun import artifacts
 from distillrun.config import RESUME_ENV
 from distillrun.errors import UserError
+from distillrun.runs import artifacts
 from distillrun.stages import common
 from distillrun.stages.common import Run
 

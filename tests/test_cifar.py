@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from conftest import ONE_THREAD, assert_one_line_error, distillrun, manifest, runs, write_cifar100
 from omegaconf import OmegaConf
 
-from distillrun import artifacts, teaching
-from distillrun.augment import Batch
+from distillrun.core.models import build_model, checkpoint, count_parameters, load_model
+from distillrun.core.train import TrainSettings, fit
 from distillrun.errors import UserError
-from distillrun.models import build_model, checkpoint, count_parameters, load_model
-from distillrun.train import TrainSettings, fit
+from distillrun.method import teacher_outputs as teaching
+from distillrun.method.augment import Batch
+from distillrun.runs import artifacts
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "conf" / "model"

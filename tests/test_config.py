@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from distillrun import choices
 from distillrun.config import group_choices, validate
-from distillrun.data import _LOADERS
+from distillrun.core.data import _LOADERS
 from distillrun.errors import UserError
 from distillrun.stages import config_name
 

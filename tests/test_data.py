@@ -1,4 +1,4 @@
-"""Tests for distillrun.data: every loader runs for real on small files the tests write."""
+"""Tests for distillrun.core.data: every loader runs for real on small files the tests write."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from conftest import IDX_NAMES, idx_bytes, write_cifar100, write_idx
 from omegaconf import OmegaConf
 from torchvision.datasets import CIFAR10, CIFAR100, MNIST
 
-from distillrun.data import Data, load_dataset
+from distillrun.core.data import Data, load_dataset
 from distillrun.errors import UserError
 
 

@@ -28,7 +28,7 @@ from conftest import (
     without_timings,
 )
 
-from distillrun.distributed import deal
+from distillrun.core.distributed import deal
 
 # An MLP without dropout on shifted views of digits, checkpointed every epoch. Digits has 1212
 # training examples: batches of 110 end with one of 2, fewer than 2 per process.

@@ -3,7 +3,7 @@
 Scanned: the tracked (and not ignored) Python, Markdown, YAML and TOML files and the Makefile.
 Checked in them:
 - a cited Markdown file (`docs/method.md`, `README.md`, `method.md`), with its `#anchor` if any;
-- a cited repository path with an extension (`distillrun/losses.py`, `docs/...`,
+- a cited repository path with an extension (`distillrun/method/losses.py`, `docs/...`,
   `conf/experiment/omit3.yaml`);
 - in Markdown, every relative link `[text](path#anchor)` and `(#anchor)`, as GitHub resolves it.
 A path resolves from the repository root or from the citing file's folder; an anchor must be
@@ -138,7 +138,8 @@ def test_every_cited_file_and_heading_exists() -> None:
 def test_a_bogus_citation_is_caught() -> None:
     """The checker itself: each kind of broken citation is reported, and sound ones are not."""
     text = (
-        "# Fake\n\nSee docs/method.md#the-loss, [it](method.md#ensembles), distillrun/losses.py.\n"
+        "# Fake\n\nSee docs/method.md#the-loss, [it](method.md#ensembles),\n"
+        "distillrun/method/losses.py.\n"
         "Broken: docs/nothing.md, METHOD.md section 3, docs/method.md#no-such-heading,\n"
         "[gone](missing.md), [here](#nowhere), `distillrun/nothing.py`.\n"
         "```\n[in code](not-checked.md)\n```\n"

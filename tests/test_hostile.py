@@ -16,7 +16,7 @@ import torch
 from conftest import ONE_THREAD, assert_one_line_error, distillrun, manifest, runs
 
 from distillrun.errors import UserError
-from distillrun.inputs import read_inputs
+from distillrun.io.inputs import read_inputs
 
 ROWS = "1,2,3\n4,5,6\n"
 
@@ -294,7 +294,7 @@ def test_other_pil_modes_are_refused_by_name(tmp_path: Path) -> None:
     can only come from elsewhere and are refused rather than guessed at."""
     from PIL import Image
 
-    from distillrun.inputs import _pixels
+    from distillrun.io.inputs import _pixels
 
     with pytest.raises(UserError, match=r"^image f.png has PIL mode F, which predict does not"):
         _pixels(Path("f.png"), Image.new("F", (2, 2)), 1, 2, 2)
@@ -307,7 +307,7 @@ def test_other_pil_modes_are_refused_by_name(tmp_path: Path) -> None:
 
 
 def test_a_named_run_folder_that_is_no_run_says_what_it_is(tmp_path: Path) -> None:
-    from distillrun import artifacts
+    from distillrun.runs import artifacts
 
     (tmp_path / "file").write_text("x")
     (tmp_path / "loop").symlink_to(tmp_path / "loop")

@@ -17,9 +17,9 @@ import torch
 from conftest import assert_one_line_error, distillrun, manifest, runs
 from omegaconf import OmegaConf
 
-from distillrun.data import load_dataset
+from distillrun.core.data import load_dataset
 from distillrun.errors import UserError
-from distillrun.imported import MemberSpec, import_member, member_specs
+from distillrun.io.imported import MemberSpec, import_member, member_specs
 from distillrun.stages.import_teachers import checked_member
 
 DIGITS = {"name": "digits", "test_fraction": 0.25, "val_fraction": 0.1, "split_seed": 0}

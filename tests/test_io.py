@@ -15,18 +15,18 @@ import pytest
 import torch
 from conftest import assert_one_line_error, distillrun, manifest, runs
 
-from distillrun.data import load_dataset
+from distillrun.core.data import load_dataset
+from distillrun.core.models import build_model, load_model
 from distillrun.errors import UserError
-from distillrun.formats import normalize
-from distillrun.imported import (
+from distillrun.io.exports import normalize
+from distillrun.io.imported import (
     MemberSpec,
     _unwrap,
     import_member,
     infer_kind,
     near_chance,
 )
-from distillrun.inputs import read_inputs
-from distillrun.models import build_model, load_model
+from distillrun.io.inputs import read_inputs
 from distillrun.stages.predict import load_predictor
 
 TEACHERS = [
@@ -190,7 +190,7 @@ def test_predict_on_png_images_with_onnx_and_with_pytorch(
 def test_a_format_that_disagrees_fails_the_export_with_the_figures(
     teachers: Path, tmp_path: Path
 ) -> None:
-    from distillrun.formats import export_metrics, exportable, write_formats
+    from distillrun.io.exports import export_metrics, exportable, write_formats
 
     exp = exportable(teachers, 0)
     write_formats(exp, tmp_path)
@@ -376,7 +376,7 @@ def test_near_chance_names_the_causes_and_the_fixing_label_map() -> None:
 def test_a_torchvision_architecture_by_name(tmp_path: Path) -> None:
     """arch=torchvision:<name>: torchvision's own classifier with the dataset's class count,
     from DataParallel weights in a {"model": ...} wrapper; its checkpoint rebuilds it."""
-    from distillrun.models import load_model
+    from distillrun.core.models import load_model
 
     rng = np.random.default_rng(0)
     np.savez(
@@ -430,13 +430,13 @@ def test_bad_settings_are_refused_before_any_run_folder(tmp_path: Path) -> None:
 
 def test_every_member_kind_has_its_loader() -> None:
     from distillrun.choices import MEMBER_KINDS
-    from distillrun.imported import LOADERS
+    from distillrun.io.imported import LOADERS
 
     assert tuple(LOADERS) == MEMBER_KINDS
 
 
 def test_which_model_a_run_exports(tmp_path: Path) -> None:
-    from distillrun.formats import classes_of, model_file
+    from distillrun.io.exports import classes_of, model_file
 
     distill = {"stage": "distill"}
     assert model_file(tmp_path, distill, None) == tmp_path / "student.pt"
@@ -458,7 +458,7 @@ def test_which_model_a_run_exports(tmp_path: Path) -> None:
 
 
 def test_predict_reads_csv_rows_with_ids_and_refuses_other_shapes(tmp_path: Path) -> None:
-    from distillrun.formats import ensure_shape
+    from distillrun.io.exports import ensure_shape
 
     (tmp_path / "x.csv").write_text("id,a,b,c,d\ncat,0,1,2,3\ndog,4,5,6,7\n")
     ids, x = read_inputs(tmp_path / "x.csv", [2, 2])
@@ -476,7 +476,7 @@ def test_predict_reads_csv_rows_with_ids_and_refuses_other_shapes(tmp_path: Path
 def test_without_the_onnx_extra_one_line_says_how_to_get_it(monkeypatch) -> None:
     import importlib.util
 
-    from distillrun.imported import need_onnx
+    from distillrun.io.imported import need_onnx
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
@@ -491,7 +491,7 @@ def test_without_the_onnx_extra_one_line_says_how_to_get_it(monkeypatch) -> None
 def test_a_checkpoint_tells_its_own_architecture(tmp_path: Path) -> None:
     """What specialists start from: the member's own architecture, which for an imported
     generalist need not be its run's `model` config."""
-    from distillrun.models import checkpoint, load_checkpoint
+    from distillrun.core.models import checkpoint, load_checkpoint
 
     small = {"name": "mlp", "hidden": [4]}
     torch.save(checkpoint(build_model(small, (3,), 2), small, (3,), 2), tmp_path / "m.pt")

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distillrun.ensemble import combine
-from distillrun.losses import distillation_loss, logit_mse, soft_loss
+from distillrun.method.ensemble import combine
+from distillrun.method.losses import distillation_loss, logit_mse, soft_loss
 
 
 def grad_wrt_logits(loss_fn, z):

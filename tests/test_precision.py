@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from conftest import ONE_THREAD, assert_one_line_error, distillrun, manifest, runs
 
+from distillrun.core.models import build_model
+from distillrun.core.train import TrainSettings, check_speed_settings, fit
 from distillrun.errors import UserError
-from distillrun.models import build_model
-from distillrun.train import TrainSettings, check_speed_settings, fit
 
 SGD = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0}
 SGD |= {"schedule": "constant", "step_size": 1, "gamma": 1.0}

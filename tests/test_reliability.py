@@ -30,12 +30,12 @@ from conftest import (
     without_timings,
 )
 
-from distillrun import artifacts
-from distillrun.augment import Views
+from distillrun.core.models import build_model
+from distillrun.core.train import TrainSettings, divergence, fit
 from distillrun.errors import Terminated, UserError, raise_terminated
-from distillrun.models import build_model
+from distillrun.method.augment import Views
+from distillrun.runs import artifacts
 from distillrun.stages.common import TEST_KILL_ENV
-from distillrun.train import TrainSettings, divergence, fit
 
 # Small enough for seconds, long enough to be killed in the middle of the second teacher; a
 # resumable checkpoint after every epoch, so that a kill lands between two of them.
@@ -325,7 +325,7 @@ def test_each_kind_of_bad_file_gets_its_own_reason(damage, reference: Path, tmp_
 
 def test_a_stale_running_manifest_reads_as_interrupted(tmp_path: Path) -> None:
     """A manifest saying "running" whose folder lock nobody holds: its process died."""
-    from distillrun.summary import _row
+    from distillrun.runs.summary import _row
 
     folder = tmp_path / "outputs" / "train-teachers" / "run"
     folder.mkdir(parents=True)

@@ -1,6 +1,6 @@
-"""`make reproduce` (python -m distillrun.reproduce) end to end, on a small fake MNIST the test
-writes, with one epoch per model: the steps, the report's figures against the runs' manifests,
-resuming, and its errors."""
+"""`make reproduce` (python -m distillrun.tools.reproduce) end to end, on a small fake MNIST
+the test writes, with one epoch per model: the steps, the report's figures against the runs'
+manifests, resuming, and its errors."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from conftest import manifest, write_idx
 
-from distillrun import artifacts
-from distillrun.reproduce import GOALS, PAPER, markdown, plan, results
+from distillrun.runs import artifacts
+from distillrun.tools.reproduce import GOALS, PAPER, markdown, plan, results
 
 pytestmark = pytest.mark.slow  # the installed command, in subprocesses
 
@@ -44,7 +44,7 @@ REQUIRED = [  # the keys the issue asks report.json for
 
 def reproduce(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "distillrun.reproduce", *args],
+        [sys.executable, "-m", "distillrun.tools.reproduce", *args],
         cwd=cwd,
         capture_output=True,
         text=True,

@@ -1,12 +1,12 @@
-"""`make reproduce-specialists` (python -m distillrun.reproduce_specialists): its table's rows,
-its goals and where its overrides go. The command itself runs in test_specialists_cli.py, on
+"""`make reproduce-specialists` (python -m distillrun.tools.reproduce_specialists): its table's
+rows, its goals and where its overrides go. The command itself runs in test_specialists_cli.py, on
 that module's tiny pipeline."""
 
 from __future__ import annotations
 
 import pytest
 
-from distillrun.reproduce_specialists import (
+from distillrun.tools.reproduce_specialists import (
     PAPER_ROWS,
     coverage_rises,
     for_stage,

@@ -12,9 +12,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from distillrun.data import load_dataset
-from distillrun.inference import active_specialists, combine_kl, objective
-from distillrun.specialists import (
+from distillrun.core.data import load_dataset
+from distillrun.method.clustering import (
     adjusted_rand_index,
     cluster_classes,
     collapse,
@@ -27,6 +26,7 @@ from distillrun.specialists import (
     specialist_from,
     specialist_view,
 )
+from distillrun.method.combination import active_specialists, combine_kl, objective
 
 # --- covariance and clustering ---------------------------------------------------------------
 

@@ -24,8 +24,8 @@ from conftest import (
     without_timings,
 )
 
-from distillrun import artifacts
-from distillrun.reproduce_specialists import GOALS, grouped
+from distillrun.runs import artifacts
+from distillrun.tools.reproduce_specialists import GOALS, grouped
 
 pytestmark = pytest.mark.slow  # the installed command, in subprocesses
 
@@ -202,10 +202,17 @@ def test_reproduce_specialists_resumes_from_the_pipeline_and_reports(pipeline: P
     for name, stage in (("generalist", "train-teachers"), ("specialists", "specialists")):
         (root / name).symlink_to(runs(pipeline, stage)[0])
     (root / "evaluate").symlink_to(runs(pipeline, "evaluate")[0])
-    state = {"overrides": AS_DATA, "command": "python -m distillrun.reproduce_specialists"}
+    state = {"overrides": AS_DATA, "command": "python -m distillrun.tools.reproduce_specialists"}
     artifacts.write_json(root / "reproduce.json", {**state, "seconds": {}})
     result = subprocess.run(
-        [sys.executable, "-m", "distillrun.reproduce_specialists", "--resume", str(root), *AS_DATA],
+        [
+            sys.executable,
+            "-m",
+            "distillrun.tools.reproduce_specialists",
+            "--resume",
+            str(root),
+            *AS_DATA,
+        ],
         cwd=pipeline,
         capture_output=True,
         text=True,

@@ -15,8 +15,8 @@ import pytest
 from conftest import DISTILLRUN, TINY_STUDENT, assert_one_line_error, distillrun, manifest
 from omegaconf import OmegaConf
 
-from distillrun import artifacts, summary
 from distillrun.cli import folders_to_override
+from distillrun.runs import artifacts, summary
 from distillrun.stages.common import job_threads
 
 pytestmark = pytest.mark.slow  # the installed command, in subprocesses
@@ -284,7 +284,7 @@ def test_report_folders_become_the_runs_override() -> None:
 
 def test_the_sweep_summary_does_not_import_torch() -> None:
     """The callback runs in the process that launched the sweep, which never needs torch."""
-    code = "import sys, distillrun.summary; print('torch' in sys.modules)"
+    code = "import sys, distillrun.runs.summary; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -19,9 +19,10 @@ import pytest
 from conftest import DISTILLRUN, assert_one_line_error, distillrun, manifest
 from omegaconf import OmegaConf
 
-from distillrun import artifacts, search, summary
 from distillrun.config import RESUME_ENV
 from distillrun.errors import UserError
+from distillrun.integrations import search
+from distillrun.runs import artifacts, summary
 
 TEACHER = ["teachers.n=1", "train.epochs=2", "model.hidden=[32]", "progress=false", "threads=1"]
 STUDENT = ["model.hidden=[16]", "progress=false", "baseline=false", "threads=1"]
@@ -153,7 +154,7 @@ def test_bad_loggers_and_search_spaces_are_one_line_before_any_run_folder(tmp_pa
 
 def test_trackers_and_optuna_are_imported_only_when_selected() -> None:
     code = (
-        "import sys, distillrun.cli, distillrun.stages.common, distillrun.search; "
+        "import sys, distillrun.cli, distillrun.stages.common, distillrun.integrations.search; "
         "print(sorted(m for m in ('mlflow', 'optuna', 'tensorboard') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

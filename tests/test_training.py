@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from distillrun import artifacts
+from distillrun.core.models import apply_max_norm, build_model, checkpoint, load_model, output_layer
+from distillrun.core.train import TrainSettings, batch_bounds, fit
 from distillrun.errors import UserError
-from distillrun.metrics import classification_metrics
-from distillrun.models import apply_max_norm, build_model, checkpoint, load_model, output_layer
+from distillrun.method.metrics import classification_metrics
+from distillrun.runs import artifacts
 from distillrun.stages.distill import fit_omit_bias, transfer_indices
-from distillrun.train import TrainSettings, batch_bounds, fit
 
 OPTIM = {
     "name": "sgd",

@@ -25,11 +25,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from distillrun import artifacts, distributed, tracking
 from distillrun.config import RESUME_ENV, validate
 from distillrun.console import error_line, training_bars, warning_line
-from distillrun.errors import UserError, interrupted_exit_code, interruption, stop_on_signals
-from distillrun.train import (
+from distillrun.core import distributed
+from distillrun.core.train import (
     Fit,
     TrainSettings,
     batch_bounds,
@@ -38,6 +37,9 @@ from distillrun.train import (
     make_deterministic,
     pick_device,
 )
+from distillrun.errors import UserError, interrupted_exit_code, interruption, stop_on_signals
+from distillrun.integrations import tracking
+from distillrun.runs import artifacts
 
 RESUME_DIR = "resume"  # resumable checkpoints of the models in training; removed once complete
 ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}

@@ -2,11 +2,12 @@
 
     loss = alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE(y, q_1)      (alpha weights soft)
 
-The teachers' logits on the transfer set come from the teachers' cache (see teachers.py), looked
-up by example index, or with `augment=` from a view cache of every (example, view) or from the
-member checkpoints run on each batch (teaching.py). The student is evaluated at T = 1. With
-`baseline=true` the same student (same initialisation, same transfer set) is also trained on
-the hard labels alone (alpha = 0), so every run shows what distillation bought.
+The teachers' logits on the transfer set come from the teachers' cache
+(runs/teacher_runs.py), looked up by example index, or with `augment=` from a view cache of every
+(example, view) or from the member checkpoints run on each batch (method/teacher_outputs.py). The
+student is evaluated at T = 1. With `baseline=true` the same student (same initialisation, same
+transfer set) is also trained on the hard labels alone (alpha = 0), so every run shows what
+distillation bought.
 """
 
 from __future__ import annotations
@@ -21,19 +22,27 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from distillrun import artifacts, augment, distributed
-from distillrun.augment import Augmentation, Batch
 from distillrun.console import results_table, say
-from distillrun.data import Data, load_dataset
-from distillrun.ensemble import combine
+from distillrun.core import distributed
+from distillrun.core.data import Data, load_dataset
+from distillrun.core.models import (
+    build_model,
+    checkpoint,
+    count_parameters,
+    load_model,
+    output_layer,
+)
+from distillrun.core.train import predict
 from distillrun.errors import UserError
-from distillrun.losses import LOSSES
-from distillrun.metrics import agreement, classification_metrics
-from distillrun.models import build_model, checkpoint, count_parameters, load_model, output_layer
+from distillrun.method import augment
+from distillrun.method.augment import Augmentation, Batch
+from distillrun.method.ensemble import combine
+from distillrun.method.losses import LOSSES
+from distillrun.method.metrics import agreement, classification_metrics
+from distillrun.method.teacher_outputs import CachedLogits, OnlineTeachers, load_members, view_cache
+from distillrun.runs import artifacts
+from distillrun.runs.teacher_runs import Teachers, find_teachers, parse_source, teacher_logits
 from distillrun.stages.common import Run, run_stage, train_one, train_settings
-from distillrun.teachers import Teachers, find_teachers, parse_source, teacher_logits
-from distillrun.teaching import CachedLogits, OnlineTeachers, load_members, view_cache
-from distillrun.train import predict
 
 
 @hydra.main(version_base="1.3", config_path="pkg://distillrun.conf", config_name="distill")

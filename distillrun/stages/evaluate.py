@@ -2,7 +2,8 @@
 
 For each example: the generalist's top-n classes pick the active specialists, and the combined
 distribution q minimises KL(p_g || q) + sum over active m of KL(p_m || collapse_m(q))
-(distillrun.inference). Writes by_coverage.png (the paper's table as bars), logits.pt (log q
+(distillrun.method.combination).
+Writes by_coverage.png (the paper's table as bars), logits.pt (log q
 on every split, in train-teachers' format with one member, so `distill teachers=<this run>`
 distills the combination into one net), metrics.jsonl and manifest.json last.
 """
@@ -19,17 +20,17 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from distillrun import artifacts
 from distillrun.console import results_table, say
-from distillrun.data import load_dataset
+from distillrun.core.data import load_dataset
+from distillrun.core.models import load_model
+from distillrun.core.train import predict
 from distillrun.errors import UserError
-from distillrun.inference import active_specialists, combine_kl
-from distillrun.metrics import classification_metrics
-from distillrun.models import load_model
-from distillrun.specialists import specialist_view
+from distillrun.method.clustering import specialist_view
+from distillrun.method.combination import active_specialists, combine_kl
+from distillrun.method.metrics import classification_metrics
+from distillrun.runs import artifacts
+from distillrun.runs.teacher_runs import load_run_logits
 from distillrun.stages.common import Run, run_stage
-from distillrun.teachers import load_run_logits
-from distillrun.train import predict
 
 SPECIALISTS_STAGE = "specialists"
 GENERALIST_STAGE = "train-teachers"

@@ -14,10 +14,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from distillrun import artifacts
 from distillrun.console import results_table, say
-from distillrun.formats import FILES, export_metrics, exportable, model_card, write_formats
-from distillrun.inputs import resolve
+from distillrun.io.exports import FILES, export_metrics, exportable, model_card, write_formats
+from distillrun.io.inputs import resolve
+from distillrun.runs import artifacts
 from distillrun.stages.common import Run, run_stage
 
 

@@ -17,11 +17,10 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from distillrun import artifacts
 from distillrun.console import say
-from distillrun.data import Data, load_dataset
+from distillrun.core.data import Data, load_dataset
 from distillrun.errors import UserError
-from distillrun.imported import (
+from distillrun.io.imported import (
     MODEL_CAUSES,
     SPLITS,
     Member,
@@ -31,7 +30,8 @@ from distillrun.imported import (
     member_specs,
     near_chance,
 )
-from distillrun.metrics import classification_metrics
+from distillrun.method.metrics import classification_metrics
+from distillrun.runs import artifacts
 from distillrun.stages.common import Run, run_stage
 from distillrun.stages.train_teachers import dataset_info, finish_ensemble
 

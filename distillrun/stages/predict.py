@@ -16,10 +16,10 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from distillrun import artifacts
 from distillrun.console import results_table, say
+from distillrun.core.train import predict as torch_predict
 from distillrun.errors import UserError
-from distillrun.formats import (
+from distillrun.io.exports import (
     EXPORT_STAGE,
     FILES,
     ONNX_INPUT,
@@ -28,10 +28,10 @@ from distillrun.formats import (
     load_export,
     normalize,
 )
-from distillrun.imported import onnx_session
-from distillrun.inputs import read_inputs, resolve
+from distillrun.io.imported import onnx_session
+from distillrun.io.inputs import read_inputs, resolve
+from distillrun.runs import artifacts
 from distillrun.stages.common import Run, run_stage
-from distillrun.train import predict as torch_predict
 
 PREDICTIONS = "predictions.csv"
 SHOWN = 10  # rows of the table on the terminal

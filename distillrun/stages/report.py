@@ -9,10 +9,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from distillrun import artifacts
 from distillrun.console import fmt, say
+from distillrun.runs import artifacts
+from distillrun.runs.summary import Row, collect, command, source_labels, summarise, table_rows
 from distillrun.stages.common import Run, run_stage
-from distillrun.summary import Row, collect, command, source_labels, summarise, table_rows
 
 
 @hydra.main(version_base="1.3", config_path="pkg://distillrun.conf", config_name="report")

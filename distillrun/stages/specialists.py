@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from distillrun import artifacts, distributed
-from distillrun.augment import Batch
 from distillrun.console import results_table, say
-from distillrun.data import Data, load_dataset
+from distillrun.core import distributed
+from distillrun.core.data import Data, load_dataset
+from distillrun.core.models import checkpoint, load_checkpoint, output_layer
 from distillrun.errors import UserError
-from distillrun.models import checkpoint, load_checkpoint, output_layer
-from distillrun.specialists import (
+from distillrun.method.augment import Batch
+from distillrun.method.clustering import (
     adjusted_rand_index,
     cluster_classes,
     correct_dustbin,
@@ -37,9 +37,10 @@ from distillrun.specialists import (
     specialist_from,
     specialist_view,
 )
+from distillrun.runs import artifacts
+from distillrun.runs.teacher_runs import check_data, load_run_logits
 from distillrun.stages.common import Run, run_stage, train_one, train_settings
 from distillrun.stages.train_teachers import dataset_info
-from distillrun.teachers import check_data, load_run_logits
 
 GENERALIST_STAGE = "train-teachers"
 

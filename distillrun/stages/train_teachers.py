@@ -14,16 +14,16 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from distillrun import augment
-from distillrun.artifacts import save_tensors
 from distillrun.choices import ENSEMBLES
 from distillrun.console import results_table, say, warning_line
-from distillrun.data import Data, load_dataset
-from distillrun.ensemble import combine
-from distillrun.metrics import classification_metrics
-from distillrun.models import build_model, checkpoint, count_parameters
+from distillrun.core.data import Data, load_dataset
+from distillrun.core.models import build_model, checkpoint, count_parameters
+from distillrun.core.train import predict
+from distillrun.method import augment
+from distillrun.method.ensemble import combine
+from distillrun.method.metrics import classification_metrics
+from distillrun.runs.artifacts import save_tensors
 from distillrun.stages.common import Run, run_stage, train_one, train_settings
-from distillrun.train import predict
 
 SPLITS = ("train", "val", "test")
 

@@ -1,4 +1,5 @@
-"""`hydra/sweeper=optuna`: distillrun's Hydra sweeper over Optuna (see distillrun/search.py).
+"""`hydra/sweeper=optuna`: distillrun's Hydra sweeper over Optuna
+(see distillrun/integrations/search.py).
 
 Hydra imports every module under `hydra_plugins` when an app starts: this one registers the
 config and imports neither Optuna nor torch until a search runs.
@@ -54,7 +55,7 @@ class OptunaSearchSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> None:
         from distillrun.errors import UserError
-        from distillrun.search import run_search
+        from distillrun.integrations.search import run_search
 
         assert self.config is not None
         try:

@@ -24,9 +24,9 @@ from typing import Any, Protocol
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from distillrun import artifacts
 from distillrun.choices import trackers_selected as selected
 from distillrun.errors import Pruned
+from distillrun.runs import artifacts
 
 FINAL = ("complete", "failed", "interrupted", "pruned")
 # The run's final status as MLflow's; a pruned trial finished (tagged status=pruned).
@@ -98,7 +98,9 @@ def _start(run: Any, manifest: dict[str, Any]) -> list[Observer]:
         except Exception as e:
             warn(name, e)
     if hydra_cfg is not None:
-        from distillrun import search  # no optuna unless the search's sweeper runs this job
+        from distillrun.integrations import (
+            search,  # no optuna unless the search's sweeper runs this job
+        )
 
         try:
             trial = search.trial_observer(hydra_cfg, run.dir)

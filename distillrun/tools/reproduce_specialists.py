@@ -1,4 +1,4 @@
-"""`make reproduce-specialists` (python -m distillrun.reproduce_specialists): the paper's
+"""`make reproduce-specialists` (python -m distillrun.tools.reproduce_specialists): the paper's
 specialists (docs/method.md#specialists) on a data set where its regime holds, one command.
 
 Runs, one after another, into outputs/reproduce-specialists/<timestamp>/ (a run folder per
@@ -8,7 +8,7 @@ distilled from the generalist alone. Then writes report.md (the overall relative
 table by the number of specialists covering the correct class beside the paper's, the
 distilled-back net, the goals) and report.json there.
 
-    python -m distillrun.reproduce_specialists [--out outputs/reproduce-specialists]
+    python -m distillrun.tools.reproduce_specialists [--out outputs/reproduce-specialists]
         [--resume outputs/reproduce-specialists/<timestamp>] [override ...]
 
 Overrides (e.g. device=cuda, dataset.seed=1, model.hidden=[64]) go to the steps whose stage
@@ -29,9 +29,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from distillrun import artifacts
 from distillrun.errors import UserError, raise_terminated
-from distillrun.reproduce import STATE, Step, machine, new_folder, run_steps, table_rows
+from distillrun.runs import artifacts
+from distillrun.tools.reproduce import STATE, Step, machine, new_folder, run_steps, table_rows
 
 # docs/method.md#specialists, JFT: (specialists covering the correct class, test examples, top-1
 # correct gained, relative accuracy change).
@@ -166,7 +166,7 @@ def coverage_rises(rows: list[dict[str, Any]]) -> bool:
 def _train_accuracy(generalist: Path) -> float:
     """The generalist's accuracy on its own training split: well below 1 when it is limited by
     its capacity rather than by its data."""
-    from distillrun.data import load_dataset  # torch: only once the steps are done
+    from distillrun.core.data import load_dataset  # torch: only once the steps are done
 
     run = artifacts.complete_run(generalist, "train-teachers")
     data = load_dataset(run["dataset"]["config"])
@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def reproduce(args: argparse.Namespace) -> int:
-    command = shlex.join(["python", "-m", "distillrun.reproduce_specialists", *sys.argv[1:]])
+    command = shlex.join(["python", "-m", "distillrun.tools.reproduce_specialists", *sys.argv[1:]])
     if args.resume:
         root = Path(args.resume).expanduser().resolve()
         state = _read_state(root)

@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from distillrun import artifacts
 from distillrun.choices import MEMBER_KINDS, one_of
-from distillrun.data import Data
+from distillrun.core.data import Data
+from distillrun.core.models import TORCHVISION, build_model, checkpoint, count_parameters
 from distillrun.errors import UserError
-from distillrun.inputs import load_npz
-from distillrun.models import TORCHVISION, build_model, checkpoint, count_parameters
+from distillrun.io.inputs import load_npz
+from distillrun.runs import artifacts
 
 SPLITS = ("train", "val", "test")
 EXPORT_CONFIG = "config.json"  # written by `distillrun export` beside model.safetensors

@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from distillrun import artifacts
-from distillrun.augment import Batch, SubsetViews, Views
 from distillrun.errors import UserError
+from distillrun.method.augment import Batch, SubsetViews, Views
+from distillrun.runs import artifacts
 
 FORMAT = "distillrun-views-1"
 FOLDER = "view-cache"
@@ -83,7 +83,7 @@ def load_members(files: list[Path], device: torch.device, why: str) -> list[nn.M
             "have none (an evaluate run, imported ONNX, TorchScript or logits members, or "
             "deleted checkpoints): use augment=none, or teachers with PyTorch checkpoints"
         )
-    from distillrun.models import load_model
+    from distillrun.core.models import load_model
 
     return [load_model(f, device) for f in files]
 

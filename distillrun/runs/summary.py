@@ -20,8 +20,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from distillrun import artifacts
 from distillrun.errors import UserError
+from distillrun.runs import artifacts
 
 # The table's metric columns: (header, manifest metric). The CSV holds every scalar metric.
 TABLE = (
@@ -51,7 +51,9 @@ OVER_SEEDS = (
 )
 # Finished runs: a pruned trial of a search ended as it should (never consumed as complete).
 FINISHED = ("complete", "pruned")
-SEARCH_FILE = "search.json"  # written by the search (distillrun/search.py) into its sweep folder
+SEARCH_FILE = (
+    "search.json"  # written by the search (distillrun/integrations/search.py) into its sweep folder
+)
 
 
 @dataclass

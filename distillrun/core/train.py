@@ -31,12 +31,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from distillrun import artifacts, distributed
-from distillrun.augment import Augmentation, Batch
 from distillrun.choices import PRECISIONS, fp16_refusal, one_of
+from distillrun.core import distributed
+from distillrun.core.models import apply_max_norm
 from distillrun.errors import STOP_SIGNALS, Terminated, UserError, raise_terminated
-from distillrun.metrics import classification_metrics
-from distillrun.models import apply_max_norm
+from distillrun.method.augment import Augmentation, Batch
+from distillrun.method.metrics import classification_metrics
+from distillrun.runs import artifacts
 
 LossFn = Callable[[torch.Tensor, Batch], torch.Tensor]
 

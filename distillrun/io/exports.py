@@ -23,13 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from distillrun import artifacts
-from distillrun.data import Data, load_dataset
+from distillrun.core.data import Data, load_dataset
+from distillrun.core.models import build_model, count_parameters, load_model
 from distillrun.errors import UserError
-from distillrun.imported import EXPORT_CONFIG, load_torchscript, need_onnx, onnx_session
-from distillrun.models import build_model, count_parameters, load_model
+from distillrun.io.imported import EXPORT_CONFIG, load_torchscript, need_onnx, onnx_session
+from distillrun.runs import artifacts
+from distillrun.runs.teacher_runs import check_data
 from distillrun.stages import STAGES
-from distillrun.teachers import check_data
 
 EXPORT_STAGE = "export"
 FORMAT = "distillrun-export"
@@ -210,7 +210,7 @@ def parity(
     model: nn.Module, run: dict[str, Callable[[torch.Tensor], Any]], x: torch.Tensor, batch: int
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The PyTorch model's logits on x, and each format's max abs difference from them."""
-    from distillrun.train import predict
+    from distillrun.core.train import predict
 
     reference = predict(model.cpu(), x, batch)
     diffs = {}
@@ -381,7 +381,7 @@ def export_metrics(
     exp: Exportable, folder: Path, tolerance: float, repeats: int, batch: int
 ) -> dict[str, Any]:
     """Check every format against the PyTorch model on the test split, and time them."""
-    from distillrun.metrics import classification_metrics
+    from distillrun.method.metrics import classification_metrics
 
     run = runners(folder, exp.config)
     x_test = exp.data.x_test.cpu()

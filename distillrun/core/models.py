@@ -318,7 +318,7 @@ def load_checkpoint(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """`load_model`, and the model config the checkpoint records (its architecture: for an
     imported teacher, not necessarily its run's `model` config)."""
-    from distillrun.artifacts import load_tensors
+    from distillrun.runs.artifacts import load_tensors
 
     ckpt = load_tensors(path, map_location=device)
     keys = ("model", "input_shape", "num_classes", "state_dict")

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillrun.choices import CLUSTERINGS, one_of
+from distillrun.core.models import output_layer
 from distillrun.errors import UserError
-from distillrun.models import output_layer
 
 
 def probability_covariance(probs: torch.Tensor) -> torch.Tensor:
@@ -193,7 +193,7 @@ def plot_covariance(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from distillrun.artifacts import write_bytes
+    from distillrun.runs.artifacts import write_bytes
 
     order = sorted(range(len(primary)), key=lambda c: (primary[c], c))
     m = cov.cpu().numpy()[np.ix_(order, order)]

@@ -1,10 +1,11 @@
-"""`make bench` (python -m distillrun.bench): distillrun against plain PyTorch, side by side.
+"""`make bench` (python -m distillrun.tools.bench): distillrun against plain PyTorch, side by side.
 
 Every figure is a ratio measured in one process against a reference written here, so that a
 noisy machine slows both sides alike; each side is run in alternation and the best of its
 repeats is kept. Writes the figures to outputs/bench.json and prints a table.
 
-    python -m distillrun.bench [--quick] [--out outputs/bench.json] [--mnist ../shared/data/mnist]
+    python -m distillrun.tools.bench [--quick] [--out outputs/bench.json]
+        [--mnist ../shared/data/mnist]
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from distillrun import artifacts
-from distillrun.augment import Views
-from distillrun.ensemble import combine
-from distillrun.losses import distillation_loss
-from distillrun.models import build_model, checkpoint
-from distillrun.teaching import CachedLogits, view_cache
-from distillrun.train import TrainSettings, autocast, fit, predict
+from distillrun.core.models import build_model, checkpoint
+from distillrun.core.train import TrainSettings, autocast, fit, predict
+from distillrun.method.augment import Views
+from distillrun.method.ensemble import combine
+from distillrun.method.losses import distillation_loss
+from distillrun.method.teacher_outputs import CachedLogits, view_cache
+from distillrun.runs import artifacts
 
 STUDENT = {"name": "mlp", "hidden": [800, 800], "dropout": 0.0, "input_dropout": 0.0}
 TEACHER = {"name": "mlp", "hidden": [1200, 1200], "dropout": 0.5, "input_dropout": 0.2}
@@ -63,7 +64,7 @@ GOALS = {
 def mnist_like(root: str | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The real MNIST training images when `root` has them, else random data of its shape."""
     if root and (Path(root) / "MNIST").is_dir():
-        from distillrun.data import load_dataset
+        from distillrun.core.data import load_dataset
 
         data = load_dataset(
             {"name": "mnist", "root": root, "download": False, "val_fraction": 0.0, "split_seed": 0}
@@ -434,7 +435,7 @@ def kl_inference(classes: int, specialists: int, n: int, repeats: int = 3) -> fl
     """Test examples per second of the generalist-plus-specialists KL combination: each
     specialist covers classes / specialists classes plus a dustbin, the generalist's top
     class picks the active ones (evaluate's defaults)."""
-    from distillrun.inference import active_specialists, combine_kl
+    from distillrun.method.combination import active_specialists, combine_kl
 
     g = torch.Generator().manual_seed(0)
     size = classes // specialists
@@ -545,8 +546,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def report(figures: dict[str, Any], out: Path) -> None:
-    from distillrun.artifacts import write_json
     from distillrun.console import results_table
+    from distillrun.runs.artifacts import write_json
 
     rows = []
     for key, (op, goal) in GOALS.items():

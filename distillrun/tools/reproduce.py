@@ -1,11 +1,11 @@
-"""`make reproduce` (python -m distillrun.reproduce): the paper's MNIST results, one command.
+"""`make reproduce` (python -m distillrun.tools.reproduce): the paper's MNIST results, one command.
 
 Runs distillrun's stages with the experiment presets, one after another, into one folder
 outputs/reproduce/<timestamp>/ (a run or sweep folder per step), then writes report.md (each
 experiment: the paper's figure, ours, the command that produced it), report.json and
 errors_vs_T.png there.
 
-    python -m distillrun.reproduce [--data-root ../shared/data/mnist] [--download] [--seeds N]
+    python -m distillrun.tools.reproduce [--data-root ../shared/data/mnist] [--download] [--seeds N]
         [--out outputs/reproduce] [--resume outputs/reproduce/<timestamp>] [override ...]
 
 Overrides (e.g. device=cuda) go to every step. With --seeds N every student step runs with
@@ -33,8 +33,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from distillrun import artifacts, summary
 from distillrun.errors import UserError, interrupted_exit_code, raise_terminated
+from distillrun.runs import artifacts, summary
 
 PAPER = {  # docs/method.md#mnist
     "teacher_errors": 67,
@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def reproduce(args: argparse.Namespace) -> int:
-    command = shlex.join(["python", "-m", "distillrun.reproduce", *sys.argv[1:]])
+    command = shlex.join(["python", "-m", "distillrun.tools.reproduce", *sys.argv[1:]])
     wanted = {
         "data_root": str(Path(args.data_root).expanduser().resolve()),
         "download": args.download,

@@ -2,7 +2,7 @@
 
 The finite ones enumerate their views, so that view v of an example is the same tensor on
 every call, device and run, and a teacher's output on each view can be computed once and
-cached exactly (teaching.py, the view cache):
+cached exactly (teacher_outputs.py, the view cache):
 
 - shift:     integer translations by up to k pixels in y and x, (2k+1)^2 views; the border
              is filled as `augment.border` says (replicate: the edge pixel, the background of

@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from distillrun import artifacts
-from distillrun.data import Data
+from distillrun.core.data import Data
 from distillrun.errors import UserError
+from distillrun.runs import artifacts
 from distillrun.stages import stages_for
 
 STAGE = "train-teachers"

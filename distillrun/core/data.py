@@ -421,7 +421,7 @@ NPZ_FIX = "np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)"
 
 def _load_npz(cfg: Any) -> Data:
     """The user's own .npz file with x_train, y_train, x_test, y_test."""
-    from distillrun.inputs import load_npz, missing_path, resolve
+    from distillrun.io.inputs import load_npz, missing_path, resolve
 
     path = resolve(_get(cfg, "path"), "dataset.path")
     if path.is_dir():
@@ -467,7 +467,7 @@ def _load_npz(cfg: Any) -> Data:
 
 def _npz_inputs(path: Path, split: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """x_<split> as float32 [N, D] or [N, C, H, W], finite, one row per label."""
-    from distillrun.inputs import as_float32
+    from distillrun.io.inputs import as_float32
 
     shapes = "shaped (N, D), (N, H, W) or (N, C, H, W)"
     if x.ndim not in (2, 3, 4) or 0 in x.shape[1:]:

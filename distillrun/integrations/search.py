@@ -25,9 +25,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from distillrun import artifacts
 from distillrun.config import GROUPS, RESUME_ENV, did_you_mean
 from distillrun.errors import UserError
+from distillrun.runs import artifacts
 
 SWEEPER = "optuna"  # hydra/sweeper=optuna
 TARGET = "OptunaSearchSweeper"

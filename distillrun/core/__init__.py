@@ -1,0 +1,2 @@
+"""What every stage trains with: the datasets, the nets, the training loop and its
+data-parallel form under torchrun. No Hydra, no CLI."""

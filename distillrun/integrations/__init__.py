@@ -1,0 +1,2 @@
+"""Integrations that depend on the core, never the reverse: experiment trackers and
+the Optuna search."""

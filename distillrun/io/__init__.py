@@ -1,0 +1,1 @@
+"""What users hand in and get out: teachers trained elsewhere, exports, predict's inputs."""

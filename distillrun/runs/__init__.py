@@ -1,0 +1,2 @@
+"""Run folders, the contract between stages: atomic files and manifests, finding runs,
+where a student's teachers come from, and sweep summaries."""

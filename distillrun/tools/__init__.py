@@ -1,0 +1,1 @@
+"""The commands behind `make bench`, `make reproduce` and `make reproduce-specialists`."""
