@@ -41,7 +41,8 @@ def test_the_method_modules_import_no_hydra_and_no_cli_code() -> None:
         f"import sys, {modules}\n"
         "bad = [m for m in sys.modules if m.split('.')[0] == 'hydra' or m in "
         "('distillrun.cli', 'distillrun.config', 'distillrun.console') "
-        "or m.startswith(('distillrun.stages.', 'distillrun.integrations.', 'distillrun.tools.'))]\n"
+        "or m.startswith(('distillrun.stages.', 'distillrun.integrations.', "
+        "'distillrun.tools.'))]\n"
         "print(sorted(bad))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
