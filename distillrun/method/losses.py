@@ -275,8 +275,9 @@ def nkd_loss(
     Published code: yzd-v/cls_KD, mmcls/models/dis_losses/nkd.py (temp 1.0, gamma 1.5 by
     default; configs/distillers/imagenet/res34_distill_res18_img.py: temp 1, gamma 1.5; DeiT:
     temp 1, gamma 1; configs/distillers/cifar100/res34_distill_res18_cifar.py: temp 3, gamma 3.5).
-    An earlier version of that file (mmcls/distillation/losses/nkd.py, fixed in 9466b3f) kept the
-    target class in the "non-target" term by a masking slip; this follows the fixed version.
+    Before commit 9466b3f that file (and the older mmcls/distillation/losses/nkd.py) built the
+    non-target mask with the wrong fill value, keeping the target class in the second term;
+    this follows the fixed version.
     """
     target, non_target = nkd_terms(
         student_logits, teacher_log_probs, teacher_log_probs_T, labels, T
