@@ -1,4 +1,5 @@
-"""The distillation objective of Hinton, Vinyals and Dean (2015), and logit matching.
+"""The distillation objective of Hinton, Vinyals and Dean (2015), logit matching, and the
+later logit losses DKD, DIST and NKD with logit standardisation (each function names its paper).
 
 `alpha` weights the soft term, as in the paper:
     loss = alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE(y, q_1)
@@ -8,6 +9,7 @@ agree: d loss / d z_i = alpha * T * (q_T,i - p_T,i) + (1 - alpha) * (q_1,i - y_i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -81,6 +83,206 @@ def logit_matching_loss(
     if labels is None:
         return soft
     return alpha * soft + (1 - alpha) * F.cross_entropy(student_logits, labels)
+
+
+# --- Losses from later papers -------------------------------------------------------------------
+# Each takes the student's raw logits [N, C], the teacher's log-probabilities [N, C] at the
+# temperature(s) it needs (one teacher, or an ensemble from `ensemble.combine`), the labels and
+# its hyperparameters, and returns a scalar: the mean over the batch. The hard-label term and
+# any schedule are the caller's.
+
+
+def standardize(logits: torch.Tensor) -> torch.Tensor:
+    """Logit standardisation (Sun et al., "Logit Standardization in Knowledge Distillation",
+    CVPR 2024): each example's logits z -> (z - mean(z)) / (std(z) + 1e-7), over the classes.
+
+    As in the published code (sunshangquan/logit-standardization-KD, `normalize` in
+    mdistiller/distillers/KD.py), std is the *unbiased* one (divides by C - 1) and the 1e-7 is
+    added to it. The biased std would only rescale every standardised logit by sqrt(C / (C - 1)),
+    which is a change of the base temperature. Both the student's and the teacher's logits are
+    standardised, then used at a base temperature (published: T 2, KD weight 9, CE weight 0.1 on
+    CIFAR-100). For an ensemble, standardise each member's logits before `combine`.
+    """
+    mean = logits.mean(dim=-1, keepdim=True)
+    std = logits.std(dim=-1, keepdim=True)
+    return (logits - mean) / (std + 1e-7)
+
+
+def warmup_weight(epoch: int, warmup_epochs: int) -> float:
+    """min(epoch / warmup_epochs, 1): DKD's linear warm-up of its loss weight, with epochs
+    counted from 1 as in mdistiller (and distillrun), so the first epoch has 1 / warmup_epochs."""
+    if warmup_epochs <= 0:
+        return 1.0
+    return min(epoch / warmup_epochs, 1.0)
+
+
+def _class_ids(labels: torch.Tensor) -> torch.Tensor:
+    """Class ids [N] from class ids or label distributions [N, C] (mixup): the most likely class,
+    as NKD's published code does for distributions."""
+    return labels.argmax(dim=1) if labels.ndim == 2 else labels
+
+
+def _split_target(log_probs: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target class's entry [N] and the other C - 1 entries [N, C - 1] of each row."""
+    n, c = log_probs.shape
+    others = torch.ones_like(log_probs, dtype=torch.bool).scatter_(1, ids[:, None], False)
+    return log_probs.gather(1, ids[:, None]).squeeze(1), log_probs[others].reshape(n, c - 1)
+
+
+def _kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row [N], from log-probabilities; a class with p = 0 adds 0."""
+    terms = log_p.exp() * (log_p - log_q)
+    return torch.where(log_p == -math.inf, torch.zeros_like(terms), terms).sum(dim=1)
+
+
+def dkd_terms(
+    student_logits: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    labels: torch.Tensor,
+    T: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoupled KD's two parts per example (Zhao et al., "Decoupled Knowledge Distillation",
+    CVPR 2022): (TCKD [N], NCKD [N]), without the T^2 factor.
+
+    With p = the teacher's distribution at T (`teacher_log_probs`), q = softmax(z / T) and t the
+    label: TCKD = KL([p_t, 1 - p_t] || [q_t, 1 - q_t]), the binary target-vs-rest KL, and
+    NCKD = KL(p_hat || q_hat), where p_hat, q_hat are p, q over the C - 1 non-target classes,
+    renormalised. The paper's decomposition: KL(p || q) = TCKD + (1 - p_t) * NCKD.
+
+    Computed in log space: 1 - p_t as logsumexp of the non-target log-probabilities, and the
+    renormalised distributions by dropping the target column (the published code takes log of a
+    softmax and masks with "- 1000 * gt_mask", which can give log(0) for extreme logits).
+    """
+    ids = _class_ids(labels)
+    log_q = F.log_softmax(student_logits / T, dim=1)
+    p_target, p_rest = _split_target(teacher_log_probs, ids)
+    q_target, q_rest = _split_target(log_q, ids)
+    p_binary = torch.stack([p_target, torch.logsumexp(p_rest, dim=1)], dim=1)
+    q_binary = torch.stack([q_target, torch.logsumexp(q_rest, dim=1)], dim=1)
+    tckd = _kl_rows(p_binary, q_binary)
+    nckd = _kl_rows(F.log_softmax(p_rest, dim=1), F.log_softmax(q_rest, dim=1))
+    return tckd, nckd
+
+
+def dkd_loss(
+    student_logits: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    labels: torch.Tensor,
+    T: float,
+    alpha_t: float = 1.0,
+    beta_n: float = 8.0,
+) -> torch.Tensor:
+    """DKD (Zhao et al., CVPR 2022): T^2 * mean over examples of (alpha_t * TCKD + beta_n * NCKD),
+    see `dkd_terms`; `teacher_log_probs` at temperature T.
+
+    As in the published code (megvii-research/mdistiller, mdistiller/distillers/DKD.py), both
+    terms carry T^2. Published settings (mdistiller/engine/cfg.py and configs/cifar100/dkd/):
+    alpha_t 1, beta_n 8 (6 with WRN-40-2 and VGG-13 teachers, 2 with ResNet-56/110 teachers),
+    T 4, cross-entropy weight 1 (the caller's), and this loss scaled by
+    `warmup_weight(epoch, 20)`. ImageNet (configs/imagenet/*/dkd.yaml): T 1, beta_n 0.5
+    (ResNet-34 -> ResNet-18) or 2 (ResNet-50 -> MobileNet), warm-up 1 epoch.
+    """
+    tckd, nckd = dkd_terms(student_logits, teacher_log_probs, labels, T)
+    return T * T * (alpha_t * tckd + beta_n * nckd).mean()
+
+
+def _pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Pearson correlation of each row of a with the same row of b [N]: the cosine of the
+    centred rows, with eps added to the product of the norms as in DIST's code."""
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+def dist_terms(
+    student_logits: torch.Tensor, teacher_log_probs: torch.Tensor, T: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DIST's two relations (Huang et al., "Knowledge Distillation from A Stronger Teacher",
+    NeurIPS 2022): (inter, intra), scalars, without the T^2 factor.
+
+    With Y_s = softmax(z / T) and Y_t the teacher's probabilities at T, both [N, C]:
+    inter = 1 - mean over examples of pearson(Y_s[n, :], Y_t[n, :]) (across classes), and
+    intra = 1 - mean over classes of pearson(Y_s[:, c], Y_t[:, c]) (across the batch).
+    The intra term depends on the whole batch, not on each example alone. With a batch of one
+    every centred column is zero, so its correlation is 0 / (0 + eps) = 0 and intra = 1, a
+    constant with zero gradient.
+    """
+    y_s = F.softmax(student_logits / T, dim=1)
+    y_t = teacher_log_probs.exp()
+    inter = 1 - _pearson_rows(y_s, y_t).mean()
+    intra = 1 - _pearson_rows(y_s.T, y_t.T).mean()
+    return inter, intra
+
+
+def dist_loss(
+    student_logits: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    T: float,
+    beta: float = 2.0,
+    gamma: float = 2.0,
+) -> torch.Tensor:
+    """DIST (Huang et al., NeurIPS 2022): T^2 * (beta * inter + gamma * intra), see `dist_terms`;
+    `teacher_log_probs` at temperature T.
+
+    The published code (hunto/image_classification_sota, lib/models/losses/dist_kd.py, which
+    hunto/DIST_KD points to) builds DIST(beta=1, gamma=1, tau) and scales it by kd_loss_weight 2
+    (configs/strategies/distill/dist_cifar.yaml: kd dist_t4, i.e. tau 4, CE weight 1; ImageNet
+    resnet_dist.yaml: tau 1, weight 2), hence the defaults beta = gamma = 2.
+    """
+    inter, intra = dist_terms(student_logits, teacher_log_probs, T)
+    return T * T * (beta * inter + gamma * intra)
+
+
+def nkd_terms(
+    student_logits: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    teacher_log_probs_T: torch.Tensor,
+    labels: torch.Tensor,
+    T: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NKD's two parts per example (Yang et al., "From Knowledge Distillation to Self-Knowledge
+    Distillation: A Unified Approach with Normalized Loss and Customized Soft Labels", ICCV 2023):
+    (target [N], non-target [N]), without gamma and T^2.
+
+    target = -p_t * log q_t at temperature 1 (p = `teacher_log_probs`, at T = 1; q = softmax(z));
+    non-target = CE(p_hat, q_hat) = -sum_{i != t} p_hat_i log q_hat_i at temperature T, where
+    p_hat (from `teacher_log_probs_T`) and q_hat = softmax(z / T) are renormalised over the C - 1
+    non-target classes. The two teacher inputs differ for an ensemble: an arithmetic mean at T is
+    not a power of the mean at 1. It is a cross-entropy, not a KL: the value differs by the
+    entropy of p_hat, the gradient does not.
+    """
+    ids = _class_ids(labels)
+    p_target, _ = _split_target(teacher_log_probs, ids)
+    q_target, _ = _split_target(F.log_softmax(student_logits, dim=1), ids)
+    _, p_rest = _split_target(teacher_log_probs_T, ids)
+    _, z_rest = _split_target(student_logits / T, ids)
+    target = -p_target.exp() * q_target
+    non_target = -(F.softmax(p_rest, dim=1) * F.log_softmax(z_rest, dim=1)).sum(dim=1)
+    return target, non_target
+
+
+def nkd_loss(
+    student_logits: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    teacher_log_probs_T: torch.Tensor,
+    labels: torch.Tensor,
+    T: float,
+    gamma: float = 1.5,
+) -> torch.Tensor:
+    """NKD (Yang et al., ICCV 2023): mean over examples of target + gamma * T^2 * non-target,
+    see `nkd_terms`. The code's CE weight is 1 (the student's own loss, added by the caller).
+
+    Published code: yzd-v/cls_KD, mmcls/models/dis_losses/nkd.py (temp 1.0, gamma 1.5 by
+    default; configs/distillers/imagenet/res34_distill_res18_img.py: temp 1, gamma 1.5; DeiT:
+    temp 1, gamma 1; configs/distillers/cifar100/res34_distill_res18_cifar.py: temp 3, gamma 3.5).
+    Before commit 9466b3f that file (and the older mmcls/distillation/losses/nkd.py) built the
+    non-target mask with the wrong fill value, keeping the target class in the second term;
+    this follows the fixed version.
+    """
+    target, non_target = nkd_terms(
+        student_logits, teacher_log_probs, teacher_log_probs_T, labels, T
+    )
+    return (target + gamma * T * T * non_target).mean()
 
 
 class Loss(NamedTuple):
