@@ -1,0 +1,29 @@
+"""What the console says beside a stage's own lines: nothing a user did not ask for."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_a_first_plot_prints_no_font_cache_line(tmp_path: Path) -> None:
+    """matplotlib logs "generated new fontManager" at INFO when it builds its font cache (a first
+    plot on a machine); Hydra's job logging prints INFO, so it reached the console."""
+    code = (
+        "import logging, sys\n"
+        "logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
+        "from pathlib import Path\n"
+        "from distillrun.runs import artifacts\n"
+        "plt = artifacts.pyplot()\n"
+        "fig, ax = plt.subplots()\n"
+        "ax.set_title('x')\n"
+        f"artifacts.save_figure(fig, Path({str(tmp_path / 'f.png')!r}))\n"
+    )
+    env = {**os.environ, "MPLCONFIGDIR": str(tmp_path / "mpl")}  # an empty font cache
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+    assert "fontManager" not in out.stdout + out.stderr, out.stdout + out.stderr
