@@ -27,3 +27,15 @@ def test_a_first_plot_prints_no_font_cache_line(tmp_path: Path) -> None:
     )
     assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
     assert "fontManager" not in out.stdout + out.stderr, out.stdout + out.stderr
+
+
+def test_predict_on_a_missing_folder_names_exports_among_what_it_takes(tmp_path: Path) -> None:
+    import pytest
+    import torch
+
+    from distillrun.errors import UserError
+    from distillrun.stages.predict import load_predictor
+
+    with pytest.raises(UserError) as e:
+        load_predictor(tmp_path / "nope", None, torch.device("cpu"))
+    assert "an export folder" in str(e.value) and "distill" in str(e.value)
