@@ -39,3 +39,19 @@ def test_predict_on_a_missing_folder_names_exports_among_what_it_takes(tmp_path:
     with pytest.raises(UserError) as e:
         load_predictor(tmp_path / "nope", None, torch.device("cpu"))
     assert "an export folder" in str(e.value) and "distill" in str(e.value)
+
+
+def test_a_preset_for_another_stage_is_the_only_problem_said() -> None:
+    """Its keys belong to another stage (here teachers.n), so their problems only confuse."""
+    import pytest
+    from test_config import composed
+
+    from distillrun.config import validate
+    from distillrun.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        validate("distill", composed("distill", "+experiment=mnist_cnn_teachers"))
+    assert str(e.value) == (
+        "experiment=mnist_cnn_teachers is a preset for `distillrun train-teachers`: "
+        "use +experiment=hinton_mnist"
+    )
