@@ -55,3 +55,17 @@ def test_a_preset_for_another_stage_is_the_only_problem_said() -> None:
         "experiment=mnist_cnn_teachers is a preset for `distillrun train-teachers`: "
         "use +experiment=hinton_mnist"
     )
+
+
+def test_a_generator_preset_is_named_as_chosen_and_fingerprinted_as_its_generator() -> None:
+    from omegaconf import OmegaConf
+    from test_config import composed
+
+    from distillrun.core.data import load_dataset
+
+    cfg = composed("distill", "dataset=jft_like").dataset
+    small = {"train_per_class": 5, "test_per_class": 2, "n_super": 2, "n_sub": 2}
+    chosen = load_dataset(OmegaConf.merge(cfg, small))
+    generator = load_dataset(OmegaConf.merge(cfg, small, {"display_name": None}))
+    assert (chosen.name, generator.name) == ("jft_like", "hierarchical")
+    assert chosen.fingerprint == generator.fingerprint
