@@ -608,6 +608,8 @@ def validate(stage: str, cfg: DictConfig) -> None:
     """Check every value of a composed stage config; raise one UserError listing all problems."""
     p = _Problems()
     _experiment(stage, cfg, p)
+    if p:  # the preset's keys are another stage's: its other problems would only confuse
+        raise UserError(p[0])
     stage_checks(stage)(cfg, p)
     if p:
         fix = "" if len(p) == 1 else f" ({len(p)} problems)"

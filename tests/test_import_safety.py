@@ -249,3 +249,4 @@ def test_logits_near_chance_say_their_rows_must_follow_the_assumed_dataset(
     assert "rows must follow the splits of dataset=digits (the dataset assumed)" in message
     assert "(1212 train, 135 val, 450 test)" in message and "dataset=npz" in message
     assert "input_scale" not in message  # a model's causes, not a logits file's
+    assert message.index("likely rows in another order") < message.index("label_map=")

@@ -81,7 +81,11 @@ def load_dataset(cfg: Any) -> Data:
     if loader is None:
         known = ", ".join(sorted(_LOADERS))
         raise UserError(f"unknown dataset.name={name!r}: choose one of {known}")
-    return loader(cfg)
+    data = loader(cfg)
+    # A preset of a generator (jft_like) is named as the user chose it; its fingerprint, and so
+    # its caches and the runs that consume it, stay the generator's.
+    shown = cfg.get("display_name") if isinstance(cfg, Mapping) else None
+    return replace(data, name=str(shown)) if shown else data
 
 
 # --- config access ---------------------------------------------------------------------------

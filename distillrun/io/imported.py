@@ -597,17 +597,17 @@ def _relabel(t: torch.Tensor, label_map: list[int], num_classes: int, label: str
 
 
 MODEL_CAUSES = (
-    "or another input normalisation: dataset.normalize=none for inputs as loaded, "
+    "another input normalisation: dataset.normalize=none for inputs as loaded, "
     "input_scale=255 for 0-255 pixels; or a wrong input shape: import a model for this "
     "dataset's inputs"
 )
 
 
 def logits_file_causes(data: Data) -> str:
-    """Why precomputed logits score near chance besides the label order: their rows."""
+    """Why precomputed logits score near chance, besides another label order: their rows."""
     rows = f"{len(data.y_train)} train, {len(data.y_val)} val, {len(data.y_test)} test"
     return (
-        f"or rows in another order or from other data: a logits file's rows must follow "
+        f"rows in another order or from other data: a logits file's rows must follow "
         f"the splits of dataset={data.name} (the dataset assumed) in order and count ({rows}); "
         "set dataset= to the data they were computed on (dataset=npz dataset.path=<file> "
         "for your own)"
@@ -619,11 +619,11 @@ def near_chance(
     y: torch.Tensor,
     num_classes: int,
     min_accuracy: float | None,
-    other_causes: str = MODEL_CAUSES,
+    rows_cause: str | None = None,
 ) -> str | None:
-    """None when the member beats chance clearly (or `min_accuracy`), else what it scores and,
-    when a reordering of its outputs would fix it, the label_map that does; then the
-    `other_causes` (a model's inputs, or a logits file's rows)."""
+    """None when the member beats chance clearly (or `min_accuracy`), else what it scores and
+    its likely causes: for a model, another label order (with the label_map that fixes it, when
+    one does) then its inputs; for a logits file (`rows_cause`), its rows first."""
     from scipy.optimize import linear_sum_assignment
 
     if len(y) == 0:
@@ -642,8 +642,12 @@ def near_chance(
     hint = ""
     if mapped >= floor and guess != list(range(num_classes)):
         hint = f" (label_map={guess} would score {mapped:.1%})"
+    label_order = f"another label order: set label_map=[...]{hint}"
+    if rows_cause:  # a logits file: rows from other data are the likelier fault
+        causes = f"likely {rows_cause}; or {label_order}"
+    else:
+        causes = f"likely {label_order}; or {MODEL_CAUSES}"
     return (
         f"accuracy {accuracy:.1%}, at or near chance ({chance:.1%}; the floor is {floor:.1%}): "
-        f"likely another label order: set label_map=[...]{hint}; {other_causes}. "
-        "min_accuracy=0 imports it anyway"
+        f"{causes}. min_accuracy=0 imports it anyway"
     )

@@ -186,14 +186,9 @@ def plot_covariance(
     path: Path, cov: torch.Tensor, clusters: list[list[int]], primary: list[int]
 ) -> None:
     """The covariance matrix with classes ordered by cluster, cluster borders drawn."""
-    import io
+    from distillrun.runs.artifacts import pyplot, save_figure
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from distillrun.runs.artifacts import write_bytes
+    plt = pyplot()
 
     order = sorted(range(len(primary)), key=lambda c: (primary[c], c))
     m = cov.cpu().numpy()[np.ix_(order, order)]
@@ -208,7 +203,4 @@ def plot_covariance(
     ax.set_xlabel("class (ordered by cluster)")
     ax.set_ylabel("class (ordered by cluster)")
     fig.colorbar(im, ax=ax)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    write_bytes(path, buf.getvalue())
+    save_figure(fig, path)

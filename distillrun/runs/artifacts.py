@@ -56,6 +56,27 @@ def now() -> str:
     return dt.datetime.now().astimezone().isoformat(timespec="microseconds")
 
 
+def pyplot() -> Any:
+    """matplotlib's pyplot for writing figures to files: the Agg backend (never a window), and
+    its INFO chatter ("generated new fontManager" on a first plot) kept off the console."""
+    import logging
+
+    import matplotlib
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 100, tight: bool = True) -> None:
+    """Write `fig` as a PNG, atomically, and free it."""
+    bbox = "tight" if tight else None
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches=bbox), "wb")
+    pyplot().close(fig)
+
+
 def atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
     """Write through `write(file)` under a temporary name, then rename: all or nothing."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -227,22 +227,6 @@ def _x_axis(rows: list[Row]) -> tuple[str | None, list[Row]]:
     return None, []
 
 
-def _save(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    artifacts.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120), "wb")
-    plt.close(fig)
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never a window
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_errors(rows: list[Row], folder: Path) -> Path | None:
     """Test errors against T (or alpha, ...): a line per value of the other overrides, with
     the hard-label student and the teacher ensemble as horizontal references."""
@@ -260,7 +244,7 @@ def plot_errors(rows: list[Row], folder: Path) -> Path | None:
             label = f"{labels[r.source]}" + (f", {label}" if label else "")
         lines[label].append(r)
 
-    plt = _pyplot()
+    plt = artifacts.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, line in sorted(lines.items()):
         points = sorted((r.value(x), r.metrics["test_errors"]) for r in line)
@@ -289,7 +273,7 @@ def plot_errors(rows: list[Row], folder: Path) -> Path | None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     path = folder / f"errors_vs_{x}.png"
-    _save(fig, path)
+    artifacts.save_figure(fig, path, dpi=120, tight=False)
     return path
 
 
@@ -321,7 +305,7 @@ def plot_heatmaps(rows: list[Row], folder: Path) -> list[Path]:
             ]
             for a in alphas
         ]
-        plt = _pyplot()
+        plt = artifacts.pyplot()
         fig, ax = plt.subplots(figsize=(1.2 * len(temps) + 2.5, 0.8 * len(alphas) + 2))
         image = ax.imshow(grid, cmap="viridis_r", aspect="auto")
         values = [v for line in grid for v in line if not math.isnan(v)]
@@ -340,7 +324,7 @@ def plot_heatmaps(rows: list[Row], folder: Path) -> list[Path]:
         fig.colorbar(image, ax=ax, label="test errors")
         fig.tight_layout()
         name = f"heatmap-{labels[source]}.png" if labels else "heatmap.png"
-        _save(fig, folder / name)
+        artifacts.save_figure(fig, folder / name, dpi=120, tight=False)
         paths.append(folder / name)
     return paths
 
@@ -362,7 +346,7 @@ def plot_trials(rows: list[Row], folder: Path) -> list[Path]:
         ]
         if not trials:
             continue
-        plt = _pyplot()
+        plt = artifacts.pyplot()
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for status, marker in (("complete", "o"), ("pruned", "x")):
             points = [(n, v) for n, s, v in trials if s == status]
@@ -384,7 +368,7 @@ def plot_trials(rows: list[Row], folder: Path) -> list[Path]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         name = f"errors_by_trial-{labels[source]}.png" if labels else "errors_by_trial.png"
-        _save(fig, folder / name)
+        artifacts.save_figure(fig, folder / name, dpi=120, tight=False)
         paths.append(folder / name)
     return paths
 

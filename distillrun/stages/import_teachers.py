@@ -21,7 +21,6 @@ from distillrun.console import say
 from distillrun.core.data import Data, load_dataset
 from distillrun.errors import UserError
 from distillrun.io.imported import (
-    MODEL_CAUSES,
     SPLITS,
     Member,
     MemberSpec,
@@ -101,8 +100,8 @@ def checked_member(
     """Member i's logits on every split, refused in one line when it scores near chance."""
     member = import_member(i, spec, data, model_cfg, cfg.train.eval_batch_size, device)
     split, y = ("val", data.y_val) if len(data.y_val) else ("train", data.y_train)
-    causes = logits_file_causes(data) if spec.kind == "logits" else MODEL_CAUSES
-    why = near_chance(member.logits[split], y, data.num_classes, cfg.min_accuracy, causes)
+    rows = logits_file_causes(data) if spec.kind == "logits" else None
+    why = near_chance(member.logits[split], y, data.num_classes, cfg.min_accuracy, rows)
     if why:
         raise UserError(f"member {i} ({spec.path}) on the {split} split: {why}")
     return member

@@ -31,6 +31,7 @@ from distillrun.io.exports import (
 from distillrun.io.imported import onnx_session
 from distillrun.io.inputs import read_inputs, resolve
 from distillrun.runs import artifacts
+from distillrun.stages import STAGES
 from distillrun.stages.common import Run, run_stage
 
 PREDICTIONS = "predictions.csv"
@@ -44,6 +45,12 @@ def main(cfg: DictConfig) -> float | None:
 
 def load_predictor(source: Path, member: int | None, device: torch.device) -> tuple[Any, dict, str]:
     """(a function of normalised inputs -> logits, the export config, the runtime's name)."""
+    if not source.is_dir():
+        holders = ", ".join(name for name, s in STAGES.items() if s.model_file)
+        raise UserError(
+            f"run folder {source} does not exist: pass run=<an export folder, or a run of "
+            f"{holders}> (`distillrun runs export` lists them)"
+        )
     manifest = artifacts.read_manifest(source) if source.is_dir() else None
     if manifest and manifest.get("stage") == EXPORT_STAGE:
         if manifest.get("status") != "complete":

@@ -422,11 +422,7 @@ def table_rows(rows: Any) -> str:
 def plot_T(r: dict[str, Any], path: Any) -> None:
     """Test errors against T: the paper's setting and the views, side by side, each with its
     hard-label student and the teachers as lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = artifacts.pyplot()
     spread = r.get("spread", {})
     panels = [
         ("paper setting (no views)", r["errors_by_T"], "student_hard_errors"),
@@ -455,8 +451,7 @@ def plot_T(r: dict[str, Any], path: Any) -> None:
     axes[0].set_ylabel("test errors (of 10,000)")
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120, format="png")
-    plt.close(fig)
+    artifacts.save_figure(fig, Path(path), dpi=120, tight=False)
 
 
 # --- the command ---------------------------------------------------------------------------------
