@@ -99,7 +99,7 @@ def precheck(stage: str, args: list[str]) -> list[str]:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from distillrun.config import check_group_choices, validate
+    from distillrun.config import check_added_keys, check_group_choices, validate
 
     parsed = parse_hydra_args(args)
     if parsed.config_path or parsed.config_name or parsed.config_dir or parsed.experimental_rerun:
@@ -109,6 +109,7 @@ def precheck(stage: str, args: list[str]) -> list[str]:
     try:
         overrides = OverridesParser.create().parse_overrides(parsed.overrides)
         check_group_choices(overrides)
+        check_added_keys(stage, overrides, lambda: _stage_keys(stage, []))
         combos = _combinations(overrides) + space_combinations(overrides)
         if parsed.cfg or parsed.info:
             if parsed.multirun and len(combos) > 1:
@@ -188,10 +189,38 @@ def _keys_from_swept_groups(stage: str, args: list[str], overrides: list) -> lis
 
 
 def _compose(stage: str, overrides: list[str]) -> Any:
+    """The stage's config with these overrides; `key=value` for a key it does not have is a
+    UserError with the closest key (Hydra's own advice, `+key=`, would add a key no one reads)."""
     from hydra import compose, initialize_config_module
+    from hydra.errors import ConfigCompositionException
 
-    with initialize_config_module(config_module="distillrun.conf", version_base="1.3"):
-        return compose(config_name=config_name(stage), overrides=overrides)
+    from distillrun.config import unknown_key
+
+    try:
+        with initialize_config_module(config_module="distillrun.conf", version_base="1.3"):
+            return compose(config_name=config_name(stage), overrides=overrides)
+    except ConfigCompositionException as e:
+        missing = re.match(r"Could not (?:override|delete from config)\b.*?'([^']+)'", str(e))
+        if missing is None:
+            raise
+        key = missing.group(1)
+        others = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != key]
+        raise UserError(unknown_key(stage, key, _stage_keys(stage, others))) from e
+
+
+def _stage_keys(stage: str, overrides: list[str]) -> list[str]:
+    """The key paths of the stage's config (with these overrides, when they compose)."""
+    from omegaconf import OmegaConf
+
+    from distillrun.config import key_paths
+
+    for attempt in (overrides, []):
+        try:
+            cfg = _compose(stage, attempt)
+        except Exception:
+            continue
+        return key_paths(OmegaConf.to_container(cfg))
+    return []
 
 
 def _check_output_root(output_root: str) -> None:
@@ -409,9 +438,35 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def shows_config_only(args: list[str]) -> bool:
+    """--help, --hydra-help, --cfg, --info and shell completion: Hydra answers them from the
+    config alone and never calls the stage's task."""
+    parsed = parse_hydra_args(args)
+    return bool(
+        parsed.help or parsed.hydra_help or parsed.cfg or parsed.info or parsed.shell_completion
+    )
+
+
+def config_app(stage: str) -> Any:
+    """The stage's Hydra app over the same config, without its task: for what only shows the
+    config, so that the stage module (and torch with it) is not imported for a --help or a Tab.
+    tests/test_cli.py checks that it prints what the stage's own app prints."""
+    import hydra
+
+    def task(cfg: Any) -> None:
+        raise RuntimeError(f"distillrun {stage}: the config-only app was asked to run the stage")
+
+    return hydra.main(
+        version_base="1.3", config_path="pkg://distillrun.conf", config_name=config_name(stage)
+    )(task)
+
+
 def call_stage(stage: str, args: list[str]) -> None:
-    module = importlib.import_module(module_name(stage))
     sys.argv = [sys.argv[0], *args]
+    if shows_config_only(args):
+        config_app(stage)()
+        return
+    module = importlib.import_module(module_name(stage))
     module.main()
     from distillrun.runs import summary  # loaded by the sweep's callback, if a sweep ran
 
