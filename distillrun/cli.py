@@ -29,6 +29,7 @@ from distillrun.stages import STAGES, config_name, module_name, training_stages
 
 MIN_FREE_MB = 20  # below this a run cannot even write its config and first checkpoint
 USAGE = "usage: distillrun <stage> [hydra overrides]   (distillrun <stage> --help for its options)"
+RUNS_COMMAND = "runs"  # not a stage: lists the run folders the stages wrote
 
 
 def register_sweeper() -> None:
@@ -46,6 +47,10 @@ def print_help() -> None:
     print("\nstages (each writes a run folder under outputs/<stage>/ that later stages consume):")
     for name, stage in STAGES.items():
         print(f"  {name:<16}{stage.about}")
+    print(
+        f"\n  {RUNS_COMMAND:<16}the run and sweep folders, newest first "
+        f"(distillrun {RUNS_COMMAND} [stage]; --latest <stage>: one path)"
+    )
     print(
         "\nexamples:\n"
         "  distillrun train-teachers teachers.n=5\n"
@@ -70,9 +75,14 @@ def complete(args: list[str]) -> None:
     line = os.environ.get("COMP_LINE", "")
     words = line.split()
     choosing_stage = len(words) == 1 or (len(words) == 2 and not line.endswith(" "))
-    if any(a.startswith("query=") for a in args) and (not words or choosing_stage):
+    querying = any(a.startswith("query=") for a in args)
+    if querying and (not words or choosing_stage):
         typed = words[1] if len(words) == 2 else ""
-        print(" ".join(s for s in STAGES if s.startswith(typed)))
+        print(" ".join(s for s in [*STAGES, RUNS_COMMAND] if s.startswith(typed)))
+        return
+    if querying and words[1] == RUNS_COMMAND:
+        typed = "" if line.endswith(" ") else words[-1]
+        print(" ".join(w for w in [*STAGES, "--latest", "--root"] if w.startswith(typed)))
         return
     stage = words[1] if len(words) >= 2 and words[1] in STAGES else next(iter(STAGES))
     if len(words) >= 2 and words[1] == stage:
@@ -485,6 +495,11 @@ def main() -> None:
         return
     if argv[0] in ("-sc", "--shell-completion"):
         complete(argv)
+        return
+    if argv[0] == RUNS_COMMAND:
+        from distillrun.runs.listing import runs_command
+
+        _user_errors(RUNS_COMMAND, runs_command, argv[1:])
         return
     stage, args = argv[0], argv[1:]
     if stage not in STAGES:
