@@ -230,4 +230,4 @@ def _hydra_value(value: str) -> str:
         return "[" + ",".join(_hydra_value(v) for v in value[1:-1].split(", ")) + "]"
     if _BARE.match(value):
         return value
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'  # Hydra's quoting
