@@ -161,3 +161,18 @@ def test_best_yaml_pins_the_teachers_of_the_best_trial(tmp_path: Path) -> None:
     assert json.loads((folder / "search.json").read_text())["best"]["overrides"][-1] == (
         f'teachers="{teachers}"'
     )
+
+
+def test_tab_completes_the_runs_command_and_its_stage(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from distillrun.cli import complete
+
+    for line, offered in [
+        ("distillrun ru", ["runs"]),
+        ("distillrun runs --latest di", ["distill"]),
+        ("distillrun runs --l", ["--latest"]),
+    ]:
+        monkeypatch.setenv("COMP_LINE", line)
+        complete(["-sc", "query=bash"])
+        assert capsys.readouterr().out.split() == offered, line
