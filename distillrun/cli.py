@@ -460,7 +460,7 @@ def shows_config_only(args: list[str]) -> bool:
 def config_app(stage: str) -> Any:
     """The stage's Hydra app over the same config, without its task: for what only shows the
     config, so that the stage module (and torch with it) is not imported for a --help or a Tab.
-    tests/test_cli.py checks that it prints what the stage's own app prints."""
+    tests/test_config_app.py checks that it prints what the stage's own app prints."""
     import hydra
 
     def task(cfg: Any) -> None:
@@ -503,7 +503,7 @@ def main() -> None:
         return
     stage, args = argv[0], argv[1:]
     if stage not in STAGES:
-        close = difflib.get_close_matches(stage, STAGES, n=1)
+        close = difflib.get_close_matches(stage, [*STAGES, RUNS_COMMAND], n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         fail(f"unknown stage '{stage}': {hint}stages are {', '.join(STAGES)}")
     if stage == "report":
