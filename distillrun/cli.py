@@ -29,6 +29,7 @@ from distillrun.stages import STAGES, config_name, module_name, training_stages
 
 MIN_FREE_MB = 20  # below this a run cannot even write its config and first checkpoint
 USAGE = "usage: distillrun <stage> [hydra overrides]   (distillrun <stage> --help for its options)"
+RUNS_COMMAND = "runs"  # not a stage: lists the run folders the stages wrote
 
 
 def register_sweeper() -> None:
@@ -46,6 +47,10 @@ def print_help() -> None:
     print("\nstages (each writes a run folder under outputs/<stage>/ that later stages consume):")
     for name, stage in STAGES.items():
         print(f"  {name:<16}{stage.about}")
+    print(
+        f"\n  {RUNS_COMMAND:<16}the run and sweep folders, newest first "
+        f"(distillrun {RUNS_COMMAND} [stage]; --latest <stage>: one path)"
+    )
     print(
         "\nexamples:\n"
         "  distillrun train-teachers teachers.n=5\n"
@@ -70,9 +75,14 @@ def complete(args: list[str]) -> None:
     line = os.environ.get("COMP_LINE", "")
     words = line.split()
     choosing_stage = len(words) == 1 or (len(words) == 2 and not line.endswith(" "))
-    if any(a.startswith("query=") for a in args) and (not words or choosing_stage):
+    querying = any(a.startswith("query=") for a in args)
+    if querying and (not words or choosing_stage):
         typed = words[1] if len(words) == 2 else ""
-        print(" ".join(s for s in STAGES if s.startswith(typed)))
+        print(" ".join(s for s in [*STAGES, RUNS_COMMAND] if s.startswith(typed)))
+        return
+    if querying and words[1] == RUNS_COMMAND:
+        typed = "" if line.endswith(" ") else words[-1]
+        print(" ".join(w for w in [*STAGES, "--latest", "--root"] if w.startswith(typed)))
         return
     stage = words[1] if len(words) >= 2 and words[1] in STAGES else next(iter(STAGES))
     if len(words) >= 2 and words[1] == stage:
@@ -99,7 +109,7 @@ def precheck(stage: str, args: list[str]) -> list[str]:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from distillrun.config import check_group_choices, validate
+    from distillrun.config import check_added_keys, check_group_choices, validate
 
     parsed = parse_hydra_args(args)
     if parsed.config_path or parsed.config_name or parsed.config_dir or parsed.experimental_rerun:
@@ -109,6 +119,7 @@ def precheck(stage: str, args: list[str]) -> list[str]:
     try:
         overrides = OverridesParser.create().parse_overrides(parsed.overrides)
         check_group_choices(overrides)
+        check_added_keys(stage, overrides, lambda: _stage_keys(stage, []))
         combos = _combinations(overrides) + space_combinations(overrides)
         if parsed.cfg or parsed.info:
             if parsed.multirun and len(combos) > 1:
@@ -188,10 +199,38 @@ def _keys_from_swept_groups(stage: str, args: list[str], overrides: list) -> lis
 
 
 def _compose(stage: str, overrides: list[str]) -> Any:
+    """The stage's config with these overrides; `key=value` for a key it does not have is a
+    UserError with the closest key (Hydra's own advice, `+key=`, would add a key no one reads)."""
     from hydra import compose, initialize_config_module
+    from hydra.errors import ConfigCompositionException
 
-    with initialize_config_module(config_module="distillrun.conf", version_base="1.3"):
-        return compose(config_name=config_name(stage), overrides=overrides)
+    from distillrun.config import unknown_key
+
+    try:
+        with initialize_config_module(config_module="distillrun.conf", version_base="1.3"):
+            return compose(config_name=config_name(stage), overrides=overrides)
+    except ConfigCompositionException as e:
+        missing = re.match(r"Could not (?:override|delete from config)\b.*?'([^']+)'", str(e))
+        if missing is None:
+            raise
+        key = missing.group(1)
+        others = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != key]
+        raise UserError(unknown_key(stage, key, _stage_keys(stage, others))) from e
+
+
+def _stage_keys(stage: str, overrides: list[str]) -> list[str]:
+    """The key paths of the stage's config (with these overrides, when they compose)."""
+    from omegaconf import OmegaConf
+
+    from distillrun.config import key_paths
+
+    for attempt in (overrides, []):
+        try:
+            cfg = _compose(stage, attempt)
+        except Exception:
+            continue
+        return key_paths(OmegaConf.to_container(cfg))
+    return []
 
 
 def _check_output_root(output_root: str) -> None:
@@ -409,9 +448,35 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def shows_config_only(args: list[str]) -> bool:
+    """--help, --hydra-help, --cfg, --info and shell completion: Hydra answers them from the
+    config alone and never calls the stage's task."""
+    parsed = parse_hydra_args(args)
+    return bool(
+        parsed.help or parsed.hydra_help or parsed.cfg or parsed.info or parsed.shell_completion
+    )
+
+
+def config_app(stage: str) -> Any:
+    """The stage's Hydra app over the same config, without its task: for what only shows the
+    config, so that the stage module (and torch with it) is not imported for a --help or a Tab.
+    tests/test_config_app.py checks that it prints what the stage's own app prints."""
+    import hydra
+
+    def task(cfg: Any) -> None:
+        raise RuntimeError(f"distillrun {stage}: the config-only app was asked to run the stage")
+
+    return hydra.main(
+        version_base="1.3", config_path="pkg://distillrun.conf", config_name=config_name(stage)
+    )(task)
+
+
 def call_stage(stage: str, args: list[str]) -> None:
-    module = importlib.import_module(module_name(stage))
     sys.argv = [sys.argv[0], *args]
+    if shows_config_only(args):
+        config_app(stage)()
+        return
+    module = importlib.import_module(module_name(stage))
     module.main()
     from distillrun.runs import summary  # loaded by the sweep's callback, if a sweep ran
 
@@ -431,9 +496,14 @@ def main() -> None:
     if argv[0] in ("-sc", "--shell-completion"):
         complete(argv)
         return
+    if argv[0] == RUNS_COMMAND:
+        from distillrun.runs.listing import runs_command
+
+        _user_errors(RUNS_COMMAND, runs_command, argv[1:])
+        return
     stage, args = argv[0], argv[1:]
     if stage not in STAGES:
-        close = difflib.get_close_matches(stage, STAGES, n=1)
+        close = difflib.get_close_matches(stage, [*STAGES, RUNS_COMMAND], n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         fail(f"unknown stage '{stage}': {hint}stages are {', '.join(STAGES)}")
     if stage == "report":

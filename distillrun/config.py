@@ -7,6 +7,7 @@ fraction of a second with one line that names the problem and the fix.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.util
 import math
 import re
@@ -76,6 +77,103 @@ def check_group_choices(overrides: list[Any]) -> None:
                     f"unknown {group} '{value}'{did_you_mean(value, choices)}: "
                     f"choose one of {', '.join(choices)}"
                 )
+
+
+# --- keys: a misspelled one gets a suggestion, an added one must be read by some stage ---------
+
+PACKAGE_HEADER = re.compile(r"^# @package (\S+)", re.MULTILINE)
+
+
+def key_paths(node: Any, prefix: str = "") -> list[str]:
+    """Every dotted key path of a config node (`train`, `train.epochs`, ...), Hydra's own
+    settings and the defaults list left out."""
+    if not isinstance(node, dict):
+        return []
+    paths = []
+    for key, value in node.items():
+        if not prefix and key in ("hydra", "defaults"):
+            continue
+        path = f"{prefix}{key}"
+        paths += [path, *key_paths(value, f"{path}.")]
+    return paths
+
+
+@functools.cache
+def keys_any_stage_reads() -> frozenset[str]:
+    """The key paths that some file under conf/ sets: the stages read no others, so a `+key=`
+    that adds a key outside them changes nothing."""
+    import yaml
+
+    root = resources.files("distillrun.conf")
+    paths: set[str] = set()
+    for file in _yaml_files(root):
+        text = file.read_text()
+        header = PACKAGE_HEADER.search(text)
+        group = str(file.relative_to(root).parent).replace("/", ".")  # type: ignore[attr-defined]
+        package = header.group(1) if header else ("" if group == "." else group)
+        prefix = "" if package == "_global_" else f"{package}." if package else ""
+        if prefix:
+            paths |= {prefix[:-1]}
+        paths |= set(key_paths(yaml.safe_load(text) or {}, prefix))
+    return frozenset(paths)
+
+
+def _yaml_files(folder: Any) -> list[Any]:
+    found = []
+    for entry in folder.iterdir():
+        if entry.is_dir():
+            found += _yaml_files(entry)
+        elif entry.name.endswith(".yaml"):
+            found.append(entry)
+    return found
+
+
+def check_added_keys(stage: str, overrides: list[Any], keys: Callable[[], list[str]]) -> None:
+    """Refuse `+key=` / `++key=` for a key that no stage reads (Hydra adds it, and the run goes
+    on as if it had not been given). `+` is legitimate for a config group (+experiment=...),
+    Hydra's own settings and keys that some preset sets. `keys`: the stage's keys, for the
+    suggestion (composed only when there is something to refuse)."""
+    for o in overrides:
+        key = o.key_or_group
+        if not (o.is_add() or o.is_force_add()) or o.package is not None:
+            continue
+        if key in GROUPS or "/" in key or key == "hydra" or key.startswith("hydra."):
+            continue
+        if key in keys_any_stage_reads():
+            continue
+        close = closest_key(key, [*keys(), *keys_any_stage_reads()])
+        value = o.input_line.split("=", 1)[1] if "=" in o.input_line else "..."
+        fix = f"did you mean {close}={value}?" if close else "drop it"
+        raise UserError(
+            f"{o.input_line} adds a key that no stage reads: {fix} (`+` adds a config group, "
+            f"e.g. +experiment=<name>; `distillrun {stage} --cfg job` lists the keys)"
+        )
+
+
+def unknown_key(stage: str, key: str, keys: list[str]) -> str:
+    """The line for `key=value` naming a key the stage's config does not have."""
+    close = closest_key(key, keys)
+    listed = f"`distillrun {stage} --cfg job` lists the keys"
+    if close:
+        return f"unknown key '{key}': did you mean '{close}'? ({listed})"
+    if key in keys_any_stage_reads():
+        return (
+            f"unknown key '{key}' here (other stages, group choices or presets have it): {listed}"
+        )
+    return f"unknown key '{key}': {listed}"
+
+
+def closest_key(key: str, keys: list[str]) -> str | None:
+    """The key path most like `key`: a sibling with a similar name where its parent exists
+    (`train.epoch` -> `train.epochs`), else a similar path of the same depth."""
+    parent, _, name = key.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == parent}
+    if siblings:
+        close = difflib.get_close_matches(name, siblings, n=1, cutoff=0.75)
+        return siblings[close[0]] if close else None
+    same_depth = [k for k in keys if k.count(".") == key.count(".")]
+    close = difflib.get_close_matches(key, same_depth, n=1, cutoff=0.75)
+    return close[0] if close else None
 
 
 class _Problems(list):

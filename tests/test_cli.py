@@ -286,6 +286,7 @@ def test_concurrent_runs_get_distinct_folders(tmp_path: Path) -> None:
         (["distill", "-m", "T=1,0"], ["T=0"]),
         (["distill", "alpha=0.5", "-m", "T=1,0"], ["T=0"]),  # -m amid the overrides
         (["distill", "foo=1"], ["foo", "--cfg job"]),
+        (["distill", "+alpah=0.5"], ["+alpah=0.5", "no stage reads", "did you mean alpha=0.5"]),
         (["distill", "transfer.fraction=0"], ["transfer.fraction=0", "(0, 1]"]),
         (["distill", "transfer.omit_classes=3"], ["omit_classes", "[3]"]),
         (["distill", "ensemble=harmonic"], ["ensemble=harmonic", "arithmetic or geometric"]),

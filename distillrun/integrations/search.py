@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from omegaconf import OmegaConf
 from distillrun.config import GROUPS, RESUME_ENV, did_you_mean
 from distillrun.errors import UserError
 from distillrun.runs import artifacts
+from distillrun.runs.listing import pin_inputs
 
 SWEEPER = "optuna"  # hydra/sweeper=optuna
 TARGET = "OptunaSearchSweeper"
@@ -435,7 +437,8 @@ def write_results(study: Any, folder: Path, settings: Any, space: list[Param]) -
         summary["best"] = {
             "trial": best.number,
             "value": best.value,
-            "overrides": best.user_attrs.get("overrides", []),
+            # its input runs pinned: run again later, it reads the same teachers, not the newest
+            "overrides": pin_inputs(best.user_attrs.get("overrides", []), manifest),
             "run_dir": str(run_dir),
             "metrics": {k: v for k, v in (manifest.get("metrics") or {}).items() if "_" in k},
         }
@@ -471,7 +474,7 @@ def write_best(
         "# @package _global_",
         f"# The best trial ({best['trial']}) of the search in {folder.resolve()}:",
         f"#   {values} (chosen on the validation split by {', then '.join(objective)}).",
-        "# Run it again: distillrun " + stage + " " + " ".join(best["overrides"]),
+        "# Run it again: distillrun " + stage + " " + shlex.join(best["overrides"]),
         "# or as a preset: copy this file to <dir>/experiment/best.yaml, then",
         f"#   distillrun {stage} --config-dir <dir> +experiment=best",
     ]

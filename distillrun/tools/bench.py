@@ -57,6 +57,9 @@ GOALS = {
     "kl_inference_examples_per_s": (">=", 20000),
     "matmul_fraction": (">=", 0.6),
     "help_seconds": ("<=", 0.5),
+    "stage_help_seconds": ("<=", 1.0),  # distillrun distill --help
+    "cfg_job_seconds": ("<=", 1.0),  # distillrun distill T=2 --cfg job
+    "tab_seconds": ("<=", 0.5),  # one Tab of shell completion
     "peak_rss_mb": ("<=", 2000),
 }
 
@@ -473,14 +476,30 @@ def teachers_scaling(x, y, members: list[int]) -> dict[str, float]:
     return out
 
 
-def help_seconds(repeats: int = 5) -> float:
-    command = [str(Path(sys.executable).parent / "distillrun"), "--help"]
+def command_seconds(args: list[str], env: dict[str, str] | None = None, repeats: int = 5) -> float:
+    """The median wall time of the installed `distillrun <args>`, in a fresh process each time."""
+    command = [str(Path(sys.executable).parent / "distillrun"), *args]
     times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        subprocess.run(command, capture_output=True, check=True)
-        times.append(time.perf_counter() - start)
+    with tempfile.TemporaryDirectory() as cwd:  # nothing of the caller's folder is read
+        for _ in range(repeats):
+            start = time.perf_counter()
+            subprocess.run(
+                command, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, check=True
+            )
+            times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def command_figures(repeats: int = 5) -> dict[str, float]:
+    """What a user waits for before any work starts: help, a config, a Tab of completion."""
+    return {
+        "help_seconds": command_seconds(["--help"], repeats=repeats),
+        "stage_help_seconds": command_seconds(["distill", "--help"], repeats=repeats),
+        "cfg_job_seconds": command_seconds(["distill", "T=2", "--cfg", "job"], repeats=repeats),
+        "tab_seconds": command_seconds(
+            ["-sc", "query=bash"], {"COMP_LINE": "distillrun distill train."}, repeats
+        ),
+    }
 
 
 def peak_rss_mb(mnist_root: str | None) -> dict[str, Any]:
@@ -540,7 +559,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     figures |= teachers_scaling(x[:2000], y[:2000], [1, 5, 10])
     figures |= cifar_kd(quick)
-    figures["help_seconds"] = help_seconds()
+    figures |= command_figures()
     figures |= peak_rss_mb(None if quick else args.mnist)
     report(figures, Path(args.out))
 
