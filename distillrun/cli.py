@@ -30,6 +30,7 @@ from distillrun.stages import STAGES, config_name, module_name, training_stages
 MIN_FREE_MB = 20  # below this a run cannot even write its config and first checkpoint
 USAGE = "usage: distillrun <stage> [hydra overrides]   (distillrun <stage> --help for its options)"
 RUNS_COMMAND = "runs"  # not a stage: lists the run folders the stages wrote
+TORCHRUN_COMMAND = "torchrun"  # not a stage: a training stage under torchrun, refusals said once
 
 
 def register_sweeper() -> None:
@@ -50,6 +51,8 @@ def print_help() -> None:
     print(
         f"\n  {RUNS_COMMAND:<16}the run and sweep folders, newest first "
         f"(distillrun {RUNS_COMMAND} [stage]; --latest <stage>: one path)"
+        f"\n  {TORCHRUN_COMMAND:<16}a training stage in several processes "
+        f"(distillrun {TORCHRUN_COMMAND} --nproc_per_node=2 distill ...)"
     )
     print(
         "\nexamples:\n"
@@ -78,7 +81,8 @@ def complete(args: list[str]) -> None:
     querying = any(a.startswith("query=") for a in args)
     if querying and (not words or choosing_stage):
         typed = words[1] if len(words) == 2 else ""
-        print(" ".join(s for s in [*STAGES, RUNS_COMMAND] if s.startswith(typed)))
+        commands = [*STAGES, RUNS_COMMAND, TORCHRUN_COMMAND]
+        print(" ".join(s for s in commands if s.startswith(typed)))
         return
     if querying and words[1] == RUNS_COMMAND:
         typed = "" if line.endswith(" ") else words[-1]
@@ -420,9 +424,8 @@ def resume_args(stage: str, args: list[str]) -> list[str]:
     return [*saved, f"hydra.run.dir='{quoted}'"]
 
 
-def torchrun_args(stage: str, args: list[str]) -> list[str]:
-    """Under torchrun: one training run, in process 0's run folder. The other processes get a
-    private temporary folder for Hydra (removed at exit) and print nothing to stdout."""
+def check_torchrun(stage: str, args: list[str]) -> None:
+    """One training run per torchrun: the stages that do not train, and sweeps, are refused."""
     if stage not in training_stages():
         raise UserError(
             f"{stage} does not train: run it without torchrun (torchrun is for "
@@ -433,6 +436,12 @@ def torchrun_args(stage: str, args: list[str]) -> list[str]:
             "a sweep (-m) under torchrun: torchrun trains one run; sweep without torchrun, or "
             "start each run under torchrun"
         )
+
+
+def torchrun_args(stage: str, args: list[str]) -> list[str]:
+    """Under torchrun: one training run, in process 0's run folder. The other processes get a
+    private temporary folder for Hydra (removed at exit) and print nothing to stdout."""
+    check_torchrun(stage, args)
     if distributed.is_main():
         return args
     private = tempfile.mkdtemp(prefix=f"distillrun-rank{distributed.rank()}-")
@@ -501,9 +510,11 @@ def main() -> None:
 
         _user_errors(RUNS_COMMAND, runs_command, argv[1:])
         return
+    if argv[0] == TORCHRUN_COMMAND:
+        sys.exit(launch_torchrun(argv[1:]))
     stage, args = argv[0], argv[1:]
     if stage not in STAGES:
-        close = difflib.get_close_matches(stage, [*STAGES, RUNS_COMMAND], n=1)
+        close = difflib.get_close_matches(stage, [*STAGES, RUNS_COMMAND, TORCHRUN_COMMAND], n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         fail(f"unknown stage '{stage}': {hint}stages are {', '.join(STAGES)}")
     if stage == "report":
@@ -535,6 +546,21 @@ def main() -> None:
         if distributed.is_main():
             print(f"distillrun {stage}: interrupted", file=sys.stderr)
         sys.exit(interrupted_exit_code(e))
+
+
+def launch_torchrun(argv: list[str]) -> int:
+    """`distillrun torchrun [torchrun options] <stage> [overrides]`: the config checked here,
+    before any process starts, then torchrun in process (integrations/torchrun.py)."""
+    from distillrun.integrations import torchrun
+
+    options, stage, args = _user_errors(TORCHRUN_COMMAND, torchrun.split, argv, list(STAGES))
+    _user_errors(stage, check_torchrun, stage, args)
+    checked = args
+    if any(a.startswith("resume=") for a in args):  # the processes resume it themselves
+        checked = _user_errors(stage, resume_args, stage, args)
+    register_sweeper()
+    precheck(stage, checked)
+    return torchrun.launch(options, stage, args)
 
 
 def _quiet_stdout() -> None:

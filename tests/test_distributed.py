@@ -226,3 +226,24 @@ def test_a_batchnorm_net_trains_with_its_statistics_from_process_zero(tmp_path: 
     state = torch.load(tmp_path / "bn" / "member_0.pt", weights_only=True)["state_dict"]
     assert int(state["features.1.num_batches_tracked"]) > 0  # statistics were kept
     assert m["metrics"]["test_accuracy"] > 0.2  # digits, one epoch: above chance (0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["train-teachers", "T=0"], "unknown key 'T'"),  # refused before any process starts
+        (["evaluate"], "evaluate does not train"),
+        (["train-teachers", "device=cuda:1"], "device=cuda:1 under torchrun"),  # by the processes
+    ],
+)
+def test_distillrun_torchrun_says_a_refusal_in_one_line_and_exits_2(
+    tmp_path: Path, args: list[str], fragment: str
+) -> None:
+    """Bare torchrun adds its ~40-line failure report and exits 1; `distillrun torchrun` not."""
+    result = distillrun(
+        tmp_path, "torchrun", "--nproc_per_node=2", *args, "debug=tiny", "threads=1", check=None
+    )
+    assert_one_line_error(result, fragment)
+    assert result.stdout.strip() == ""
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.pt"))
