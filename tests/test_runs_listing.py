@@ -176,3 +176,17 @@ def test_tab_completes_the_runs_command_and_its_stage(
         monkeypatch.setenv("COMP_LINE", line)
         complete(["-sc", "query=bash"])
         assert capsys.readouterr().out.split() == offered, line
+
+
+def test_a_reports_command_line_names_the_inputs_the_run_used(tmp_path: Path) -> None:
+    from distillrun.runs.summary import command
+
+    run = write_run(
+        tmp_path / "d",
+        "distill",
+        "2026-01-01T10",
+        overrides=["T=2"],
+        config={"teachers": None, "T": 2},
+        inputs={"teachers": "/runs/t1"},
+    )
+    assert command(run) == "distillrun distill T=2 teachers=/runs/t1"

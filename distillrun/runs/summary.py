@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from distillrun.errors import UserError
 from distillrun.runs import artifacts
+from distillrun.runs.listing import pin_inputs
 
 # The table's metric columns: (header, manifest metric). The CSV holds every scalar metric.
 TABLE = (
@@ -154,7 +155,8 @@ def command(folder: Path) -> str | None:
         return None
     if not manifest:
         return None
-    return f"distillrun {manifest.get('stage')} " + " ".join(manifest.get("overrides") or [])
+    words = pin_inputs(list(manifest.get("overrides") or []), manifest)  # the runs it read
+    return f"distillrun {manifest.get('stage')} " + " ".join(words)
 
 
 # ----------------------------------------------------------------------------- outputs
