@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from distillrun.errors import UserError
 from distillrun.method.augment import Batch
 from distillrun.method.teacher_outputs import CachedLogits
 from distillrun.runs.teacher_runs import ChosenTeachers, error_rate
@@ -31,12 +32,13 @@ def one_hot_logits(classes: list[int], scale: float) -> torch.Tensor:
 # Where the members disagree, the ensemble follows member 0, the far more confident one.
 VAL = torch.stack([one_hot_logits([0, 1, 2, 0], 10), one_hot_logits([0, 1, 2, 1], 1)])
 TEST = torch.stack([one_hot_logits([0, 1, 2, 2], 10), one_hot_logits([0, 1, 0, 0], 1)])
+FILE = Path("/runs/T/logits.pt")
 DATA = SimpleNamespace(y_val=torch.tensor([0, 1, 2, 1]), y_test=torch.tensor([0, 1, 2, 2]))
 
 
 def chosen(members: list[int] | None = None, source: str = "/runs/T") -> ChosenTeachers:
     logits = {"train": VAL, "val": VAL, "test": TEST}
-    return ChosenTeachers(source, [{"run_id": "r1"}], logits, None, members=members)
+    return ChosenTeachers(source, [{"run_id": "r1"}], logits, FILE, members=members)
 
 
 def test_the_teachers_error_rates_are_their_ensembles_on_val_and_test() -> None:
@@ -47,11 +49,14 @@ def test_the_teachers_error_rates_are_their_ensembles_on_val_and_test() -> None:
         [one_hot_logits([1], 10), one_hot_logits([0], 10), one_hot_logits([0], 10)]
     )
     assert error_rate(outvoted, torch.tensor([0]), "geometric") == 0.0  # the ensemble, not one
-    assert (
-        chosen().summary(DATA) == "2 members; arithmetic ensemble: val error 25.0%, test error 0.0%"
+    assert chosen().summary(DATA) == (
+        "2 members; logits from /runs/T/logits.pt; arithmetic ensemble: val error 25.0%, "
+        "test error 0.0%"
     )
     # One member of a run (a generalist): that member's figures, not the ensemble's.
-    assert chosen([1]).summary(DATA) == "member 1 of 2; val error 0.0%, test error 50.0%"
+    assert chosen([1]).summary(DATA) == (
+        "member 1 of 2; logits from /runs/T/logits.pt; val error 0.0%, test error 50.0%"
+    )
 
 
 def test_resolve_teachers_says_the_choice_first_then_the_notes_and_records_it(
@@ -70,13 +75,30 @@ def test_resolve_teachers_says_the_choice_first_then_the_notes_and_records_it(
     found = resolve_teachers(run, "teachers", None, find, DATA, ["an earlier note"])
     assert found.source == "/runs/T" and asked == [None]
     assert said == [
-        "distill: teachers /runs/T (2 members; arithmetic ensemble: val error 25.0%, "
-        "test error 0.0%)",
+        "distill: teachers /runs/T (2 members; logits from /runs/T/logits.pt; arithmetic "
+        "ensemble: val error 25.0%, test error 0.0%)",
         "an earlier note",
         "skipped 1 unfinished or failed train-teachers run(s)",
     ]
     assert run.inputs == {"teachers": "/runs/T"}
     assert run.info["input_runs"] == {"teachers": [{"run_id": "r1"}]}
+
+
+def test_when_no_teachers_are_found_what_was_skipped_is_still_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    said: list[str] = []
+    monkeypatch.setattr(common, "say", said.append)
+
+    def find(named, note):
+        note("skipped 2 unfinished or failed train-teachers run(s)")
+        raise UserError("no complete train-teachers run")
+
+    run = Run("distill", tmp_path, torch.device("cpu"))
+    with pytest.raises(UserError, match="no complete"):
+        resolve_teachers(run, "teachers", None, find, DATA)
+    assert said == ["skipped 2 unfinished or failed train-teachers run(s)"]
+    assert run.inputs == {}
 
 
 def test_a_resumed_run_keeps_the_teachers_it_began_with_unless_named(tmp_path: Path) -> None:

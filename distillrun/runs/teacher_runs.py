@@ -116,8 +116,9 @@ class ChosenTeachers:
     teachers: Teachers | None = None  # distill's: the runs themselves
 
     def summary(self, data: Data) -> str:
-        """'2 members; arithmetic ensemble: val error 3.1%, test error 4.2%' (or 'member 0 of
-        3; ...' for one member of a run), from the logits on this data's splits."""
+        """'2 members; logits from <file>; arithmetic ensemble: val error 3.1%, test error
+        4.2%' (or 'member 0 of 3; ...' for one member of a run); the error rates from the
+        logits on this data's splits."""
         count = self.logits["test"].shape[0]
         members = list(range(count)) if self.members is None else self.members
         which = f"{count} member{'s' * (count > 1)}"
@@ -129,8 +130,9 @@ class ChosenTeachers:
                 self.logits[split][members], getattr(data, f"y_{split}"), self.ensemble
             )
             rates.append(f"{split} error {'n/a' if rate is None else f'{100 * rate:.1f}%'}")
+        origin = "stacked their logits into" if self.built else "logits from"
         combined = f"{self.ensemble} ensemble: " if len(members) > 1 else ""
-        return f"{which}; {combined}{', '.join(rates)}"
+        return f"{which}; {origin} {self.logits_file or 'memory'}; {combined}{', '.join(rates)}"
 
 
 def error_rate(logits: torch.Tensor, y: torch.Tensor, ensemble: str) -> float | None:

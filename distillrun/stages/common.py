@@ -478,15 +478,21 @@ def resolve_teachers(
     default (the newest). Under torchrun process 0 finds them and the other processes take
     its choice (the newest could change meanwhile). Recorded as the run's input, then said as
     its first line: the run folder, the members, the ensemble's validation and test error
-    rates; `find`'s notes (and `notes`, the caller's earlier ones) follow that line."""
+    rates; `find`'s notes (and `notes`, the caller's earlier ones) follow that line, or come
+    alone when none is found."""
     if named is None and run.resuming:
         named = parse_source(run.inputs.get(key))  # keep what it began with
     notes = [] if notes is None else notes
-    if distributed.is_main():
-        chosen = find(named, notes.append)
-    source = distributed.broadcast(chosen.source if distributed.is_main() else None)
-    if not distributed.is_main():
-        chosen = find(parse_source(source), notes.append)
+    try:
+        if distributed.is_main():
+            chosen = find(named, notes.append)
+        source = distributed.broadcast(chosen.source if distributed.is_main() else None)
+        if not distributed.is_main():
+            chosen = find(parse_source(source), notes.append)
+    except Exception:
+        for note in notes:  # what was skipped explains why none was found
+            say(note)
+        raise
     run.add_input(key, chosen.source, chosen.identities)
     say(f"{run.stage}: {key} {chosen.source} ({chosen.summary(data)})")
     for note in notes:

@@ -41,7 +41,7 @@ from distillrun.method.losses import LOSSES, Loss
 from distillrun.method.metrics import agreement, classification_metrics
 from distillrun.method.teacher_outputs import CachedLogits, OnlineTeachers, load_members, view_cache
 from distillrun.runs import artifacts
-from distillrun.runs.teacher_runs import ChosenTeachers, Teachers, choose_teachers
+from distillrun.runs.teacher_runs import Teachers, choose_teachers
 from distillrun.stages.common import Run, resolve_teachers, run_stage, train_one, train_settings
 from distillrun.stages.train_teachers import hard_label_loss
 
@@ -114,7 +114,7 @@ def distill(cfg: DictConfig, run: Run) -> dict[str, Any]:
     alpha = float(cfg.alpha) if labels else 1.0
     idx = transfer_indices(data.y_train.cpu(), cfg, cfg.seed).to(run.device)
     x, y = data.x_train[idx], data.y_train[idx]
-    say(plan(cfg, run, chosen, data, len(idx), augmentation, alpha))
+    say(plan(cfg, run, data, len(idx), augmentation, alpha))
     augmentation, teacher = teacher_outputs(cfg, run, teachers, data, idx, augmentation, cache)
     run.info["dataset"] = teachers.dataset
     run.info["transfer_size"] = len(idx)
@@ -124,7 +124,7 @@ def distill(cfg: DictConfig, run: Run) -> dict[str, Any]:
         baseline = train_baseline(run, cfg, data, x, y, augmentation, teacher_test, omit)
     loss_fn = distill_loss_fn(cfg, teacher, y if labels else None, data.num_classes, alpha)
     student, fitted = train_student(run, cfg, data, x, augmentation, "student", loss_fn)
-    metrics = {**scores(student, data, teacher_test, omit, cfg.train.eval_batch_size)}
+    metrics = scores(student, data, teacher_test, omit, cfg.train.eval_batch_size)
     metrics.update(best_epoch=fitted.best_epoch, minutes=fitted.seconds / 60)
     if omit:
         correct_omitted_classes(run, cfg, data, student, metrics, teacher_test, omit)
@@ -157,18 +157,14 @@ def omitted_classes(cfg: DictConfig, data: Data) -> list[int]:
 def plan(
     cfg: DictConfig,
     run: Run,
-    chosen: ChosenTeachers,
     data: Data,
     transfer_size: int,
     augmentation: Augmentation | None,
     alpha: float,
 ) -> str:
-    """The lines after the first: where the teachers' logits come from, and the student's
-    training in one line."""
+    """The line after the first: the student's training."""
     omit, labels = list(cfg.transfer.omit_classes), bool(cfg.transfer.labels)
-    origin = "stacked the teachers' logits into" if chosen.built else "the teachers' logits from"
     return (
-        f"  {origin} {chosen.logits_file or 'memory'}\n"
         f"  student {cfg.model.name} on {transfer_size} transfer examples of {data.name}"
         + (f" ({augmentation.describe()})" if augmentation else "")
         + f", loss={cfg.loss} T={float(cfg.T):g} alpha={alpha:g} ensemble={cfg.ensemble}"
