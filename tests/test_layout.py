@@ -231,3 +231,37 @@ def test_the_docs_library_example_runs_as_written(tmp_path: Path) -> None:
     assert [line.split()[0] for line in lines] == ["mine", "distill's"]
     mine = int(lines[0].split()[1])
     assert mine < 0.5 * 450  # digits' 450 test images: it learned, far above chance
+
+
+MAX_BODY_LINES = 60  # a stage body reads top to bottom like a recipe; its steps are functions
+
+
+def _function(tree: ast.Module, name: str) -> ast.FunctionDef:
+    (found,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name]
+    return found
+
+
+def _stage_body(tree: ast.Module) -> ast.FunctionDef:
+    """The function a stage module's Hydra main hands to run_stage."""
+    (call,) = [
+        n
+        for n in ast.walk(_function(tree, "main"))
+        if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "run_stage"
+    ]
+    return _function(tree, call.args[2].id)
+
+
+def test_stage_bodies_and_fit_are_short_and_say_what_they_do() -> None:
+    """Each stage body (and core.train.fit) fits in 60 lines, counted by ast, and has a
+    docstring saying what it does, consumes and writes."""
+    functions = {"core.train.fit": _function(ast.parse(Path(train.__file__).read_text()), "fit")}
+    for stage in STAGES:
+        module = importlib.import_module(module_name(stage))
+        body = _stage_body(ast.parse(Path(module.__file__).read_text()))
+        functions[f"{stage}: {body.name}"] = body
+    assert len(functions) == len(STAGES) + 1
+    lines = {name: f.end_lineno - f.lineno + 1 for name, f in functions.items()}
+    too_long = {name: n for name, n in lines.items() if n > MAX_BODY_LINES}
+    assert not too_long, f"over {MAX_BODY_LINES} lines: {too_long}"
+    undocumented = [name for name, f in functions.items() if not ast.get_docstring(f)]
+    assert not undocumented, undocumented

@@ -401,29 +401,14 @@ def fit(
     validation errors (then the lowest validation NLL) is kept. With no validation split the
     last epoch is kept. The test set is never looked at here.
 
-    With `state_path`, a resumable checkpoint is written there (see
-    `TrainSettings.checkpoint_every`) and, once training ends, replaced by the selected model
-    alone. With `resume`, training continues from that file (a finished one is simply loaded);
-    `on_resume` gets the history so far.
-
-    By default each epoch is a shuffled pass over `x` in batches of `settings.batch_size`;
-    `batches` draws each epoch's index batches from the generator instead (specialists: half
-    from their classes, half from the rest). `val_view` maps validation logits to the labels of
-    `y_val`.
-
-    Under torchrun every process calls `fit` alike: each trains on its share of every batch
-    (distributed.py), and only process 0 writes the checkpoint, which all of them resume from.
+    With `state_path` it writes resumable checkpoints there (above), replaced by the selected
+    model once training ends; with `resume` it continues from one (`on_resume` gets the history
+    so far). `batches` draws each epoch's index batches (specialists: half-and-half) instead of
+    a shuffled pass over `x`; `val_view` maps validation logits to the labels of `y_val`.
     """
-    s = settings
-    device = x.device
+    s, device = settings, x.device
     amp = autocast(device, s.precision)  # refuses fp16 off CUDA before anything is trained
-    if s.channels_last:
-        if x.dim() != 4:
-            raise UserError(
-                "train.channels_last=true orders images' memory, but this data holds vectors: "
-                "use train.channels_last=false"
-            )
-        model = model.to(memory_format=torch.channels_last)
+    model = _in_memory_format(model, x, s.channels_last)
     generator = torch.Generator().manual_seed(s.seed)
     opt, sched = make_optimizer(model.parameters(), s.optim, s.epochs)
     scaler = torch.amp.GradScaler(device.type) if s.precision == "fp16" else None
@@ -432,74 +417,175 @@ def fit(
         progress, finished = _load_state(state_path, s.epochs, model, opt, sched, generator, scaler)
         on_resume(progress.history)
         if finished:
-            model.eval()
-            return _finish(model, progress, y_val)
-    writes = state_path is not None and distributed.is_main()
-    saved_epoch, saved_at = progress.epoch, time.monotonic()
-    net = distributed.wrap(model, device)  # the model itself, without torchrun
-    if s.compile:
-        net = torch.compile(net)
-    step = _Step(net, model, loss_fn, opt, scaler, amp, s)
+            return _finish(model.eval(), progress, y_val)
+    writer = state_path if distributed.is_main() else None  # process 0 writes checkpoints
+    saver = _Saver(writer, progress, s.epochs, model, opt, sched, generator, device, scaler)
+    step = _Step(_trainable(model, device, s.compile), model, loss_fn, opt, scaler, amp, s)
+    epochs = _Epochs(x, step, generator, sched, progress, batches, on_batch, x_val, y_val, val_view)
     model.train()
     stop = False
     with _sigterm_at_epoch_end(state_path is not None) as sigterm:
         for epoch in range(progress.epoch + 1, s.epochs + 1):
-            t0 = time.perf_counter()
-            if distributed.active():
-                # Each process's dropout masks: its own, and (seeded at every epoch from the
-                # seed, epoch and process) the same again when a run resumes.
-                torch.manual_seed(distributed.process_seed(s.seed, epoch))
-            if batches is None:
-                perm = torch.randperm(len(x), generator=generator).to(device)
-                epoch_batches: Iterable[torch.Tensor] = (
-                    perm[start:stop] for start, stop in batch_bounds(len(x), s.batch_size)
-                )
-            else:
-                epoch_batches = batches(generator)
-            lr = opt.param_groups[0]["lr"]
-            train_loss = _train_epoch(x, step, s, epoch_batches, generator, progress, on_batch)
-            sched.step()
-            if not math.isfinite(train_loss):
-                kept = f" (the checkpoint of epoch {saved_epoch} is kept)" if saved_epoch else ""
-                raise UserError(
-                    f"the training loss became {train_loss} in epoch {epoch}{kept}: lower "
-                    "optim.lr (or raise the temperature T, if distilling) and run again"
-                )
-            record: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": lr}
-            if len(y_val):
-                distributed.sync_buffers(model)  # every process scores process 0's model
-                val_logits = predict(model, x_val, s.eval_batch_size, s.precision)
-                if val_view is not None:
-                    val_logits = val_view(val_logits)
-                record.update(classification_metrics(val_logits, y_val, "val"))
-                key = (record["val_errors"], record["val_nll"])
-                if key < progress.best:
-                    progress.best, progress.best_epoch = key, epoch
-                    progress.best_state = copy.deepcopy(model.state_dict())
-            record["seconds"] = time.perf_counter() - t0
-            progress.epoch = epoch
-            progress.history.append(record)
-            progress.seconds += record["seconds"]
-            on_epoch(record)
-            # Under torchrun all processes stop after the same epoch, whichever got SIGTERM.
+            on_epoch(epochs.train(epoch, saver.saved_epoch))
+            # Under torchrun all processes stop after the same epoch, whichever got SIGTERM;
+            # the last epoch is saved below, in the final form.
             stop = distributed.any_process(bool(sigterm), device)
-            # The last epoch is saved below, in the final form.
-            due = stop or time.monotonic() - saved_at >= s.checkpoint_every
-            if writes and due and epoch < s.epochs:
-                _save_state(
-                    state_path, progress, s.epochs, model, opt, sched, generator, device, scaler
-                )
-                saved_epoch, saved_at = epoch, time.monotonic()
+            if epoch < s.epochs and (stop or saver.due(s.checkpoint_every)):
+                saver.save(epoch)
             if stop and epoch < s.epochs:
                 raise Terminated(sigterm[0] if sigterm else signal.SIGTERM)
-    if progress.best_state is not None:
-        model.load_state_dict(progress.best_state)
-    model.eval()
-    if writes:
-        _save_state(state_path, progress, s.epochs, model, None, None, generator, device)
+    _keep_best(model, progress)
+    saver.save_final()
     if stop:  # it came during the last epoch: this model is saved, the run stops here
         raise Terminated(sigterm[0] if sigterm else signal.SIGTERM)
     return _finish(model, progress, y_val)
+
+
+def _in_memory_format(model: nn.Module, x: torch.Tensor, channels_last: bool) -> nn.Module:
+    """The model in channels-last memory order when asked (images only)."""
+    if not channels_last:
+        return model
+    if x.dim() != 4:
+        raise UserError(
+            "train.channels_last=true orders images' memory, but this data holds vectors: "
+            "use train.channels_last=false"
+        )
+    return model.to(memory_format=torch.channels_last)
+
+
+def _trainable(model: nn.Module, device: torch.device, compile: bool) -> nn.Module:
+    """What trains: the model, its DDP wrapper under torchrun, compiled when asked."""
+    net = distributed.wrap(model, device)  # the model itself, without torchrun
+    return torch.compile(net) if compile else net
+
+
+def _keep_best(model: nn.Module, progress: _Progress) -> None:
+    """The model at its selected epoch, in eval mode."""
+    if progress.best_state is not None:
+        model.load_state_dict(progress.best_state)
+    model.eval()
+
+
+@dataclass
+class _Epochs:
+    """One epoch after another of a training run: the batches, the steps, the schedule and
+    the validation, each epoch recorded in `progress`."""
+
+    x: torch.Tensor
+    step: _Step
+    generator: torch.Generator
+    sched: torch.optim.lr_scheduler.LRScheduler
+    progress: _Progress
+    batches: Callable[[torch.Generator], Iterable[torch.Tensor]] | None
+    on_batch: Callable[[], None]
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    val_view: Callable[[torch.Tensor], torch.Tensor] | None
+
+    def train(self, epoch: int, saved_epoch: int) -> dict[str, Any]:
+        """Train epoch `epoch`; its record (`saved_epoch`: the last checkpoint, for errors)."""
+        s, progress = self.step.settings, self.progress
+        t0 = time.perf_counter()
+        epoch_batches = self.epoch_batches(epoch)
+        lr = self.step.opt.param_groups[0]["lr"]
+        train_loss = _train_epoch(
+            self.x, self.step, s, epoch_batches, self.generator, progress, self.on_batch
+        )
+        self.sched.step()
+        if not math.isfinite(train_loss):
+            kept = f" (the checkpoint of epoch {saved_epoch} is kept)" if saved_epoch else ""
+            raise UserError(
+                f"the training loss became {train_loss} in epoch {epoch}{kept}: lower "
+                "optim.lr (or raise the temperature T, if distilling) and run again"
+            )
+        record: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": lr}
+        if len(self.y_val):
+            record.update(self.validate(epoch))
+        record["seconds"] = time.perf_counter() - t0
+        progress.epoch = epoch
+        progress.history.append(record)
+        progress.seconds += record["seconds"]
+        return record
+
+    def epoch_batches(self, epoch: int) -> Iterable[torch.Tensor]:
+        """This epoch's index batches: a shuffled pass over `x`, or `batches`' draw."""
+        s = self.step.settings
+        if distributed.active():
+            # Each process's dropout masks: its own, and (seeded at every epoch from the seed,
+            # epoch and process) the same again when a run resumes.
+            torch.manual_seed(distributed.process_seed(s.seed, epoch))
+        if self.batches is not None:
+            return self.batches(self.generator)
+        perm = torch.randperm(len(self.x), generator=self.generator).to(self.x.device)
+        return (perm[start:stop] for start, stop in batch_bounds(len(self.x), s.batch_size))
+
+    def validate(self, epoch: int) -> dict[str, Any]:
+        """The epoch's validation metrics; the weights are kept when they are the best yet."""
+        model, s, progress = self.step.model, self.step.settings, self.progress
+        distributed.sync_buffers(model)  # every process scores process 0's model
+        val_logits = predict(model, self.x_val, s.eval_batch_size, s.precision)
+        if self.val_view is not None:
+            val_logits = self.val_view(val_logits)
+        metrics = classification_metrics(val_logits, self.y_val, "val")
+        key = (metrics["val_errors"], metrics["val_nll"])
+        if key < progress.best:
+            progress.best, progress.best_epoch = key, epoch
+            progress.best_state = copy.deepcopy(model.state_dict())
+        return metrics
+
+
+@dataclass
+class _Saver:
+    """The resumable checkpoints of a training run in progress: when one is due, and writing
+    one (`saved_epoch`: the epoch of the last one)."""
+
+    path: Path | None
+    progress: _Progress
+    epochs: int
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator
+    device: torch.device
+    scaler: torch.amp.GradScaler | None
+    saved_epoch: int = 0
+    saved_at: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.saved_epoch = self.progress.epoch  # resumed: the checkpoint it resumed from
+
+    def due(self, every: float) -> bool:
+        return time.monotonic() - self.saved_at >= every
+
+    def save(self, epoch: int) -> None:
+        if self.path is None:
+            return
+        _save_state(
+            self.path,
+            self.progress,
+            self.epochs,
+            self.model,
+            self.opt,
+            self.sched,
+            self.generator,
+            self.device,
+            self.scaler,
+        )
+        self.saved_epoch, self.saved_at = epoch, time.monotonic()
+
+    def save_final(self) -> None:
+        """The small final form: the selected model alone, nothing to resume."""
+        if self.path is not None:
+            _save_state(
+                self.path,
+                self.progress,
+                self.epochs,
+                self.model,
+                None,
+                None,
+                self.generator,
+                self.device,
+            )
 
 
 @dataclass

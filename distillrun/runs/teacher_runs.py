@@ -29,6 +29,7 @@ import torch
 
 from distillrun.core.data import Data
 from distillrun.errors import UserError
+from distillrun.method.ensemble import combine
 from distillrun.runs import artifacts
 from distillrun.stages import stages_for
 
@@ -98,6 +99,70 @@ class Teachers:
     @property
     def dataset(self) -> dict[str, Any]:
         return self.manifests[0].get("dataset", {})
+
+
+@dataclass
+class ChosenTeachers:
+    """The teachers a stage consumes, once found (stages.common.resolve_teachers): what its
+    manifest records of them, their logits, and what its first line says of them."""
+
+    source: str  # a run folder, a sweep folder or a list, as recorded
+    identities: list[dict[str, Any]]  # each run read (artifacts.run_identity)
+    logits: dict[str, torch.Tensor]  # every member's logits [M, N, C] on each split
+    logits_file: Path | None  # where they came from (None: stacked in memory)
+    built: bool = False  # this run wrote `logits_file` (a stacked cache)
+    members: list[int] | None = None  # the members that teach (None: every one)
+    ensemble: str = "arithmetic"  # how they combine
+    teachers: Teachers | None = None  # distill's: the runs themselves
+
+    def summary(self, data: Data) -> str:
+        """'2 members; logits from <file>; arithmetic ensemble: val error 3.1%, test error
+        4.2%' (or 'member 0 of 3; ...' for one member of a run); the error rates from the
+        logits on this data's splits."""
+        count = self.logits["test"].shape[0]
+        members = list(range(count)) if self.members is None else self.members
+        which = f"{count} member{'s' * (count > 1)}"
+        if self.members is not None:
+            which = f"member{'s' * (len(members) > 1)} {', '.join(map(str, members))} of {count}"
+        rates = []
+        for split in ("val", "test"):
+            rate = error_rate(
+                self.logits[split][members], getattr(data, f"y_{split}"), self.ensemble
+            )
+            rates.append(f"{split} error {'n/a' if rate is None else f'{100 * rate:.1f}%'}")
+        origin = "stacked their logits into" if self.built else "logits from"
+        combined = f"{self.ensemble} ensemble: " if len(members) > 1 else ""
+        return f"{which}; {origin} {self.logits_file or 'memory'}; {combined}{', '.join(rates)}"
+
+
+def error_rate(logits: torch.Tensor, y: torch.Tensor, ensemble: str) -> float | None:
+    """The share of the examples `y` that the ensemble of `logits` [M, N, C] gets wrong (None
+    when there are none)."""
+    if not len(y):
+        return None
+    wrong = combine(logits, ensemble).argmax(dim=1) != y.to(logits.device)
+    return float(wrong.float().mean())
+
+
+def choose_teachers(
+    named: Any, output_root: Path, data: Data, ensemble: str, say: Callable[[str], None]
+) -> ChosenTeachers:
+    """distill's teachers: `named` (see find_teachers) with every member's logits."""
+    teachers = find_teachers(named, output_root, data, say)
+    logits, path, built = teacher_logits(teachers, data)
+    return ChosenTeachers(
+        teachers.source, teachers.identities, logits, path, built, None, ensemble, teachers
+    )
+
+
+def choose_member(
+    folder: Path, manifest: dict[str, Any], data: Data, member: int, read: list[str]
+) -> ChosenTeachers:
+    """One member of a teachers run as the teacher (a generalist): its run's logits.pt checked
+    against this data, and the run's identity over the files `read`."""
+    logits = load_run_logits(folder, data)
+    identity = artifacts.run_identity(folder, manifest, read)
+    return ChosenTeachers(str(folder), [identity], logits, folder / "logits.pt", members=[member])
 
 
 def _files_read(folder: Path, manifest: dict[str, Any]) -> list[str]:

@@ -26,8 +26,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from distillrun.config import RESUME_ENV, validate
-from distillrun.console import error_line, training_bars, warning_line
+from distillrun.console import error_line, say, training_bars, warning_line
 from distillrun.core import distributed
+from distillrun.core.data import Data
 from distillrun.core.train import (
     Fit,
     TrainSettings,
@@ -40,6 +41,7 @@ from distillrun.core.train import (
 from distillrun.errors import UserError, interrupted_exit_code, interruption, stop_on_signals
 from distillrun.integrations import tracking
 from distillrun.runs import artifacts
+from distillrun.runs.teacher_runs import ChosenTeachers, parse_source
 
 RESUME_DIR = "resume"  # resumable checkpoints of the models in training; removed once complete
 ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
@@ -461,3 +463,38 @@ def train_one(
             f"(now {settings.optim['lr']:g}) and run again",
         )
     return fitted
+
+
+def resolve_teachers(
+    run: Run,
+    key: str,
+    named: Any,
+    find: Callable[[Any, Callable[[str], None]], ChosenTeachers],
+    data: Data,
+    notes: list[str] | None = None,
+) -> ChosenTeachers:
+    """The teachers a run consumes (its input `key`: "teachers", or a "generalist"), found by
+    `find(named, note)`: `named`, else the ones a resumed run began with, else `find`'s
+    default (the newest). Under torchrun process 0 finds them and the other processes take
+    its choice (the newest could change meanwhile). Recorded as the run's input, then said as
+    its first line: the run folder, the members, the ensemble's validation and test error
+    rates; `find`'s notes (and `notes`, the caller's earlier ones) follow that line, or come
+    alone when none is found."""
+    if named is None and run.resuming:
+        named = parse_source(run.inputs.get(key))  # keep what it began with
+    notes = [] if notes is None else notes
+    try:
+        if distributed.is_main():
+            chosen = find(named, notes.append)
+        source = distributed.broadcast(chosen.source if distributed.is_main() else None)
+        if not distributed.is_main():
+            chosen = find(parse_source(source), notes.append)
+    except Exception:
+        for note in notes:  # what was skipped explains why none was found
+            say(note)
+        raise
+    run.add_input(key, chosen.source, chosen.identities)
+    say(f"{run.stage}: {key} {chosen.source} ({chosen.summary(data)})")
+    for note in notes:
+        say(note)
+    return chosen

@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from distillrun.console import results_table, say
-from distillrun.core import distributed
 from distillrun.core.data import Data, load_dataset
 from distillrun.core.models import (
     build_model,
@@ -32,17 +32,18 @@ from distillrun.core.models import (
     load_model,
     output_layer,
 )
-from distillrun.core.train import predict
+from distillrun.core.train import Fit, predict
 from distillrun.errors import UserError
 from distillrun.method import augment
 from distillrun.method.augment import Augmentation, Batch
 from distillrun.method.ensemble import combine
-from distillrun.method.losses import LOSSES
+from distillrun.method.losses import LOSSES, Loss
 from distillrun.method.metrics import agreement, classification_metrics
 from distillrun.method.teacher_outputs import CachedLogits, OnlineTeachers, load_members, view_cache
 from distillrun.runs import artifacts
-from distillrun.runs.teacher_runs import Teachers, find_teachers, parse_source, teacher_logits
-from distillrun.stages.common import Run, run_stage, train_one, train_settings
+from distillrun.runs.teacher_runs import Teachers, choose_teachers
+from distillrun.stages.common import Run, resolve_teachers, run_stage, train_one, train_settings
+from distillrun.stages.train_teachers import hard_label_loss
 
 
 @hydra.main(version_base="1.3", config_path="pkg://distillrun.conf", config_name="distill")
@@ -86,7 +87,63 @@ def errors_on(logits: torch.Tensor, y: torch.Tensor, classes: list[int]) -> int:
 
 
 def distill(cfg: DictConfig, run: Run) -> dict[str, Any]:
+    """Train a student on the teachers' soft targets and, with `baseline=true`, the same
+    student on the hard labels alone; score both.
+
+    Consumes a train-teachers, import-teachers or evaluate run, or a sweep or list of them
+    (`teachers=`, by default the newest): their logits.pt and, with `augment=`, their member
+    checkpoints (a view cache beside the teachers, or run online). Writes student.pt,
+    baseline.pt, metrics.jsonl, and as metrics the students' and the teachers' test scores and
+    what the student saves.
+    """
     data = load_dataset(cfg.dataset)
+    omit = omitted_classes(cfg, data)
+    output_root, ensemble = Path(cfg.paths.output_root), cfg.ensemble
+    chosen = resolve_teachers(
+        run,
+        "teachers",
+        cfg.teachers,
+        lambda named, note: choose_teachers(named, output_root, data, ensemble, note),
+        data,
+    )
+    teachers, cache = chosen.teachers, chosen.logits
+    run.info["teacher_cache"] = {"path": str(chosen.logits_file), "built_by_this_run": chosen.built}
+    augmentation = augment.from_config(cfg.augment, data.image_shape, data.normalization)
+    data = data.to(run.device)
+    labels = bool(cfg.transfer.labels)
+    alpha = float(cfg.alpha) if labels else 1.0
+    idx = transfer_indices(data.y_train.cpu(), cfg, cfg.seed).to(run.device)
+    x, y = data.x_train[idx], data.y_train[idx]
+    say(plan(cfg, run, data, len(idx), augmentation, alpha))
+    augmentation, teacher = teacher_outputs(cfg, run, teachers, data, idx, augmentation, cache)
+    run.info["dataset"] = teachers.dataset
+    run.info["transfer_size"] = len(idx)
+    teacher_test = combine(cache["test"], ensemble).to(run.device)
+    baseline: dict[str, Any] = {}
+    if cfg.baseline and not (labels and alpha == 0):
+        baseline = train_baseline(run, cfg, data, x, y, augmentation, teacher_test, omit)
+    loss_fn = distill_loss_fn(cfg, teacher, y if labels else None, data.num_classes, alpha)
+    student, fitted = train_student(run, cfg, data, x, augmentation, "student", loss_fn)
+    metrics = scores(student, data, teacher_test, omit, cfg.train.eval_batch_size)
+    metrics.update(best_epoch=fitted.best_epoch, minutes=fitted.seconds / 60)
+    if omit:
+        correct_omitted_classes(run, cfg, data, student, metrics, teacher_test, omit)
+    teacher_metrics = classification_metrics(teacher_test, data.y_test, "test")
+    metrics.update(
+        teacher_test_accuracy=teacher_metrics["test_accuracy"],
+        teacher_test_errors=teacher_metrics["test_errors"],
+        student_params=count_parameters(student),
+        teacher_params=teachers.params,
+        **inference_cost(teachers, student, data.x_test, cfg.train.eval_batch_size, run.device),
+        **{f"baseline_{k}": v for k, v in baseline.items()},
+    )
+    _print_table(cfg, data, teachers, teacher_metrics, baseline, metrics, alpha)
+    say(savings(metrics))
+    return metrics
+
+
+def omitted_classes(cfg: DictConfig, data: Data) -> list[int]:
+    """`transfer.omit_classes`, checked against the dataset's classes."""
     omit = list(cfg.transfer.omit_classes)
     bad = [c for c in omit if c >= data.num_classes]
     if bad:
@@ -94,121 +151,166 @@ def distill(cfg: DictConfig, run: Run) -> dict[str, Any]:
             f"transfer.omit_classes has class ids {bad} out of range: dataset={data.name} has "
             f"classes 0..{data.num_classes - 1}"
         )
-    pinned = run.inputs.get("teachers") if run.resuming else None  # keep what it started with
-    # Under torchrun the other processes take process 0's teachers (the newest could change).
-    named = cfg.teachers if cfg.teachers is not None else parse_source(pinned)
-    if distributed.is_main():
-        teachers = find_teachers(named, Path(cfg.paths.output_root), data, say)
-    chosen = distributed.broadcast(teachers.source if distributed.is_main() else None)
-    if not distributed.is_main():
-        teachers = find_teachers(parse_source(chosen), Path(cfg.paths.output_root), data, say)
-    cache, cache_path, built = teacher_logits(teachers, data)
-    run.add_input("teachers", teachers.source, teachers.identities)
-    run.info["teacher_cache"] = {"path": str(cache_path), "built_by_this_run": built}
-    augmentation = augment.from_config(cfg.augment, data.image_shape, data.normalization)
-    data = data.to(run.device)
-    device = run.device
+    return omit
 
-    T, labels = float(cfg.T), bool(cfg.transfer.labels)
-    alpha = float(cfg.alpha) if labels else 1.0
-    idx = transfer_indices(data.y_train.cpu(), cfg, cfg.seed).to(device)
-    x, y = data.x_train[idx], data.y_train[idx]
-    members = cache["train"].shape[0]
-    say(
-        f"distill: teachers {teachers.source} ({members} member{'s' * (members > 1)}; "
-        f"{'stacked their logits into' if built else 'logits from'} {cache_path or 'memory'})\n"
-        f"  student {cfg.model.name} on {len(idx)} transfer examples of {data.name}"
+
+def plan(
+    cfg: DictConfig,
+    run: Run,
+    data: Data,
+    transfer_size: int,
+    augmentation: Augmentation | None,
+    alpha: float,
+) -> str:
+    """The line after the first: the student's training."""
+    omit, labels = list(cfg.transfer.omit_classes), bool(cfg.transfer.labels)
+    return (
+        f"  student {cfg.model.name} on {transfer_size} transfer examples of {data.name}"
         + (f" ({augmentation.describe()})" if augmentation else "")
-        + f", loss={cfg.loss} T={T:g} alpha={alpha:g} ensemble={cfg.ensemble}"
+        + f", loss={cfg.loss} T={float(cfg.T):g} alpha={alpha:g} ensemble={cfg.ensemble}"
         + ("" if labels else " (unlabeled transfer set: soft term only)")
         + (f", without classes {omit}" if omit else "")
-        + f", on {device} -> {run.dir}"
+        + f", on {run.device} -> {run.dir}"
     )
-    augmentation, teacher = teacher_outputs(cfg, run, teachers, data, idx, augmentation, cache)
-    y_hard = y if labels else None
+
+
+def distill_loss(
+    out: torch.Tensor,
+    b: Batch,
+    *,
+    teacher: CachedLogits | OnlineTeachers,
+    loss: Loss,
+    ensemble: str,
+    T: float,
+    T_targets: float,
+    alpha: float,
+    y_hard: torch.Tensor | None,
+    classes: int,
+) -> torch.Tensor:
+    """The student's loss on batch `b`: against the teacher ensemble's outputs on exactly the
+    batch's examples and views, and (without `y_hard`: an unlabeled transfer set) their labels."""
+    targets = combine(teacher.member_logits(b), ensemble, T_targets)
+    return loss.fn(out, targets, None if y_hard is None else b.labels(y_hard, classes), T, alpha)
+
+
+def distill_loss_fn(
+    cfg: DictConfig,
+    teacher: CachedLogits | OnlineTeachers,
+    y_hard: torch.Tensor | None,
+    classes: int,
+    alpha: float,
+) -> Callable[[torch.Tensor, Batch], torch.Tensor]:
+    """`distill_loss` with this run's settings."""
     loss = LOSSES[cfg.loss]
     # Teacher targets: the ensemble's log-probabilities at T (kd) or at 1 (logit matching: any
     # logits of the distribution do, since it removes the per-example shift by zero-meaning).
+    T = float(cfg.T)
     T_targets = T if loss.targets_at_T else 1.0
-    classes = data.num_classes
-
-    def loss_fn(out: torch.Tensor, b: Batch) -> torch.Tensor:
-        targets = combine(teacher.member_logits(b), cfg.ensemble, T_targets)
-        return loss.fn(
-            out, targets, None if y_hard is None else b.labels(y_hard, classes), T, alpha
-        )
-
-    run.info["dataset"] = teachers.dataset
-    run.info["transfer_size"] = len(idx)
-
-    teacher_test = combine(cache["test"], cfg.ensemble).to(device)
-    y_test, y_val = data.y_test, data.y_val
-
-    def train_student(label: str, fn: Any) -> tuple[torch.nn.Module, Any]:
-        torch.manual_seed(cfg.seed)  # the same initialisation for student and baseline
-        model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
-        settings = train_settings(cfg, cfg.seed, augment=augmentation)
-        fitted = train_one(run, cfg, label, model, x, fn, data.x_val, y_val, settings)
-        artifacts.save_tensors(
-            run.dir / f"{label.replace(' ', '_')}.pt",
-            checkpoint(model, cfg.model, data.input_shape, data.num_classes),
-        )
-        return model, fitted
-
-    def scores(model: torch.nn.Module) -> dict[str, Any]:
-        test_logits = predict(model, data.x_test, cfg.train.eval_batch_size)
-        out = {
-            **classification_metrics(
-                predict(model, data.x_val, cfg.train.eval_batch_size), y_val, "val"
-            ),
-            **classification_metrics(test_logits, y_test, "test"),
-            "teacher_agreement": agreement(test_logits, teacher_test),
-        }
-        if omit:
-            out["test_errors_on_omitted"] = errors_on(test_logits, y_test, omit)
-        return out
-
-    baseline: dict[str, Any] = {}
-    if cfg.baseline and not (labels and alpha == 0):
-        base_model, base_fit = train_student(
-            "baseline", lambda out, b: F.cross_entropy(out, b.labels(y, classes))
-        )
-        baseline = {**scores(base_model), "best_epoch": base_fit.best_epoch}
-        say(f"  hard-label student: {baseline['test_errors']} test errors")
-
-    student, fitted = train_student("student", loss_fn)
-    metrics: dict[str, Any] = {**scores(student), "best_epoch": fitted.best_epoch}
-    metrics["minutes"] = fitted.seconds / 60
-    if omit:
-        val_logits = predict(student, data.x_val, cfg.train.eval_batch_size)
-        bias = (
-            fit_omit_bias(val_logits, y_val, omit)
-            if cfg.transfer.fit_omit_bias
-            else float(cfg.transfer.omit_bias)
-        )
-        uncorrected = {f"uncorrected_{k}": v for k, v in metrics.items() if k.startswith("test_")}
-        if bias:
-            with torch.no_grad():
-                output_layer(student).bias[omit] += bias
-            artifacts.save_tensors(
-                run.dir / "student.pt",
-                checkpoint(student, cfg.model, data.input_shape, data.num_classes),
-            )
-            metrics.update(scores(student))
-        metrics.update(uncorrected, omit_bias=bias)
-
-    teacher_metrics = classification_metrics(teacher_test, y_test, "test")
-    metrics.update(
-        teacher_test_accuracy=teacher_metrics["test_accuracy"],
-        teacher_test_errors=teacher_metrics["test_errors"],
-        student_params=count_parameters(student),
-        teacher_params=teachers.params,
-        **inference_cost(teachers, student, data.x_test, cfg.train.eval_batch_size, device),
-        **{f"baseline_{k}": v for k, v in baseline.items()},
+    return partial(
+        distill_loss,
+        teacher=teacher,
+        loss=loss,
+        ensemble=cfg.ensemble,
+        T=T,
+        T_targets=T_targets,
+        alpha=alpha,
+        y_hard=y_hard,
+        classes=classes,
     )
-    _print_table(cfg, data, teachers, teacher_metrics, baseline, metrics, alpha)
-    say(savings(metrics))
-    return metrics
+
+
+def train_student(
+    run: Run,
+    cfg: DictConfig,
+    data: Data,
+    x: torch.Tensor,
+    augmentation: Augmentation | None,
+    label: str,
+    loss_fn: Callable[[torch.Tensor, Batch], torch.Tensor],
+) -> tuple[torch.nn.Module, Fit]:
+    """A student `label` trained on the transfer set `x` with `loss_fn`, selected on the
+    validation split; saved as <label>.pt. Student and baseline start from the same weights."""
+    torch.manual_seed(cfg.seed)  # the same initialisation for student and baseline
+    model = build_model(cfg.model, data.input_shape, data.num_classes).to(run.device)
+    settings = train_settings(cfg, cfg.seed, augment=augmentation)
+    fitted = train_one(run, cfg, label, model, x, loss_fn, data.x_val, data.y_val, settings)
+    artifacts.save_tensors(
+        run.dir / f"{label.replace(' ', '_')}.pt",
+        checkpoint(model, cfg.model, data.input_shape, data.num_classes),
+    )
+    return model, fitted
+
+
+def train_baseline(
+    run: Run,
+    cfg: DictConfig,
+    data: Data,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    augmentation: Augmentation | None,
+    teacher_test: torch.Tensor,
+    omit: list[int],
+) -> dict[str, Any]:
+    """The hard-label student (alpha = 0) on the same transfer set: its scores."""
+    loss_fn = partial(hard_label_loss, y=y, classes=data.num_classes)
+    model, fitted = train_student(run, cfg, data, x, augmentation, "baseline", loss_fn)
+    baseline = {
+        **scores(model, data, teacher_test, omit, cfg.train.eval_batch_size),
+        "best_epoch": fitted.best_epoch,
+    }
+    say(f"  hard-label student: {baseline['test_errors']} test errors")
+    return baseline
+
+
+def scores(
+    model: torch.nn.Module,
+    data: Data,
+    teacher_test: torch.Tensor,
+    omit: list[int],
+    batch_size: int,
+) -> dict[str, Any]:
+    """A student's validation and test metrics, its agreement with the teachers on the test
+    set, and its test errors on the omitted classes."""
+    test_logits = predict(model, data.x_test, batch_size)
+    out = {
+        **classification_metrics(predict(model, data.x_val, batch_size), data.y_val, "val"),
+        **classification_metrics(test_logits, data.y_test, "test"),
+        "teacher_agreement": agreement(test_logits, teacher_test),
+    }
+    if omit:
+        out["test_errors_on_omitted"] = errors_on(test_logits, data.y_test, omit)
+    return out
+
+
+def correct_omitted_classes(
+    run: Run,
+    cfg: DictConfig,
+    data: Data,
+    student: torch.nn.Module,
+    metrics: dict[str, Any],
+    teacher_test: torch.Tensor,
+    omit: list[int],
+) -> None:
+    """Raise the omitted classes' output bias (`transfer.omit_bias`, or fitted on the
+    validation split), save the corrected student.pt and score it: `metrics` gets the new
+    scores, the uncorrected ones (`uncorrected_*`) and `omit_bias`."""
+    batch_size = cfg.train.eval_batch_size
+    val_logits = predict(student, data.x_val, batch_size)
+    bias = (
+        fit_omit_bias(val_logits, data.y_val, omit)
+        if cfg.transfer.fit_omit_bias
+        else float(cfg.transfer.omit_bias)
+    )
+    uncorrected = {f"uncorrected_{k}": v for k, v in metrics.items() if k.startswith("test_")}
+    if bias:
+        with torch.no_grad():
+            output_layer(student).bias[omit] += bias
+        artifacts.save_tensors(
+            run.dir / "student.pt",
+            checkpoint(student, cfg.model, data.input_shape, data.num_classes),
+        )
+        metrics.update(scores(student, data, teacher_test, omit, batch_size))
+    metrics.update(uncorrected, omit_bias=bias)
 
 
 def teacher_outputs(

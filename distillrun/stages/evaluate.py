@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from distillrun.console import results_table, say
-from distillrun.core.data import load_dataset
+from distillrun.core.data import Data, load_dataset
 from distillrun.core.models import load_model
 from distillrun.core.train import predict
 from distillrun.errors import UserError
@@ -29,8 +31,8 @@ from distillrun.method.clustering import specialist_view
 from distillrun.method.combination import active_specialists, combine_kl
 from distillrun.method.metrics import classification_metrics
 from distillrun.runs import artifacts
-from distillrun.runs.teacher_runs import load_run_logits
-from distillrun.stages.common import Run, run_stage
+from distillrun.runs.teacher_runs import choose_member
+from distillrun.stages.common import Run, resolve_teachers, run_stage
 
 SPECIALISTS_STAGE = "specialists"
 GENERALIST_STAGE = "train-teachers"
@@ -69,7 +71,9 @@ def _collect(jobs: list[tuple[Path, dict[str, Any]]], where: Path) -> list[tuple
     return [(found[i], i) for i in range(k)]
 
 
-def _sweep_jobs(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
+def _sweep_jobs(
+    folder: Path, note: Callable[[str], None] = say
+) -> list[tuple[Path, dict[str, Any]]]:
     jobs, unfinished = [], []
     for job in sorted(p for p in folder.iterdir() if p.is_dir()):
         try:
@@ -86,31 +90,33 @@ def _sweep_jobs(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
             "multirun folder of its index jobs"
         )
     if unfinished:
-        say(f"skipped unfinished or failed job(s) {', '.join(unfinished)} in {folder}")
+        note(f"skipped unfinished or failed job(s) {', '.join(unfinished)} in {folder}")
     return jobs
 
 
-def find_specialists(cfg: DictConfig) -> tuple[list[tuple[Path, int]], dict[str, Any]]:
+def find_specialists(
+    cfg: DictConfig, note: Callable[[str], None] = say
+) -> tuple[list[tuple[Path, int]], dict[str, Any]]:
     """Each specialist's run folder and index, and the manifest of one of those runs.
 
     `specialists=` names one run holding every specialist, or a sweep folder of index jobs; by
     default the newest complete specialists run, with the other jobs of its sweep if it holds
-    only some of the specialists.
+    only some of the specialists. `note` gets what was skipped.
     """
     if cfg.specialists is None:
         folder, manifest = artifacts.newest_complete_run(
-            Path(cfg.paths.output_root), SPECIALISTS_STAGE, lambda m: None, say
+            Path(cfg.paths.output_root), SPECIALISTS_STAGE, lambda m: None, note
         )
         folder = folder.resolve()
         k = len(manifest["specialists"]["clusters"])
         if len(_trained(manifest)) == k:
             return [(folder, i) for i in range(k)], manifest
-        jobs = _sweep_jobs(folder.parent)
+        jobs = _sweep_jobs(folder.parent, note)
         return _collect(jobs, folder.parent), manifest
     folder = Path(str(cfg.specialists)).resolve()
     if folder.is_dir() and not (folder / artifacts.MANIFEST).exists():
         if any((p / artifacts.MANIFEST).exists() for p in folder.iterdir() if p.is_dir()):
-            jobs = _sweep_jobs(folder)
+            jobs = _sweep_jobs(folder, note)
             return _collect(jobs, folder), jobs[0][1]
     manifest = artifacts.complete_run(folder, SPECIALISTS_STAGE)
     if "specialists" not in manifest:
@@ -201,68 +207,124 @@ def plot_by_coverage(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def evaluate(cfg: DictConfig, run: Run) -> dict[str, Any]:
-    specs, manifest = find_specialists(cfg)
+    """Combine the generalist and its specialists per example (the KL combination) on every
+    split, and score the combination against the generalist alone.
+
+    Consumes a specialists run or a sweep of its index jobs (`specialists=`, by default the
+    newest) and the generalist they were trained from (its logits.pt). Writes logits.pt (log q
+    on every split, so distill can take this run as its teachers), by_coverage.png,
+    metrics.jsonl, and as metrics the accuracies and the table by coverage.
+    """
+    notes: list[str] = []
+    specs, manifest = find_specialists(cfg, notes.append)
     folders = list(dict.fromkeys(f for f, _ in specs))
     run.add_input(
         "specialists",
         folders[0] if len(folders) == 1 else folders[0].parent,
         [specialists_identity(folder, specs) for folder in folders],
     )
-    info = manifest["specialists"]
-    clusters, member = info["clusters"], int(info["generalist_member"])
+    clusters, member = (
+        manifest["specialists"]["clusters"],
+        int(manifest["specialists"]["generalist_member"]),
+    )
     generalist = Path(manifest.get("inputs", {}).get("generalist", ""))
     generalist_run = trained_from(generalist, manifest)
+    data = specialists_data(manifest, specs[0][0])
+    run.info["dataset"] = manifest.get("dataset", {})
+    chosen = resolve_teachers(
+        run,
+        "generalist",
+        str(generalist),
+        lambda named, note: choose_member(generalist, generalist_run, data, member, ["logits.pt"]),
+        data,
+        notes,
+    )
+    data = data.to(run.device)
+    models = [load_model(folder / f"specialist_{i}.pt", run.device) for folder, i in specs]
+    say(
+        f"  {len(models)} specialists from {run.inputs['specialists']}"
+        + (f" ({len(folders)} jobs)" if len(folders) > 1 else "")
+        + f", top-{cfg.n} classes pick the active specialists, on {run.device} -> {run.dir}"
+    )
+    began = time.perf_counter()
+    combined = {
+        split: combine_split(cfg, run, data, split, chosen.logits[split][member], clusters, models)
+        for split in SPLITS
+    }
+    seconds = time.perf_counter() - began
+    artifacts.save_tensors(
+        run.dir / "logits.pt",
+        {"fingerprint": data.fingerprint, **{s: combined[s].log_q[None].cpu() for s in SPLITS}},
+    )
+    metrics = combination_metrics(data, clusters, combined)
+    metrics["combination_seconds"] = seconds
+    plot_by_coverage(run.dir / "by_coverage.png", metrics["by_coverage"])
+    print_evaluation(data, clusters, combined["test"], metrics)
+    say(f"run folder: {run.dir}")
+    return metrics
+
+
+def specialists_data(manifest: dict[str, Any], folder: Path) -> Data:
+    """The dataset the specialists were trained on, as their run recorded it, checked to be
+    the same data still."""
     dataset = manifest.get("dataset", {})
     data = load_dataset(dataset.get("config", {}))
     if data.fingerprint != dataset.get("fingerprint"):
         raise UserError(
-            f"dataset={data.name} as configured in {specs[0][0]} no longer gives the same data "
+            f"dataset={data.name} as configured in {folder} no longer gives the same data "
             "(the fingerprint differs): re-run train-teachers and specialists"
         )
-    run.info["dataset"] = dataset
-    cache = load_run_logits(generalist, data)
-    read = artifacts.run_identity(generalist, generalist_run, ["logits.pt"])
-    run.add_input("generalist", generalist, [read])
-    data = data.to(run.device)
-    models = [load_model(folder / f"specialist_{i}.pt", run.device) for folder, i in specs]
-    say(
-        f"evaluate: {len(models)} specialists from {run.inputs['specialists']}"
-        + (f" ({len(folders)} jobs)" if len(folders) > 1 else "")
-        + f"\n  generalist {generalist} (member {member}), top-{cfg.n} classes pick the "
-        f"active specialists, on {run.device} -> {run.dir}"
-    )
+    return data
 
-    out: dict[str, torch.Tensor] = {}
-    active: dict[str, torch.Tensor] = {}
-    generalist_log_p: dict[str, torch.Tensor] = {}
-    began = time.perf_counter()
-    for split in SPLITS:
-        x = getattr(data, f"x_{split}")
-        log_pg = F.log_softmax(cache[split][member].float(), dim=-1).to(run.device)
-        views = [
-            specialist_view(predict(model, x, cfg.train.eval_batch_size), classes)
-            for model, classes in zip(models, clusters, strict=True)
-        ]
-        act = active_specialists(log_pg, clusters, cfg.n)
-        log_q, steps = (
-            combine_kl(log_pg, clusters, views, act, cfg.tolerance, cfg.max_iter, cfg.optimizer)
-            if len(x)
-            else (log_pg, 0)
-        )
-        run.log({"split": split, "examples": len(x), "descent_steps": steps})
-        if steps == cfg.max_iter:
-            say(f"  {split}: the descent stopped at max_iter={cfg.max_iter} before tolerance")
-        out[split], active[split], generalist_log_p[split] = log_q, act, log_pg
-    seconds = time.perf_counter() - began
-    artifacts.save_tensors(
-        run.dir / "logits.pt",
-        {"fingerprint": data.fingerprint, **{s: out[s][None].cpu() for s in SPLITS}},
-    )
 
-    y = data.y_test
-    g_right = generalist_log_p["test"].argmax(dim=1) == y
-    c_right = out["test"].argmax(dim=1) == y
-    any_active = active["test"].any(dim=1)
+@dataclass
+class Combined:
+    """One split's KL combination: log q, the generalist's log p, and which specialists were
+    active on each example."""
+
+    log_q: torch.Tensor
+    generalist_log_p: torch.Tensor
+    active: torch.Tensor
+
+
+def combine_split(
+    cfg: DictConfig,
+    run: Run,
+    data: Data,
+    split: str,
+    generalist_logits: torch.Tensor,
+    clusters: list[list[int]],
+    models: list[torch.nn.Module],
+) -> Combined:
+    """The generalist plus the specialists its top-n classes make active, on one split; the
+    descent's steps logged to metrics.jsonl."""
+    x = getattr(data, f"x_{split}")
+    log_pg = F.log_softmax(generalist_logits.float(), dim=-1).to(run.device)
+    views = [
+        specialist_view(predict(model, x, cfg.train.eval_batch_size), classes)
+        for model, classes in zip(models, clusters, strict=True)
+    ]
+    act = active_specialists(log_pg, clusters, cfg.n)
+    log_q, steps = (
+        combine_kl(log_pg, clusters, views, act, cfg.tolerance, cfg.max_iter, cfg.optimizer)
+        if len(x)
+        else (log_pg, 0)
+    )
+    run.log({"split": split, "examples": len(x), "descent_steps": steps})
+    if steps == cfg.max_iter:
+        say(f"  {split}: the descent stopped at max_iter={cfg.max_iter} before tolerance")
+    return Combined(log_q, log_pg, act)
+
+
+def combination_metrics(
+    data: Data, clusters: list[list[int]], combined: dict[str, Combined]
+) -> dict[str, Any]:
+    """The combination's and the generalist's validation and test scores, overall, where a
+    specialist was active, and by the number of specialists covering the correct class."""
+    test, y = combined["test"], data.y_test
+    g_right = test.generalist_log_p.argmax(dim=1) == y
+    c_right = test.log_q.argmax(dim=1) == y
+    any_active = test.active.any(dim=1)
     member_of = torch.zeros(len(clusters), data.num_classes, dtype=torch.bool, device=y.device)
     for m, classes in enumerate(clusters):
         member_of[m, classes] = True
@@ -271,14 +333,14 @@ def evaluate(cfg: DictConfig, run: Run) -> dict[str, Any]:
     # mixes in whether the generalist was right: its top class picks them.
     covering = member_of[:, y].sum(dim=0)
     rows = by_coverage(covering.cpu(), g_right.cpu(), c_right.cpu())
-    active_covering = (active["test"] & member_of[:, y].T).sum(dim=1)
-    metrics: dict[str, Any] = {
-        **classification_metrics(out["val"], data.y_val, "val"),
-        **classification_metrics(out["test"], y, "test"),
+    active_covering = (test.active & member_of[:, y].T).sum(dim=1)
+    return {
+        **classification_metrics(combined["val"].log_q, data.y_val, "val"),
+        **classification_metrics(test.log_q, y, "test"),
         "generalist_accuracy": float(g_right.float().mean()),
         "combined_accuracy": float(c_right.float().mean()),
         "generalist_val_accuracy": classification_metrics(
-            generalist_log_p["val"], data.y_val, "val"
+            combined["val"].generalist_log_p, data.y_val, "val"
         ).get("val_accuracy"),
         "active_examples": int(any_active.sum()),
         "generalist_conditional_accuracy": float(g_right[any_active].float().mean())
@@ -289,13 +351,17 @@ def evaluate(cfg: DictConfig, run: Run) -> dict[str, Any]:
         else None,
         "by_coverage": rows,
         "by_active_coverage": by_coverage(active_covering.cpu(), g_right.cpu(), c_right.cpu()),
-        "combination_seconds": seconds,
     }
-    plot_by_coverage(run.dir / "by_coverage.png", rows)
-    gm = classification_metrics(generalist_log_p["test"], y, "test")
+
+
+def print_evaluation(
+    data: Data, clusters: list[list[int]], test: Combined, metrics: dict[str, Any]
+) -> None:
+    """The generalist against the combination, and the table by coverage."""
+    gm = classification_metrics(test.generalist_log_p, data.y_test, "test")
     results_table(
-        f"evaluate on {data.name}: {len(y)} test examples, {len(clusters)} specialists, "
-        f"{metrics['active_examples']} examples with an active specialist",
+        f"evaluate on {data.name}: {len(data.y_test)} test examples, {len(clusters)} "
+        f"specialists, {metrics['active_examples']} examples with an active specialist",
         ["model", "test accuracy", "test errors", "test NLL", "conditional accuracy"],
         [
             ["generalist", gm["test_accuracy"], gm["test_errors"], gm["test_nll"]]
@@ -310,8 +376,6 @@ def evaluate(cfg: DictConfig, run: Run) -> dict[str, Any]:
         ["covering", "test examples", "correct gained", "relative accuracy change"],
         [
             [r["covering"], r["examples"], f"{r['gained']:+d}"] + [relative(r["relative_change"])]
-            for r in rows
+            for r in metrics["by_coverage"]
         ],
     )
-    say(f"run folder: {run.dir}")
-    return metrics

@@ -27,6 +27,14 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def export(cfg: DictConfig, run: Run) -> dict[str, Any]:
+    """Write one model of a run in the formats other tools read, each checked against the
+    PyTorch model.
+
+    Consumes a run with a model file (`run=`; `member=` picks one of an ensemble or of the
+    specialists). Writes model.safetensors, config.json, model.ts, model.onnx and model.md
+    (io/exports.py), and as metrics the test accuracy, the parity of every format and the
+    latency of each runtime.
+    """
     source = resolve(cfg.run, "run")
     exp = exportable(source, cfg.member)
     run.add_input("run", source, [artifacts.run_identity(source, exp.manifest, [exp.file.name])])

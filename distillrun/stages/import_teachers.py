@@ -47,6 +47,13 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def import_teachers(cfg: DictConfig, run: Run) -> dict[str, Any]:
+    """Score teachers trained elsewhere and record them as a teachers run.
+
+    Consumes the members named in `members=` (state_dicts, TorchScript, ONNX or logits) and
+    the dataset. Writes what train-teachers writes: logits.pt, member_<i>.pt where a member is
+    a known PyTorch architecture (member_<i>.pt.absent otherwise), metrics.jsonl, and the
+    ensemble's and members' scores as metrics.
+    """
     data = load_dataset(cfg.dataset)
     run.info["dataset"] = dataset_info(data, cfg)
     specs = member_specs(cfg)

@@ -87,6 +87,13 @@ def check_finite(probs: torch.Tensor, ids: list[str], given: Path) -> None:
 
 
 def predict(cfg: DictConfig, run: Run) -> dict[str, Any]:
+    """Classify new inputs with an exported or trained model.
+
+    Consumes an export folder (its model.onnx) or a run with a model file (`run=`), and the
+    inputs (`input=`: an images folder, .npz or .csv). Writes predictions.csv (id, class,
+    probability, top-k), and as metrics the number of inputs, the runtime and the count per
+    predicted class.
+    """
     source = resolve(cfg.run, "run")
     given = resolve(cfg.input, "input")
     forward, config, runtime = load_predictor(source, cfg.member, run.device)

@@ -21,6 +21,12 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def report(cfg: DictConfig, run: Run) -> dict[str, Any]:
+    """Summarise run and sweep folders.
+
+    Consumes any run or sweep folders (`runs=`), complete or not. Writes the sweep summary
+    (summary.csv and its plots, runs/summary.py) and report.md, and as metrics how many runs it
+    read and how many of them are complete.
+    """
     folders = [Path(str(f)) for f in cfg.runs]
     rows = [row for folder in folders for row in collect(folder)]
     for folder in folders:

@@ -10,6 +10,8 @@ as independent jobs; `distillrun evaluate` collects them.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,6 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from distillrun.console import results_table, say
-from distillrun.core import distributed
 from distillrun.core.data import Data, load_dataset
 from distillrun.core.models import checkpoint, load_checkpoint, output_layer
 from distillrun.errors import UserError
@@ -38,8 +39,8 @@ from distillrun.method.clustering import (
     specialist_view,
 )
 from distillrun.runs import artifacts
-from distillrun.runs.teacher_runs import check_data, load_run_logits
-from distillrun.stages.common import Run, run_stage, train_one, train_settings
+from distillrun.runs.teacher_runs import ChosenTeachers, check_data, choose_member
+from distillrun.stages.common import Run, resolve_teachers, run_stage, train_one, train_settings
 from distillrun.stages.train_teachers import dataset_info
 
 GENERALIST_STAGE = "train-teachers"
@@ -51,18 +52,16 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def find_generalist(
-    cfg: DictConfig, data: Data, pinned: str | None = None
+    named: Any, output_root: Path, data: Data, note: Callable[[str], None]
 ) -> tuple[Path, dict[str, Any]]:
-    """The train-teachers run named by `generalist=` (or `pinned`: the one a resumed run began
-    with), or the newest complete one on this data."""
+    """The train-teachers run `named`, or the newest complete one on this data."""
 
     def same_data(manifest: dict[str, Any]) -> str | None:
         return check_data(manifest, data)
 
-    named = cfg.generalist if cfg.generalist is not None else pinned
     if named is None:
         folder, manifest = artifacts.newest_complete_run(
-            Path(cfg.paths.output_root), GENERALIST_STAGE, same_data, say
+            output_root, GENERALIST_STAGE, same_data, note
         )
     else:
         folder = Path(str(named))
@@ -73,7 +72,34 @@ def find_generalist(
     return folder.resolve(), manifest
 
 
+def choose_generalist(
+    cfg: DictConfig, data: Data, named: Any, note: Callable[[str], None]
+) -> ChosenTeachers:
+    """The generalist: member `specialists.member` of the run `named` (`generalist=`, by
+    default the newest on this data), with its run's logits."""
+    folder, manifest = find_generalist(named, Path(cfg.paths.output_root), data, note)
+    member = int(cfg.specialists.member)
+    n_members = len(manifest.get("metrics", {}).get("members", [])) or 1
+    if member >= n_members:
+        raise UserError(
+            f"specialists.member={member} but {folder} has {n_members} member(s): use 0.."
+            f"{n_members - 1}"
+        )
+    read = ["logits.pt"]
+    if (folder / f"member_{member}.pt").is_file():  # (an imported member may have none: below)
+        read.append(f"member_{member}.pt")
+    return choose_member(folder, manifest, data, member, read)
+
+
 def specialists(cfg: DictConfig, run: Run) -> dict[str, Any]:
+    """Cluster the classes the generalist confuses, and train one specialist per cluster (or
+    only specialist `specialists.index`) from the generalist's weights.
+
+    Consumes a train-teachers run (`generalist=`, by default the newest on this data): its
+    logits.pt and the member's checkpoint. Writes clusters.json, covariance.png,
+    specialist_<m>.pt (dustbin logit corrected), metrics.jsonl, and as metrics the clusters
+    and each specialist's validation accuracy.
+    """
     data = load_dataset(cfg.dataset)
     s = cfg.specialists
     k, member = int(s.k), int(s.member)
@@ -82,35 +108,49 @@ def specialists(cfg: DictConfig, run: Run) -> dict[str, Any]:
             f"specialists.k={k} but dataset={data.name} has {data.num_classes} classes: "
             "use fewer clusters"
         )
-    pinned = run.inputs.get("generalist") if run.resuming else None  # keep what it began with
-    if distributed.is_main():
-        folder, generalist_run = find_generalist(cfg, data, pinned)
-    # Under torchrun the other processes take process 0's generalist (the newest could change).
-    chosen = distributed.broadcast(str(folder) if distributed.is_main() else None)
-    if not distributed.is_main():
-        folder, generalist_run = find_generalist(cfg, data, chosen)
-    n_members = len(generalist_run.get("metrics", {}).get("members", [])) or 1
-    if member >= n_members:
-        raise UserError(
-            f"specialists.member={member} but {folder} has {n_members} member(s): use 0.."
-            f"{n_members - 1}"
-        )
-    cache = load_run_logits(folder, data)
-    read = ["logits.pt"]
-    if (folder / f"member_{member}.pt").is_file():  # (an imported member may have none: below)
-        read.append(f"member_{member}.pt")
-    run.add_input("generalist", folder, [artifacts.run_identity(folder, generalist_run, read)])
+    chosen = resolve_teachers(
+        run, "generalist", cfg.generalist, partial(choose_generalist, cfg, data), data
+    )
     # The member's own architecture (an imported one need not be its run's `model` config).
-    generalist, model_cfg = load_checkpoint(folder / f"member_{member}.pt", run.device)
+    member_file = Path(chosen.source) / f"member_{member}.pt"
+    generalist, model_cfg = load_checkpoint(member_file, run.device)
     run.info["dataset"] = dataset_info(data, cfg)
     data = data.to(run.device)
-    device = run.device
-
     # The transfer set is the training split; the clustering sees no labels.
-    train_log_p = F.log_softmax(cache["train"][member].float(), dim=-1).to(device)
+    train_log_p = F.log_softmax(chosen.logits["train"][member].float(), dim=-1).to(run.device)
+    clusters, ari = cluster_and_record(cfg, run, data, train_log_p)
+    indices = list(range(len(clusters))) if s.index is None else [int(s.index)]
+    full = bool(s.soft_targets)
+    trained = [
+        train_specialist(run, cfg, data, generalist, model_cfg, m, clusters[m], train_log_p, full)
+        for m in indices
+    ]
+    run.info["specialists"] = {
+        "clusters": clusters,
+        "trained": indices,
+        "generalist_member": member,
+        "soft_targets": full,
+    }
+    print_specialists(data, clusters, ari, trained)
+    say(f"run folder: {run.dir}")
+    metrics: dict[str, Any] = {"clusters": len(clusters), "specialists_trained": len(indices)}
+    if ari is not None:
+        metrics["cluster_ari"] = ari
+    metrics["minutes"] = sum(t["seconds"] for t in trained) / 60
+    metrics["members"] = trained
+    return metrics
+
+
+def cluster_and_record(
+    cfg: DictConfig, run: Run, data: Data, train_log_p: torch.Tensor
+) -> tuple[list[list[int]], float | None]:
+    """The clusters of the generalist's probabilities' covariance on the training split, and
+    their adjusted Rand index against the superclasses (None without superclasses); written
+    as clusters.json and covariance.png, and said in one line."""
+    s = cfg.specialists
     cov = probability_covariance(train_log_p.exp().cpu())
     clusters, primary = cluster_classes(
-        cov, k, s.clustering, float(s.overlap), cfg.seed, float(s.get("overlap_share", 0.0))
+        cov, int(s.k), s.clustering, float(s.overlap), cfg.seed, float(s.get("overlap_share", 0.0))
     )
     if any(len(c) == data.num_classes for c in clusters):
         raise UserError(
@@ -126,7 +166,7 @@ def specialists(cfg: DictConfig, run: Run) -> dict[str, Any]:
     artifacts.write_json(
         run.dir / "clusters.json",
         {
-            "k": k,
+            "k": int(s.k),
             "clustering": s.clustering,
             "overlap": float(s.overlap),
             "overlap_share": float(s.get("overlap_share", 0.0)),
@@ -138,26 +178,17 @@ def specialists(cfg: DictConfig, run: Run) -> dict[str, Any]:
     )
     plot_covariance(run.dir / "covariance.png", cov, clusters, primary)
     say(
-        f"specialists: generalist {folder} (member {member})\n"
         f"  {len(clusters)} clusters of sizes {[len(c) for c in clusters]} from the covariance "
         f"of its probabilities on {len(data.y_train)} transfer examples"
         + (f"; adjusted Rand index against the superclasses {ari:.3f}" if ari is not None else "")
-        + f", on {device} -> {run.dir}"
+        + f", on {run.device} -> {run.dir}"
     )
+    return clusters, ari
 
-    indices = list(range(len(clusters))) if s.index is None else [int(s.index)]
-    full = bool(s.soft_targets)
-    trained = [
-        train_specialist(run, cfg, data, generalist, model_cfg, m, clusters[m], train_log_p, full)
-        for m in indices
-    ]
 
-    run.info["specialists"] = {
-        "clusters": clusters,
-        "trained": indices,
-        "generalist_member": member,
-        "soft_targets": full,
-    }
+def print_specialists(
+    data: Data, clusters: list[list[int]], ari: float | None, trained: list[dict[str, Any]]
+) -> None:
     results_table(
         f"specialists on {data.name}: {len(clusters)} clusters"
         + (f", adjusted Rand index {ari:.3f}" if ari is not None else ""),
@@ -168,13 +199,62 @@ def specialists(cfg: DictConfig, run: Run) -> dict[str, Any]:
             for t in trained
         ],
     )
-    say(f"run folder: {run.dir}")
-    metrics: dict[str, Any] = {"clusters": len(clusters), "specialists_trained": len(indices)}
-    if ari is not None:
-        metrics["cluster_ari"] = ari
-    metrics["minutes"] = sum(t["seconds"] for t in trained) / 60
-    metrics["members"] = trained
-    return metrics
+
+
+def dustbin_loss(out: torch.Tensor, b: Batch, *, target: torch.Tensor) -> torch.Tensor:
+    """A specialist's loss on batch `b`: cross-entropy with `target`, each example's class
+    among the specialist's, or the dustbin."""
+    return F.cross_entropy(out, target[b.idx])
+
+
+def soft_targets_loss(
+    out: torch.Tensor,
+    b: Batch,
+    *,
+    y: torch.Tensor,
+    log_p: torch.Tensor,
+    rest_classes: torch.Tensor,
+) -> torch.Tensor:
+    """`specialists.soft_targets=true`: the hard labels plus the KL from the generalist's
+    distribution `log_p` over the non-special classes (clustering.soft_target_loss)."""
+    return soft_target_loss(out, y[b.idx], log_p[b.idx], rest_classes)
+
+
+def corrected_view(
+    logits: torch.Tensor,
+    *,
+    classes: list[int],
+    rest_classes: torch.Tensor,
+    shift: float,
+    full: bool,
+) -> torch.Tensor:
+    """Validation logits with the dustbin correction `shift` applied, as the specialist's
+    classes plus the dustbin: a specialist is selected on natural data, so judged corrected."""
+    shifted = logits.clone()
+    if full:
+        shifted[:, rest_classes] += shift
+    else:
+        shifted[:, -1] += shift
+    return specialist_view(shifted, classes)
+
+
+def specialist_objective(
+    data: Data, classes: list[int], train_log_p: torch.Tensor, shift: float, full: bool
+) -> tuple[Callable[[torch.Tensor, Batch], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+    """A specialist's loss on a batch, and its view of validation logits (dustbin corrected by
+    `shift`); `full`: the soft-targets variant."""
+    y, device = data.y_train, data.y_train.device
+    rest_classes = torch.tensor(
+        [c for c in range(data.num_classes) if c not in set(classes)], device=device
+    )
+    if full:
+        loss_fn = partial(soft_targets_loss, y=y, log_p=train_log_p, rest_classes=rest_classes)
+    else:
+        loss_fn = partial(dustbin_loss, target=dustbin_targets(y, classes, data.num_classes))
+    view = partial(
+        corrected_view, classes=classes, rest_classes=rest_classes, shift=shift, full=full
+    )
+    return loss_fn, view
 
 
 def train_specialist(
@@ -190,29 +270,11 @@ def train_specialist(
 ) -> dict[str, Any]:
     """Specialist m: from the generalist's weights, on half-and-half batches, selected on the
     validation split with its dustbin correction applied; saved as specialist_<m>.pt."""
-    device, y, n = run.device, data.y_train, len(data.y_train)
+    device, y = run.device, data.y_train
     in_s = torch.isin(y, torch.tensor(classes, device=device))
     special, rest = torch.nonzero(in_s).flatten(), torch.nonzero(~in_s).flatten()
-    shift = math.log(oversampling_factor(len(special), n))
-    rest_classes = torch.tensor(
-        [c for c in range(data.num_classes) if c not in set(classes)], device=device
-    )
-    target = dustbin_targets(y, classes, data.num_classes)
-
-    def loss_fn(out: torch.Tensor, b: Batch) -> torch.Tensor:
-        if full:
-            return soft_target_loss(out, y[b.idx], train_log_p[b.idx], rest_classes)
-        return F.cross_entropy(out, target[b.idx])
-
-    def val_view(logits: torch.Tensor) -> torch.Tensor:
-        # Selected on natural data, so judged with the dustbin correction applied.
-        shifted = logits.clone()
-        if full:
-            shifted[:, rest_classes] += shift
-        else:
-            shifted[:, -1] += shift
-        return specialist_view(shifted, classes)
-
+    shift = math.log(oversampling_factor(len(special), len(y)))
+    loss_fn, view = specialist_objective(data, classes, train_log_p, shift, full)
     torch.manual_seed(cfg.seed + m)
     model = specialist_from(generalist, classes, full).to(device)
     fitted = train_one(
@@ -225,8 +287,8 @@ def train_specialist(
         data.x_val,
         dustbin_targets(data.y_val, classes, data.num_classes),
         train_settings(cfg, cfg.seed + m, max_norm=model_cfg.get("max_norm")),
-        batches=lambda g: half_and_half_batches(special, rest, cfg.train.batch_size, g),
-        val_view=val_view,
+        batches=partial(half_and_half_batches, special, rest, cfg.train.batch_size),
+        val_view=view,
     )
     correct_dustbin(model, classes, full, shift)
     ckpt = checkpoint(model, model_cfg, data.input_shape, output_layer(model).out_features)

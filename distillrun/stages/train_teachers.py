@@ -7,6 +7,7 @@ and manifest.json last.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import hydra
@@ -20,6 +21,7 @@ from distillrun.core.data import Data, load_dataset
 from distillrun.core.models import build_model, checkpoint, count_parameters
 from distillrun.core.train import predict
 from distillrun.method import augment
+from distillrun.method.augment import Augmentation, Batch
 from distillrun.method.ensemble import combine
 from distillrun.method.metrics import classification_metrics
 from distillrun.runs.artifacts import save_tensors
@@ -57,16 +59,15 @@ def ensemble_metrics(stacked: dict[str, torch.Tensor], data: Data) -> dict[str, 
 
 
 def train_teachers(cfg: DictConfig, run: Run) -> dict[str, Any]:
+    """Train `teachers.n` members, member i with seed `seed + i`, each selected on the
+    validation split.
+
+    Consumes only the dataset. Writes member_<i>.pt, logits.pt (every member's logits on the
+    train, val and test splits: distill's transfer set is the train split), metrics.jsonl,
+    and as metrics the ensemble's and each member's validation and test scores.
+    """
     data = load_dataset(cfg.dataset)
-    augment_cfg = cfg.augment
-    if cfg.teachers.jitter:  # the key before augment=; the same views, drawn the same way
-        warning_line(
-            run.stage,
-            f"teachers.jitter={cfg.teachers.jitter} is deprecated: use augment=shift "
-            f"augment.pixels={cfg.teachers.jitter} (the same views)",
-        )
-        augment_cfg = {"name": "shift", "pixels": cfg.teachers.jitter, "border": "replicate"}
-    augmentation = augment.from_config(augment_cfg, data.image_shape, data.normalization)
+    augmentation = teacher_augmentation(cfg, run, data)
     run.info["dataset"] = dataset_info(data, cfg)
     data = data.to(run.device)
     n = cfg.teachers.n
@@ -76,47 +77,74 @@ def train_teachers(cfg: DictConfig, run: Run) -> dict[str, Any]:
         + (f"on {augmentation.describe()} " if augmentation else "")
         + f"on {run.device} -> {run.dir}"
     )
-
-    y = data.y_train
     members: list[dict[str, Any]] = []
     logits: dict[str, list[torch.Tensor]] = {s: [] for s in SPLITS}
     for i in range(n):
-        seed = cfg.seed + i
-        torch.manual_seed(seed)
-        model = build_model(cfg.model, data.input_shape, data.num_classes).to(run.device)
-        fitted = train_one(
-            run,
-            cfg,
-            f"teacher {i}",
-            model,
-            data.x_train,
-            lambda out, batch: F.cross_entropy(out, batch.labels(y, data.num_classes)),
-            data.x_val,
-            data.y_val,
-            train_settings(cfg, seed, augment=augmentation),
-        )
-        for split in SPLITS:
-            logits[split].append(predict(model, getattr(data, f"x_{split}")).cpu())
-        save_tensors(
-            run.dir / f"member_{i}.pt",
-            checkpoint(model, cfg.model, data.input_shape, data.num_classes),
-        )
-        member = {
-            "seed": seed,
-            "best_epoch": fitted.best_epoch,
-            "minutes": fitted.seconds / 60,
-            **classification_metrics(logits["val"][-1], data.y_val.cpu(), "val"),
-            **classification_metrics(logits["test"][-1], data.y_test.cpu(), "test"),
-        }
+        model, member, member_logits = train_member(run, cfg, data, augmentation, i)
         members.append(member)
-        say(
-            f"  teacher {i} (seed {seed}): {member['test_errors']} test errors, "
-            f"accuracy {member['test_accuracy']:.4f}, epoch {fitted.best_epoch} of "
-            f"{cfg.train.epochs}, {fitted.seconds:.1f}s"
-        )
-
+        for split in SPLITS:
+            logits[split].append(member_logits[split])
     labels = [f"teacher {i} (seed {m['seed']})" for i, m in enumerate(members)]
     return finish_ensemble(run, data, logits, labels, members, count_parameters(model) * n)
+
+
+def teacher_augmentation(cfg: DictConfig, run: Run, data: Data) -> Augmentation | None:
+    """`augment=`, or what the deprecated `teachers.jitter` asks for (the same views, drawn
+    the same way), with a warning."""
+    augment_cfg = cfg.augment
+    if cfg.teachers.jitter:  # the key before augment=
+        warning_line(
+            run.stage,
+            f"teachers.jitter={cfg.teachers.jitter} is deprecated: use augment=shift "
+            f"augment.pixels={cfg.teachers.jitter} (the same views)",
+        )
+        augment_cfg = {"name": "shift", "pixels": cfg.teachers.jitter, "border": "replicate"}
+    return augment.from_config(augment_cfg, data.image_shape, data.normalization)
+
+
+def train_member(
+    run: Run, cfg: DictConfig, data: Data, augmentation: Augmentation | None, i: int
+) -> tuple[torch.nn.Module, dict[str, Any], dict[str, torch.Tensor]]:
+    """Member i, trained with seed `seed + i` on the hard labels and saved as member_<i>.pt:
+    the model, its record (seed, selected epoch, validation and test scores) and its logits
+    on each split."""
+    seed = cfg.seed + i
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, data.input_shape, data.num_classes).to(run.device)
+    fitted = train_one(
+        run,
+        cfg,
+        f"teacher {i}",
+        model,
+        data.x_train,
+        partial(hard_label_loss, y=data.y_train, classes=data.num_classes),
+        data.x_val,
+        data.y_val,
+        train_settings(cfg, seed, augment=augmentation),
+    )
+    logits = {split: predict(model, getattr(data, f"x_{split}")).cpu() for split in SPLITS}
+    save_tensors(
+        run.dir / f"member_{i}.pt",
+        checkpoint(model, cfg.model, data.input_shape, data.num_classes),
+    )
+    member = {
+        "seed": seed,
+        "best_epoch": fitted.best_epoch,
+        "minutes": fitted.seconds / 60,
+        **classification_metrics(logits["val"], data.y_val.cpu(), "val"),
+        **classification_metrics(logits["test"], data.y_test.cpu(), "test"),
+    }
+    say(
+        f"  teacher {i} (seed {seed}): {member['test_errors']} test errors, "
+        f"accuracy {member['test_accuracy']:.4f}, epoch {fitted.best_epoch} of "
+        f"{cfg.train.epochs}, {fitted.seconds:.1f}s"
+    )
+    return model, member, logits
+
+
+def hard_label_loss(out: torch.Tensor, b: Batch, *, y: torch.Tensor, classes: int) -> torch.Tensor:
+    """A teacher's loss on batch `b`: cross-entropy with the labels `y` of its examples."""
+    return F.cross_entropy(out, b.labels(y, classes))
 
 
 def finish_ensemble(
