@@ -10,7 +10,6 @@ distills the combination into one net), metrics.jsonl and manifest.json last.
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -183,11 +182,7 @@ def relative(change: float | None) -> str:
 
 
 def plot_by_coverage(path: Path, rows: list[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = artifacts.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     x = list(range(len(rows)))
     change = [100 * (r["relative_change"] or 0.0) for r in rows]  # n/a drawn as no bar
@@ -200,10 +195,7 @@ def plot_by_coverage(path: Path, rows: list[dict[str, Any]]) -> None:
     ax.set_xlabel("specialists covering the correct class")
     ax.set_ylabel("relative accuracy change (%)")
     ax.set_title("generalist + specialists vs generalist (test set)")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    artifacts.write_bytes(path, buf.getvalue())
+    artifacts.save_figure(fig, path)
 
 
 def evaluate(cfg: DictConfig, run: Run) -> dict[str, Any]:
