@@ -7,18 +7,34 @@ functions by these names; tests/test_layout.py checks that each table has exactl
 
 from __future__ import annotations
 
+import re
+from importlib import resources
+
+
+def shipped_names(group: str) -> tuple[str, ...]:
+    """The `name:` of every conf/<group>/*.yaml, sorted: the implementations that the shipped
+    configs choose (a builder without a config file is out of reach; tests/test_layout.py checks
+    that each table of builders has exactly these names)."""
+    folder = resources.files("distillrun.conf") / group
+    names = set()
+    for file in folder.iterdir():
+        if file.name.endswith(".yaml"):
+            found = re.search(r"^name:\s*(\w+)", file.read_text(), re.M)
+            if found:
+                names.add(found.group(1))
+    return tuple(sorted(names))
+
+
 LOSSES = ("kd", "logit_mse")  # losses.LOSSES
 ENSEMBLES = ("arithmetic", "geometric")  # ensemble.combine
 OPTIMIZERS = ("adam", "sgd")  # train.OPTIMIZERS
 SCHEDULES = ("cosine", "step", "constant", "multistep")  # train.SCHEDULES
-MODELS = ("mlp", "cnn", "resnet18", "cifar_resnet", "wrn")  # models.BUILDERS
+MODELS = shipped_names("model")  # models.BUILDERS
 CLUSTERINGS = ("kmeans", "online")  # specialists.cluster_classes
 KL_OPTIMIZERS = ("preconditioned", "plain")  # inference.combine_kl
 NORMALIZATIONS = ("standardize", "none")  # data._finish: dataset.normalize
 MEMBER_KINDS = ("state_dict", "torchscript", "onnx", "logits")  # imported.LOADERS
-AUGMENTATIONS = ("none", "shift", "crop_flip", "mixup")  # augment.BUILDERS
-# Augmentations with no finite set of views (their `count` is None): nothing to cache.
-CONTINUOUS_AUGMENTATIONS = ("mixup",)
+AUGMENTATIONS = shipped_names("augment")  # augment.BUILDERS
 BORDERS = ("replicate", "reflect", "zeros")  # augment.BORDERS: augment.border
 TEACHER_OUTPUTS = ("auto", "cached", "online")  # stages.distill: teacher_outputs.mode
 PRECISIONS = ("fp32", "bf16", "fp16")  # train.AUTOCAST: train.precision

@@ -34,6 +34,8 @@ GROUPS = (
     "teacher_outputs",
 )
 VECTOR_DATASETS = ("hierarchical", "mnist1d")  # vectors whatever their settings
+# Augmentations with no finite set of views (their `count` is None): nothing to cache.
+CONTINUOUS_AUGMENTATIONS = ("mixup",)
 # Set by the dispatcher for `resume=<folder>`: the run folder the stage continues.
 RESUME_ENV = "DISTILLRUN_RESUME"
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -457,7 +459,7 @@ def _teacher_outputs(cfg: DictConfig, p: _Problems) -> None:
     if t.mode not in choices.TEACHER_OUTPUTS:
         p.append(f"teacher_outputs.mode={t.mode}: use {one_of(choices.TEACHER_OUTPUTS)}")
         return
-    if t.mode == "cached" and cfg.augment.name in choices.CONTINUOUS_AUGMENTATIONS:
+    if t.mode == "cached" and cfg.augment.name in CONTINUOUS_AUGMENTATIONS:
         p.append(
             f"augment={cfg.augment.name} makes every batch anew, so its views cannot be cached: "
             "use teacher_outputs=online"
