@@ -15,14 +15,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # threads slow small models tenfold. Set before torch and numpy are imported.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import contextlib
 import hashlib
+import io
 import json
+import logging
 import pickle
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +51,63 @@ def distillrun(cwd: Path, *args: str, env: dict[str, str] | None = None, check: 
         text=True,
         env={**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})},
         timeout=300,
+    )
+    if check is not None:
+        assert result.returncode == check, result.stdout + result.stderr
+    return result
+
+
+def distillrun_here(
+    cwd: Path, *args: str, env: dict[str, str] | None = None, check: int | None = 0
+) -> subprocess.CompletedProcess:
+    """`distillrun(cwd, *args)` without the subprocess: the dispatcher (`distillrun.cli.main`)
+    called in this process, in `cwd`, with the same argv, environment, captured output and
+    exit status (sys.exit's code; a traceback and 1 for an escaped exception). It saves the
+    seconds a new process spends importing torch, so use it where a process adds nothing;
+    signals, kills, torchrun, launchers and the console script itself still need `distillrun`.
+    The process-wide state a run changes (cwd, argv, environment, signal handlers, torch
+    threads, logging handlers, the last sweep's summary) is put back afterwards."""
+    from distillrun import cli
+    from distillrun.runs import summary
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    root = logging.getLogger()
+    log_handlers, log_level = list(root.handlers), root.level
+    import torch
+
+    threads = torch.get_num_threads()
+    os.environ.update({"HYDRA_FULL_ERROR": "0", **(env or {})})
+    if "OMP_NUM_THREADS" in (env or {}):  # torch read it at import: tell it again
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    os.chdir(cwd)
+    sys.argv = [DISTILLRUN, *args]
+    summary.last_sweep = None
+    code: int | str | None = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.main()
+            except SystemExit as e:
+                code = e.code
+                if isinstance(code, str):  # sys.exit("message"), as Python prints it
+                    print(code, file=sys.stderr)
+                    code = 1
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        root.handlers[:], root.level = log_handlers, log_level
+        torch.set_num_threads(threads)
+    result = subprocess.CompletedProcess(
+        [DISTILLRUN, *args], code or 0, out.getvalue(), err.getvalue()
     )
     if check is not None:
         assert result.returncode == check, result.stdout + result.stderr
