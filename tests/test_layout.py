@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import distillrun
+from conftest import distillrun_here
 
 from distillrun import choices
 from distillrun.core import models, train
@@ -41,7 +41,8 @@ def test_the_method_modules_import_no_hydra_and_no_cli_code() -> None:
         f"import sys, {modules}\n"
         "bad = [m for m in sys.modules if m.split('.')[0] == 'hydra' or m in "
         "('distillrun.cli', 'distillrun.config', 'distillrun.console') "
-        "or m.startswith(('distillrun.stages.', 'distillrun.integrations.', 'distillrun.tools.'))]\n"
+        "or m.startswith(('distillrun.stages.', 'distillrun.integrations.', "
+        "'distillrun.tools.'))]\n"
         "print(sorted(bad))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -220,8 +221,8 @@ def test_the_wheel_ships_every_config_group(built_wheel: Path) -> None:
 def test_the_docs_library_example_runs_as_written(tmp_path: Path) -> None:
     page = (ROOT / "docs/library.md").read_text()
     code = re.search(r"```python\n(.*?)```", page, re.S).group(1)
-    distillrun(tmp_path, "train-teachers", "debug=tiny")
-    distillrun(tmp_path, "distill", "debug=tiny")
+    distillrun_here(tmp_path, "train-teachers", "debug=tiny")
+    distillrun_here(tmp_path, "distill", "debug=tiny")
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
