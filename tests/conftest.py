@@ -114,6 +114,46 @@ def distillrun_here(
     return result
 
 
+def tool_here(tool: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python -m distillrun.tools.<tool> *args` in this process, each of its steps through
+    `distillrun_here` (the tools start `python -m distillrun` per step, reproduce._stage): the
+    same steps, folders, output and exit status, without a Python start-up and a torch import
+    per step. The tools' own errors and signals are tested in subprocesses."""
+    import importlib
+
+    from distillrun.tools import reproduce
+
+    def stage_here(stage_args: list[str]) -> int:
+        step = distillrun_here(Path.cwd(), *stage_args, check=None)
+        print(step.stdout, end="")
+        print(step.stderr, end="", file=sys.stderr)
+        return step.returncode
+
+    module = importlib.import_module(f"distillrun.tools.{tool}")
+    out, err = io.StringIO(), io.StringIO()
+    saved_cwd, saved_argv = os.getcwd(), sys.argv
+    sigterm = signal.getsignal(signal.SIGTERM)
+    code: int | str | None = 0
+    try:
+        os.chdir(cwd)
+        sys.argv = [tool, *args]  # (a tool records its command line from sys.argv)
+        with (
+            pytest.MonkeyPatch.context() as patch,
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+        ):
+            patch.setattr(reproduce, "_stage", stage_here)
+            try:
+                module.main(list(args))
+            except SystemExit as e:
+                code = e.code
+    finally:
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        signal.signal(signal.SIGTERM, sigterm)
+    return subprocess.CompletedProcess([tool, *args], code or 0, out.getvalue(), err.getvalue())
+
+
 def manifest(folder: Path) -> dict:
     return json.loads((folder / "manifest.json").read_text())
 

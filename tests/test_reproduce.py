@@ -4,19 +4,16 @@ manifests, resuming, and its errors."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import distillrun_here, manifest, write_idx
+from conftest import manifest, tool_here, write_idx
 
 from distillrun.runs import artifacts
 from distillrun.tools.reproduce import GOALS, PAPER, markdown, plan, results
@@ -58,44 +55,6 @@ def reproduce(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def reproduce_here(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    """`reproduce` in this process, each of its steps through conftest.distillrun_here (the
-    tool starts `python -m distillrun` per step): the same steps, folders and exit status,
-    without starting Python and importing torch for every one of them."""
-    from distillrun.tools import reproduce as tool
-
-    def stage_here(stage_args: list[str]) -> int:
-        step = distillrun_here(Path.cwd(), *stage_args, check=None)
-        print(step.stdout, end="")
-        print(step.stderr, end="", file=sys.stderr)
-        return step.returncode
-
-    out, err = io.StringIO(), io.StringIO()
-    saved_cwd, saved_argv = os.getcwd(), sys.argv
-    sigterm = signal.getsignal(signal.SIGTERM)
-    code: int | str | None = 0
-    try:
-        os.chdir(cwd)
-        sys.argv = ["reproduce", *args]
-        with (
-            pytest.MonkeyPatch.context() as patch,
-            contextlib.redirect_stdout(out),
-            contextlib.redirect_stderr(err),
-        ):
-            patch.setattr(tool, "_stage", stage_here)
-            try:
-                tool.main(list(args))
-            except SystemExit as e:
-                code = e.code
-    finally:
-        os.chdir(saved_cwd)
-        sys.argv = saved_argv
-        signal.signal(signal.SIGTERM, sigterm)
-    return subprocess.CompletedProcess(
-        ["reproduce", *args], code or 0, out.getvalue(), err.getvalue()
-    )
-
-
 def fake_mnist(root: Path) -> Path:
     """400 training and 100 test images of noise, every class present, in torchvision's layout."""
     rng = np.random.default_rng(0)
@@ -115,7 +74,7 @@ def fake_mnist(root: Path) -> Path:
 def reproduction(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cwd = tmp_path_factory.mktemp("reproduce")
     fake_mnist(cwd / "mnist")
-    result = reproduce_here(cwd, "--data-root", "mnist", *FAST)
+    result = tool_here("reproduce", cwd, "--data-root", "mnist", *FAST)
     assert result.returncode == 0, result.stdout + result.stderr
     (root,) = (cwd / "outputs" / "reproduce").iterdir()
     assert f"{root / 'report.md'}" in result.stdout
@@ -274,7 +233,9 @@ def test_resume_keeps_finished_steps_and_runs_the_missing_ones(reproduction: Pat
     artifacts.remove_tree(reproduction / "T_sweep" / "1")
     artifacts.remove_tree(reproduction / "views")
     (reproduction / "views").mkdir()  # killed before Hydra wrote anything: started afresh
-    result = reproduce_here(cwd, "--data-root", "mnist", "--resume", str(reproduction), *FAST)
+    result = tool_here(
+        "reproduce", cwd, "--data-root", "mnist", "--resume", str(reproduction), *FAST
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert (reproduction / "teachers" / "manifest.json").stat().st_mtime_ns == teachers_manifest
     assert artifacts.is_complete(manifest(reproduction / "views"), "distill")

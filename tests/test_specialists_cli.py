@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +20,7 @@ from conftest import (
     runs,
     signal_when,
     start,
+    tool_here,
     without_timings,
 )
 
@@ -206,21 +204,7 @@ def test_reproduce_specialists_resumes_from_the_pipeline_and_reports(pipeline: P
     (root / "evaluate").symlink_to(runs(pipeline, "evaluate")[0])
     state = {"overrides": AS_DATA, "command": "python -m distillrun.tools.reproduce_specialists"}
     artifacts.write_json(root / "reproduce.json", {**state, "seconds": {}})
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "distillrun.tools.reproduce_specialists",
-            "--resume",
-            str(root),
-            *AS_DATA,
-        ],
-        cwd=pipeline,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HYDRA_FULL_ERROR": "0", **ONE_THREAD},
-        timeout=300,
-    )
+    result = tool_here("reproduce_specialists", pipeline, "--resume", str(root), *AS_DATA)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("complete: kept") == 3
     back, control = manifest(root / "distill_back"), manifest(root / "distill_generalist")
