@@ -288,18 +288,21 @@ def built_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return wheel
 
 
-# The files that take longest (pytest --durations=0 on 2 cores, 2026-11-30: 70-140 s each), in
-# that order. `make test` hands whole files to its workers in collection order, so starting with
-# the longest lets the workers finish together (about a minute sooner than alphabetical order).
+# The files that take longest (pytest --durations=0 on 2 cores, 2026-12-03: the kills, signals,
+# launchers and torchrun runs, which need processes of their own), in that order. `make test`
+# hands whole files to its workers in collection order, so starting with the longest lets the
+# workers finish together.
 LONGEST_FIRST = (
+    "test_reliability.py",
+    "test_tracking.py",
     "test_sweeps.py",
+    "test_augment.py",
     "test_distributed.py",
     "test_cli.py",
-    "test_reliability.py",
+    "test_cifar.py",
+    "test_io.py",
     "test_specialists_cli.py",
     "test_reproduce.py",
-    "test_tracking.py",
-    "test_cifar.py",
 )
 
 
