@@ -15,14 +15,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # threads slow small models tenfold. Set before torch and numpy are imported.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import contextlib
 import hashlib
+import io
 import json
+import logging
 import pickle
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +55,103 @@ def distillrun(cwd: Path, *args: str, env: dict[str, str] | None = None, check: 
     if check is not None:
         assert result.returncode == check, result.stdout + result.stderr
     return result
+
+
+def distillrun_here(
+    cwd: Path, *args: str, env: dict[str, str] | None = None, check: int | None = 0
+) -> subprocess.CompletedProcess:
+    """`distillrun(cwd, *args)` without the subprocess: the dispatcher (`distillrun.cli.main`)
+    called in this process, in `cwd`, with the same argv, environment, captured output and
+    exit status (sys.exit's code; a traceback and 1 for an escaped exception). It saves the
+    seconds a new process spends importing torch, so use it where a process adds nothing;
+    signals, kills, torchrun, launchers and the console script itself still need `distillrun`.
+    The process-wide state a run changes (cwd, argv, environment, signal handlers, torch
+    threads, logging handlers, the last sweep's summary) is put back afterwards."""
+    from distillrun import cli
+    from distillrun.runs import summary
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    root = logging.getLogger()
+    log_handlers, log_level = list(root.handlers), root.level
+    import torch
+
+    threads = torch.get_num_threads()
+    os.environ.update({"HYDRA_FULL_ERROR": "0", **(env or {})})
+    if "OMP_NUM_THREADS" in (env or {}):  # torch read it at import: tell it again
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    os.chdir(cwd)
+    sys.argv = [DISTILLRUN, *args]
+    summary.last_sweep = None
+    code: int | str | None = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.main()
+            except SystemExit as e:
+                code = e.code
+                if isinstance(code, str):  # sys.exit("message"), as Python prints it
+                    print(code, file=sys.stderr)
+                    code = 1
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        root.handlers[:], root.level = log_handlers, log_level
+        torch.set_num_threads(threads)
+    result = subprocess.CompletedProcess(
+        [DISTILLRUN, *args], code or 0, out.getvalue(), err.getvalue()
+    )
+    if check is not None:
+        assert result.returncode == check, result.stdout + result.stderr
+    return result
+
+
+def tool_here(tool: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python -m distillrun.tools.<tool> *args` in this process, each of its steps through
+    `distillrun_here` (the tools start `python -m distillrun` per step, reproduce._stage): the
+    same steps, folders, output and exit status, without a Python start-up and a torch import
+    per step. The tools' own errors and signals are tested in subprocesses."""
+    import importlib
+
+    from distillrun.tools import reproduce
+
+    def stage_here(stage_args: list[str]) -> int:
+        step = distillrun_here(Path.cwd(), *stage_args, check=None)
+        print(step.stdout, end="")
+        print(step.stderr, end="", file=sys.stderr)
+        return step.returncode
+
+    module = importlib.import_module(f"distillrun.tools.{tool}")
+    out, err = io.StringIO(), io.StringIO()
+    saved_cwd, saved_argv = os.getcwd(), sys.argv
+    sigterm = signal.getsignal(signal.SIGTERM)
+    code: int | str | None = 0
+    try:
+        os.chdir(cwd)
+        sys.argv = [tool, *args]  # (a tool records its command line from sys.argv)
+        with (
+            pytest.MonkeyPatch.context() as patch,
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+        ):
+            patch.setattr(reproduce, "_stage", stage_here)
+            try:
+                module.main(list(args))
+            except SystemExit as e:
+                code = e.code
+    finally:
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        signal.signal(signal.SIGTERM, sigterm)
+    return subprocess.CompletedProcess([tool, *args], code or 0, out.getvalue(), err.getvalue())
 
 
 def manifest(folder: Path) -> dict:
@@ -187,18 +288,21 @@ def built_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return wheel
 
 
-# The files that take longest (pytest --durations=0 on 2 cores, 2026-11-30: 70-140 s each), in
-# that order. `make test` hands whole files to its workers in collection order, so starting with
-# the longest lets the workers finish together (about a minute sooner than alphabetical order).
+# The files that take longest (pytest --durations=0 on 2 cores, 2026-12-03: the kills, signals,
+# launchers and torchrun runs, which need processes of their own), in that order. `make test`
+# hands whole files to its workers in collection order, so starting with the longest lets the
+# workers finish together.
 LONGEST_FIRST = (
+    "test_reliability.py",
+    "test_tracking.py",
     "test_sweeps.py",
+    "test_augment.py",
     "test_distributed.py",
     "test_cli.py",
-    "test_reliability.py",
+    "test_cifar.py",
+    "test_io.py",
     "test_specialists_cli.py",
     "test_reproduce.py",
-    "test_tracking.py",
-    "test_cifar.py",
 )
 
 

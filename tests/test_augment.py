@@ -17,6 +17,7 @@ from conftest import (
     ONE_THREAD,
     assert_one_line_error,
     distillrun,
+    distillrun_here,
     manifest,
     metric_lines,
     runs,
@@ -324,14 +325,14 @@ SHIFT = ["augment=shift", "augment.pixels=1"]
 @pytest.fixture(scope="module")
 def digits_teachers(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cwd = tmp_path_factory.mktemp("views")
-    distillrun(cwd, "train-teachers", *TEACHERS, env=ONE_THREAD)
+    distillrun_here(cwd, "train-teachers", *TEACHERS, env=ONE_THREAD)
     (folder,) = runs(cwd, "train-teachers")
     return folder
 
 
 def distill(cwd: Path, teachers: Path, *args: str, check: int | None = 0, views=SHIFT):
     common = [f"teachers={teachers}", *STUDENT, *views]
-    return distillrun(cwd, "distill", *common, *args, env=ONE_THREAD, check=check)
+    return distillrun_here(cwd, "distill", *common, *args, env=ONE_THREAD, check=check)
 
 
 @pytest.mark.slow
@@ -359,7 +360,7 @@ def test_a_killed_cached_view_run_resumes_bit_identically(
 ) -> None:
     common = [f"teachers={digits_teachers}", *STUDENT, *SHIFT, "baseline=false"]
     common += ["train.checkpoint_every=0", "teacher_outputs.views_per_example=4"]
-    distillrun(tmp_path, "distill", *common, "hydra.run.dir=whole", env=ONE_THREAD)
+    distillrun_here(tmp_path, "distill", *common, "hydra.run.dir=whole", env=ONE_THREAD)
     proc = start(tmp_path, "distill", *common, "hydra.run.dir=killed")
     signal_when(proc, "killed/resume/student.pt", tmp_path, signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
@@ -406,6 +407,8 @@ def test_mixup_trains_with_online_teachers_and_bad_combinations_are_one_line(
         tmp_path, digits_teachers, "augment=mixup", "teacher_outputs=cached", check=None, views=[]
     )
     assert_one_line_error(cached_mixup, "augment=mixup", "teacher_outputs=online")
-    vectors = distillrun(tmp_path, "distill", "dataset=hierarchical", "augment=shift", check=None)
+    vectors = distillrun_here(
+        tmp_path, "distill", "dataset=hierarchical", "augment=shift", check=None
+    )
     assert_one_line_error(vectors, "dataset=hierarchical holds vectors", "augment=none")
     assert set(tmp_path.rglob("*")) == before  # refused before anything was written

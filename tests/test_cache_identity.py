@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ONE_THREAD, assert_one_line_error, distillrun, manifest
+from conftest import ONE_THREAD, assert_one_line_error, distillrun_here, manifest
 
 from distillrun.config import RESUME_ENV
 from distillrun.errors import UserError
@@ -28,7 +28,8 @@ STUDENT = ["distill", "debug=tiny", "baseline=false", "model.hidden=[16]"]
 
 
 def run(cwd: Path, *args: str, check: int | None = 0):
-    return distillrun(cwd, *args, env=ONE_THREAD, check=check)
+    """The command, in this process (no kill or signal here needs a process of its own)."""
+    return distillrun_here(cwd, *args, env=ONE_THREAD, check=check)
 
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:

@@ -5,16 +5,21 @@ one tiny epoch on synthetic CIFAR-100 files."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ONE_THREAD, assert_one_line_error, distillrun, manifest, runs, write_cifar100
+from conftest import (
+    ONE_THREAD,
+    assert_one_line_error,
+    distillrun_here,
+    manifest,
+    runs,
+    write_cifar100,
+)
 from omegaconf import OmegaConf
 
 from distillrun.core.models import build_model, checkpoint, count_parameters, load_model
@@ -213,7 +218,7 @@ def test_a_wrong_depth_or_width_is_refused_by_the_builder() -> None:
 def test_bad_model_and_schedule_values_are_one_line_exit_2_before_anything_is_written(
     tmp_path: Path, stage: str, args: list[str], fragments: list[str]
 ) -> None:
-    result = distillrun(tmp_path, stage, *args, check=None)
+    result = distillrun_here(tmp_path, stage, *args, check=None)
     assert_one_line_error(result, *fragments)
     assert not (tmp_path / "outputs").exists()
 
@@ -284,19 +289,9 @@ def test_the_presets_set_the_benchmark_recipe(teacher: str, student: str) -> Non
 
 # --- every preset end to end, on synthetic CIFAR-100 files ---------------------------------------
 
+
 # The command in a Python that accepts the synthetic files: torchvision checks CIFAR-100's md5
 # sums, so the test's own are put on its CIFAR100 class first.
-BOOT = (
-    "import json, os, sys\n"
-    "from torchvision.datasets import CIFAR100\n"
-    "for key, value in json.loads(os.environ['CIFAR100_FILES']).items():\n"
-    "    setattr(CIFAR100, key, value)\n"
-    "from distillrun.cli import main\n"
-    "sys.argv = ['distillrun', *sys.argv[1:]]\n"
-    "main()\n"
-)
-
-
 @pytest.fixture(scope="module")
 def cifar100(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """40 training and 20 test images of CIFAR-100's shape: (root, md5 lists as JSON)."""
@@ -308,17 +303,14 @@ def cifar100(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 
 def run(cwd: Path, cifar100: tuple[Path, str], *args: str) -> subprocess.CompletedProcess:
+    """The command in this process, with torchvision's CIFAR100 checking the fake files' md5."""
+    from torchvision.datasets import CIFAR100
+
     root, files = cifar100
-    result = subprocess.run(
-        [sys.executable, "-c", BOOT, *args, f"dataset.root={root}"],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HYDRA_FULL_ERROR": "0", "CIFAR100_FILES": files, **ONE_THREAD},
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in json.loads(files).items():
+            patch.setattr(CIFAR100, key, value)
+        return distillrun_here(cwd, *args, f"dataset.root={root}", env=ONE_THREAD)
 
 
 @pytest.mark.slow

@@ -1,4 +1,6 @@
-"""The installed `distillrun` command, run in a subprocess as a user would, on `digits`."""
+"""The `distillrun` command on `digits`: the dispatcher and the stages through it, in this
+process (conftest.distillrun_here) where a subprocess adds nothing, and the installed command in
+a subprocess for what only a process shows (the console script, a pipe, two runs at once)."""
 
 from __future__ import annotations
 
@@ -16,11 +18,12 @@ from conftest import (
     TINY_TEACHERS,
     assert_one_line_error,
     distillrun,
+    distillrun_here,
     manifest,
     runs,
 )
 
-pytestmark = pytest.mark.slow  # the installed command, in subprocesses
+pytestmark = pytest.mark.slow  # runs of the command (most in this process, some in subprocesses)
 
 # Still a few seconds, but enough steps for the student to learn what the teachers know.
 LEARNING_STUDENT = [
@@ -36,7 +39,7 @@ LEARNING_STUDENT = [
 def teachers(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny complete train-teachers run, shared by the distill tests (which copy nothing)."""
     cwd = tmp_path_factory.mktemp("teachers")
-    distillrun(cwd, "train-teachers", *TINY_TEACHERS)
+    distillrun_here(cwd, "train-teachers", *TINY_TEACHERS)
     (folder,) = runs(cwd, "train-teachers")
     return folder
 
@@ -80,23 +83,23 @@ def test_unknown_stage_suggests_the_closest(tmp_path: Path) -> None:
 
 
 def test_stage_help_and_cfg_show_config_groups_and_values(tmp_path: Path) -> None:
-    helped = distillrun(tmp_path, "distill", "--help").stdout
+    helped = distillrun_here(tmp_path, "distill", "--help").stdout
     assert "dataset: " in helped and "digits" in helped and "mnist1d" in helped
     assert "model: " in helped and "hinton_big" in helped
     assert "alpha weights the SOFT term" in helped and "distillrun distill -m" in helped
-    cfg = distillrun(tmp_path, "distill", "T=20", "alpha=0.5", "--cfg", "job").stdout
+    cfg = distillrun_here(tmp_path, "distill", "T=20", "alpha=0.5", "--cfg", "job").stdout
     assert "T: 20" in cfg and "alpha: 0.5" in cfg and "teachers: null" in cfg
     assert not (tmp_path / "outputs").exists()
 
 
 def test_shell_completion_offers_stages_then_the_stage_options(tmp_path: Path) -> None:
-    stages = distillrun(tmp_path, "-sc", "query=bash", env={"COMP_LINE": "distillrun dis"})
+    stages = distillrun_here(tmp_path, "-sc", "query=bash", env={"COMP_LINE": "distillrun dis"})
     assert stages.stdout.split() == ["distill"]
-    options = distillrun(
+    options = distillrun_here(
         tmp_path, "-sc", "query=bash", env={"COMP_LINE": "distillrun distill data"}
     )
     assert "dataset=" in options.stdout.split()
-    choices = distillrun(
+    choices = distillrun_here(
         tmp_path, "-sc", "query=bash", env={"COMP_LINE": "distillrun train-teachers model="}
     )
     assert {"model=cnn", "model=mlp", "model=resnet18"} <= set(choices.stdout.split())
@@ -144,7 +147,7 @@ def test_distill_consumes_the_newest_complete_teachers_run(teachers: Path) -> No
         json.dumps({"stage": "train-teachers", "status": "failed", "started": "9999"})
     )
     try:
-        result = distillrun(root, "distill", "T=2", "alpha=0.5", *TINY_STUDENT)
+        result = distillrun_here(root, "distill", "T=2", "alpha=0.5", *TINY_STUDENT)
     finally:
         (failed / "manifest.json").unlink()
         failed.rmdir()
@@ -180,7 +183,7 @@ def test_distill_consumes_the_newest_complete_teachers_run(teachers: Path) -> No
 
 
 def test_distill_sweep_writes_one_complete_run_per_job(teachers: Path, tmp_path: Path) -> None:
-    distillrun(
+    distillrun_here(
         tmp_path,
         "distill",
         "-m",
@@ -199,7 +202,7 @@ def test_distill_sweep_writes_one_complete_run_per_job(teachers: Path, tmp_path:
 
 def test_losses_and_ensembles_on_an_unlabeled_transfer_set(teachers: Path, tmp_path: Path) -> None:
     """Soft targets alone teach the student, and each loss and combination is really used."""
-    distillrun(
+    distillrun_here(
         tmp_path,
         "distill",
         "-m",
@@ -228,7 +231,7 @@ def test_losses_and_ensembles_on_an_unlabeled_transfer_set(teachers: Path, tmp_p
 
 
 def test_glob_sweeps_are_left_to_hydra(tmp_path: Path) -> None:
-    distillrun(
+    distillrun_here(
         tmp_path,
         "train-teachers",
         "-m",
@@ -242,7 +245,7 @@ def test_glob_sweeps_are_left_to_hydra(tmp_path: Path) -> None:
 
 
 def test_omitted_class_with_a_fitted_bias(teachers: Path, tmp_path: Path) -> None:
-    distillrun(
+    distillrun_here(
         tmp_path,
         "distill",
         f"teachers={teachers}",
@@ -315,7 +318,7 @@ def test_concurrent_runs_get_distinct_folders(tmp_path: Path) -> None:
 def test_bad_values_are_refused_before_any_run_folder(
     tmp_path: Path, args: list[str], fragments: list[str]
 ) -> None:
-    assert_one_line_error(distillrun(tmp_path, *args, check=None), *fragments)
+    assert_one_line_error(distillrun_here(tmp_path, *args, check=None), *fragments)
     assert not (tmp_path / "outputs").exists()
 
 
@@ -381,7 +384,7 @@ def no_cuda(tmp_path: Path, teachers: Path) -> tuple[list[str], list[str]]:
 def test_bad_teachers_and_data_are_one_line_errors(case, teachers: Path, tmp_path: Path) -> None:
     args, fragments = case(tmp_path, teachers)
     before = sorted(p.name for p in teachers.iterdir())
-    result = distillrun(tmp_path, "distill", *args, *TINY_STUDENT, check=None)
+    result = distillrun_here(tmp_path, "distill", *args, *TINY_STUDENT, check=None)
     assert_one_line_error(result, *fragments)
     assert sorted(p.name for p in teachers.iterdir()) == before  # the input is left alone
     (folder,) = runs(tmp_path, "distill")
@@ -415,12 +418,12 @@ def test_a_key_that_only_the_swept_presets_add_can_be_set(tmp_path: Path) -> Non
         f"++dataset.root={missing}",
         "seed=3",
     ]
-    result = distillrun(tmp_path, "train-teachers", *sweep, f"dataset.root={missing}", check=2)
+    result = distillrun_here(tmp_path, "train-teachers", *sweep, f"dataset.root={missing}", check=2)
     errors = result.stderr.strip().splitlines()
     assert len(errors) == 3, result.stderr  # each job reached its data, and the sweep's line
     assert all(f"MNIST not found under {missing}" in line for line in errors[:2])
     assert "2 of 2 jobs did not complete" in errors[2]
     # A misspelled key is still refused before anything is written, forced or not.
-    typo = distillrun(tmp_path, "train-teachers", *sweep, f"dataset.rot={missing}", check=None)
+    typo = distillrun_here(tmp_path, "train-teachers", *sweep, f"dataset.rot={missing}", check=None)
     assert_one_line_error(typo, "dataset.rot")
     assert len(list((tmp_path / "outputs" / "train-teachers" / "multirun").iterdir())) == 1

@@ -23,6 +23,7 @@ from conftest import (
     ONE_THREAD,
     assert_one_line_error,
     distillrun,
+    distillrun_here,
     manifest,
     metric_lines,
     without_timings,
@@ -85,7 +86,7 @@ def torchrun(cwd: Path, *args: str, wait: bool = True, processes: int = 2) -> su
 def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The same teachers run in one process and in two."""
     root = tmp_path_factory.mktemp("ddp")
-    distillrun(root, *TEACHERS, "hydra.run.dir=one", env=ONE_THREAD)
+    distillrun_here(root, *TEACHERS, "hydra.run.dir=one", env=ONE_THREAD)
     out = torchrun(root, *TEACHERS, "hydra.run.dir=two").stdout_text
     (root / "two.log").write_text(out)
     return root / "one", root / "two"
@@ -160,7 +161,7 @@ def test_three_processes_train_specialists_whose_last_batch_is_two(
     clusters hold 485 and 727 training examples, so each specialist's last batch has 2."""
     specialists = ["specialists", "dataset=digits", "debug=tiny", "specialists.k=2"]
     specialists += [f"generalist={pair[0]}", "train.batch_size=242", "threads=1"]
-    distillrun(tmp_path, *specialists, "hydra.run.dir=one", env=ONE_THREAD)
+    distillrun_here(tmp_path, *specialists, "hydra.run.dir=one", env=ONE_THREAD)
     torchrun(tmp_path, *specialists, "hydra.run.dir=three", processes=3)
     members = manifest(tmp_path / "one")["metrics"]["members"]
     assert [m["train_examples"] % 121 for m in members] == [1, 1]  # last batches of 2
@@ -178,7 +179,7 @@ def test_a_killed_two_process_run_resumes_to_the_same_numbers(tmp_path: Path) ->
     again when resumed), killed with SIGKILL; its teachers, found as the newest run, are process
     0's choice and stay its teachers on resume although a newer run appeared."""
     teachers = ["train-teachers", "debug=tiny", "teachers.n=1", "threads=1", "model.dropout=0"]
-    distillrun(
+    distillrun_here(
         tmp_path,
         *teachers,
         "model.input_dropout=0",
@@ -200,7 +201,7 @@ def test_a_killed_two_process_run_resumes_to_the_same_numbers(tmp_path: Path) ->
         os.kill(pid, signal.SIGKILL)
     proc.wait(timeout=60)
     # A newer teachers run appears: the resumed run must keep a, in both processes.
-    distillrun(
+    distillrun_here(
         tmp_path, *teachers, "seed=7", "hydra.run.dir=outputs/train-teachers/b", env=ONE_THREAD
     )
     torchrun(tmp_path, "distill", f"resume={tmp_path / 'killed'}")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ONE_THREAD, assert_one_line_error, distillrun, manifest, runs
+from conftest import ONE_THREAD, assert_one_line_error, distillrun_here, manifest, runs
 
 from distillrun.errors import UserError
 from distillrun.io.inputs import read_inputs
@@ -250,7 +250,9 @@ def test_header_takes_auto_true_or_false() -> None:
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cwd = tmp_path_factory.mktemp("hostile")
-    distillrun(cwd, "train-teachers", "debug=tiny", "teachers.n=1", "threads=1", env=ONE_THREAD)
+    distillrun_here(
+        cwd, "train-teachers", "debug=tiny", "teachers.n=1", "threads=1", env=ONE_THREAD
+    )
     (folder,) = runs(cwd, "train-teachers")
     return folder
 
@@ -270,7 +272,7 @@ def test_predict_refuses_in_one_line_and_writes_no_predictions(
         np.savez(tmp_path / name, x=np.zeros((0, 64)))
     else:
         (tmp_path / name).write_text(content)
-    result = distillrun(
+    result = distillrun_here(
         tmp_path, "predict", f"run={teachers}", "member=0", f"input={name}", check=None
     )
     assert_one_line_error(result, fragment)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error, distillrun, manifest, runs
+from conftest import assert_one_line_error, distillrun_here, manifest, runs
 
 from distillrun.core.data import load_dataset
 from distillrun.core.models import build_model, load_model
@@ -49,14 +49,14 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def teachers(workdir: Path) -> Path:
-    distillrun(workdir, "train-teachers", *TEACHERS)
+    distillrun_here(workdir, "train-teachers", *TEACHERS)
     (folder,) = runs(workdir, "train-teachers")
     return folder
 
 
 @pytest.fixture(scope="module")
 def exported(workdir: Path, teachers: Path) -> Path:
-    distillrun(workdir, "export", f"run={teachers}", "member=0", "latency_repeats=3")
+    distillrun_here(workdir, "export", f"run={teachers}", "member=0", "latency_repeats=3")
     (folder,) = runs(workdir, "export")
     return folder
 
@@ -74,7 +74,9 @@ def imported(workdir: Path, teachers: Path, exported: Path) -> Path:
     np.savez(workdir / "whole.npz", train=whole, test=split["test"])
     files = [exported / "model.safetensors", exported / "model.ts", exported / "model.onnx"]
     files += [workdir / "aligned.npz", workdir / "whole.npz"]
-    distillrun(workdir, "import-teachers", f"members=[{','.join(map(str, files))}]", "threads=1")
+    distillrun_here(
+        workdir, "import-teachers", f"members=[{','.join(map(str, files))}]", "threads=1"
+    )
     (folder,) = runs(workdir, "import-teachers")
     return folder
 
@@ -134,9 +136,9 @@ def test_distill_on_the_import_gives_the_same_student(
 ) -> None:
     """The import's five members have the original's logits, so their ensemble teaches the
     student what the original did (to rounding: their mean is not bit-identical)."""
-    distillrun(tmp_path, "distill", f"teachers={teachers}", *STUDENT)
+    distillrun_here(tmp_path, "distill", f"teachers={teachers}", *STUDENT)
     # No teachers=: the newest complete teachers run is the import (import-teachers counts).
-    distillrun(workdir, "distill", *STUDENT)
+    distillrun_here(workdir, "distill", *STUDENT)
     (original,) = runs(tmp_path, "distill")
     (from_import,) = runs(workdir, "distill")
     assert manifest(from_import)["inputs"]["teachers"] == str(imported.resolve())
@@ -163,7 +165,7 @@ def test_predict_on_png_images_with_onnx_and_with_pytorch(
         Image.fromarray(pixels).resize((size, size), Image.Resampling.NEAREST).save(
             images / f"{i:02d}.png"
         )
-    out = distillrun(tmp_path, "predict", f"run={exported}", f"input={images}", "top_k=2")
+    out = distillrun_here(tmp_path, "predict", f"run={exported}", f"input={images}", "top_k=2")
     assert "00.png" in out.stdout and "top 2" in out.stdout
     (folder,) = runs(tmp_path, "predict")
     assert manifest(folder)["metrics"]["runtime"] == "onnxruntime"
@@ -204,7 +206,7 @@ def test_a_format_that_disagrees_fails_the_export_with_the_figures(
 def test_specialists_and_evaluate_take_an_imported_generalist(
     imported: Path, tmp_path: Path
 ) -> None:
-    distillrun(
+    distillrun_here(
         tmp_path,
         "specialists",
         f"generalist={imported}",
@@ -213,7 +215,7 @@ def test_specialists_and_evaluate_take_an_imported_generalist(
         "dataset=digits",
         "debug=tiny",
     )
-    distillrun(tmp_path, "evaluate", "progress=false")
+    distillrun_here(tmp_path, "evaluate", "progress=false")
     (specialists,) = runs(tmp_path, "specialists")
     (evaluate,) = runs(tmp_path, "evaluate")
     assert manifest(specialists)["inputs"]["generalist"] == str(imported.resolve())
@@ -222,7 +224,7 @@ def test_specialists_and_evaluate_take_an_imported_generalist(
 
 @pytest.mark.slow
 def test_specialists_refuse_an_onnx_generalist_in_one_line(imported: Path, tmp_path: Path) -> None:
-    result = distillrun(
+    result = distillrun_here(
         tmp_path,
         "specialists",
         f"generalist={imported}",
@@ -243,7 +245,7 @@ def test_a_teacher_near_chance_is_refused_with_the_label_map_that_fixes_it(
     order = [3, 7, 0, 9, 1, 5, 2, 8, 4, 6]  # the member's output j is our class order[j]
     shuffled = {s: cache[s][0][:, order].numpy() for s in ("train", "val", "test")}
     np.savez(tmp_path / "shuffled.npz", **shuffled)
-    result = distillrun(tmp_path, "import-teachers", "members=[shuffled.npz]", check=None)
+    result = distillrun_here(tmp_path, "import-teachers", "members=[shuffled.npz]", check=None)
     assert_one_line_error(result, "near chance", "label_map=", "rows must follow the splits")
     assert f"label_map={order}".replace(" ", "") in result.stderr.replace(" ", "")
 
@@ -423,7 +425,7 @@ def test_bad_settings_are_refused_before_any_run_folder(tmp_path: Path) -> None:
         (["export"], "distillrun export run="),
         (["predict", "run=x"], "input=<folder of PNG/JPEG"),
     ):
-        result = distillrun(tmp_path, *args, check=None)
+        result = distillrun_here(tmp_path, *args, check=None)
         assert_one_line_error(result, fragment)
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.json"))
 

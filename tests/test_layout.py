@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import distillrun
+from conftest import distillrun_here
 
 from distillrun import choices
 from distillrun.core import models, train
@@ -223,8 +223,8 @@ def test_the_wheel_ships_every_config_group(built_wheel: Path) -> None:
 def test_the_docs_library_example_runs_as_written(tmp_path: Path) -> None:
     page = (ROOT / "docs/library.md").read_text()
     code = re.search(r"```python\n(.*?)```", page, re.S).group(1)
-    distillrun(tmp_path, "train-teachers", "debug=tiny")
-    distillrun(tmp_path, "distill", "debug=tiny")
+    distillrun_here(tmp_path, "train-teachers", "debug=tiny")
+    distillrun_here(tmp_path, "distill", "debug=tiny")
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ONE_THREAD, assert_one_line_error, distillrun, manifest, runs
+from conftest import ONE_THREAD, assert_one_line_error, distillrun_here, manifest, runs
 
 from distillrun.core.models import build_model
 from distillrun.core.train import TrainSettings, check_speed_settings, fit
@@ -78,12 +78,12 @@ def test_channels_last_trains_the_same_model_in_nhwc_memory() -> None:
 
 def test_precision_settings_that_cannot_run_are_one_line_errors(tmp_path: Path) -> None:
     tiny = ["debug=tiny", "teachers.n=1"]
-    fp16 = distillrun(
+    fp16 = distillrun_here(
         tmp_path, "train-teachers", *tiny, "train.precision=fp16", "device=cpu", check=None
     )
     assert_one_line_error(fp16, "train.precision=fp16", "CUDA", "bf16")
     assert not (tmp_path / "outputs" / "train-teachers").exists()  # refused before any folder
-    bad = distillrun(tmp_path, "distill", "train.precision=fp8", check=None)
+    bad = distillrun_here(tmp_path, "distill", "train.precision=fp8", check=None)
     assert_one_line_error(bad, "train.precision=fp8", "fp32, bf16 or fp16")
     # Known only once the device is (device=auto): refused before anything is trained.
     with pytest.raises(UserError, match="train.precision=fp16 .* not cpu"):
@@ -101,9 +101,9 @@ def test_precision_settings_that_cannot_run_are_one_line_errors(tmp_path: Path) 
         )
 
 
-@pytest.mark.slow  # the installed command
+@pytest.mark.slow  # a run of the command (in this process)
 def test_a_bf16_run_records_its_precision_and_completes(tmp_path: Path) -> None:
-    distillrun(
+    distillrun_here(
         tmp_path,
         "train-teachers",
         "debug=tiny",

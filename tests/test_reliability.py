@@ -22,6 +22,7 @@ from conftest import (
     ONE_THREAD,
     assert_one_line_error,
     distillrun,
+    distillrun_here,
     manifest,
     metric_lines,
     runs,
@@ -58,14 +59,20 @@ STUDENT = [
 
 
 def cli(cwd: Path, *args: str, check: int | None = 0):
+    """The installed command in a subprocess: for kills, signals and resumes after them."""
     return distillrun(cwd, *args, env=ONE_THREAD, check=check)
+
+
+def here(cwd: Path, *args: str, check: int | None = 0):
+    """The command in this process (conftest.distillrun_here), with one thread as `cli`."""
+    return distillrun_here(cwd, *args, env=ONE_THREAD, check=check)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted teachers run: the numbers a killed-and-resumed run must reach."""
     cwd = tmp_path_factory.mktemp("reference")
-    cli(cwd, "train-teachers", *TEACHERS)
+    here(cwd, "train-teachers", *TEACHERS)
     (folder,) = runs(cwd, "train-teachers")
     return folder
 
@@ -81,7 +88,7 @@ def distill_reference(reference: Path, tmp_path_factory: pytest.TempPathFactory)
     """An uninterrupted distill run (baseline, then student) on the reference teachers."""
     cwd = tmp_path_factory.mktemp("distill-reference")
     copy_run(reference, cwd)
-    cli(cwd, "distill", *STUDENT)
+    here(cwd, "distill", *STUDENT)
     (folder,) = runs(cwd, "distill")
     return folder
 
@@ -248,7 +255,7 @@ def test_ctrl_c_marks_the_run_interrupted_and_resume_keeps_its_teachers(
 
 @pytest.mark.slow
 def test_resume_refuses_what_it_cannot_continue(reference: Path, tmp_path: Path) -> None:
-    done = cli(tmp_path, "train-teachers", f"resume={reference}")
+    done = here(tmp_path, "train-teachers", f"resume={reference}")
     assert "already complete; nothing to resume" in done.stdout
 
     interrupted = copy_run(reference, tmp_path)
@@ -263,14 +270,14 @@ def test_resume_refuses_what_it_cannot_continue(reference: Path, tmp_path: Path)
         (["train-teachers", f"resume={tmp_path}"], ["not a run folder"]),
     ]
     for args, fragments in cases:
-        assert_one_line_error(cli(tmp_path, *args, check=None), *fragments)
+        assert_one_line_error(here(tmp_path, *args, check=None), *fragments)
     assert (interrupted / "manifest.json").read_text() == before  # left as it was
 
     # Same overrides, but the defaults changed since the run began: not the same run any more.
     m["config"]["train"]["eval_batch_size"] = 999
     (interrupted / "manifest.json").write_text(json.dumps({**m, "status": "interrupted"}))
     before = (interrupted / "manifest.json").read_text()
-    result = cli(tmp_path, "train-teachers", f"resume={interrupted}", check=None)
+    result = here(tmp_path, "train-teachers", f"resume={interrupted}", check=None)
     assert_one_line_error(result, "another config (train.eval_batch_size differ")
     assert (interrupted / "manifest.json").read_text() == before
 
@@ -358,7 +365,7 @@ def test_bad_teacher_caches_are_one_line_errors_and_run_nothing(
 ) -> None:
     teachers = copy_run(reference, tmp_path)
     fragment = damage(teachers / "logits.pt", tmp_path)
-    result = cli(tmp_path, "distill", *STUDENT, check=None)
+    result = here(tmp_path, "distill", *STUDENT, check=None)
     assert_one_line_error(result, str(teachers / "logits.pt"), fragment)
     assert not (tmp_path / "pwned").exists()
     (folder,) = runs(tmp_path, "distill")
@@ -375,7 +382,7 @@ def test_a_resumable_checkpoint_of_another_architecture_is_refused(
     x = torch.randn(40, 1, 8, 8)
     y = torch.randint(0, 10, (40,))
     fit_resumable(other, x, y, run / "resume" / "teacher_0.pt", epochs=12)
-    result = cli(tmp_path, "train-teachers", f"resume={run}", check=None)
+    result = here(tmp_path, "train-teachers", f"resume={run}", check=None)
     assert_one_line_error(
         result, "teacher 0: resumable checkpoint", "another architecture or class count"
     )
@@ -388,7 +395,7 @@ def test_a_resumable_checkpoint_of_another_architecture_is_refused(
 @pytest.mark.slow
 def test_a_nan_loss_stops_the_run_naming_the_epoch_and_the_fix(tmp_path: Path) -> None:
     args = ["optim=sgd", "optim.lr=1e30", "optim.momentum=0", *TEACHERS]
-    result = cli(tmp_path, "train-teachers", *args, check=None)
+    result = here(tmp_path, "train-teachers", *args, check=None)
     assert_one_line_error(result, "teacher 0", "became nan in epoch 1", "lower optim.lr")
     (folder,) = runs(tmp_path, "train-teachers")
     assert manifest(folder)["status"] == "failed"
@@ -399,7 +406,7 @@ def test_a_full_disk_is_one_line_and_resumable(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").symlink_to("/dev/full")  # every write there: no space left
-    result = cli(tmp_path, "train-teachers", *TEACHERS, f"hydra.run.dir={run}", check=None)
+    result = here(tmp_path, "train-teachers", *TEACHERS, f"hydra.run.dir={run}", check=None)
     assert_one_line_error(result, "no space left", "free some disk space", f"resume={run}")
     assert manifest(run)["status"] == "failed"
 
@@ -427,14 +434,16 @@ def test_a_full_disk_is_one_line_and_resumable(tmp_path: Path) -> None:
 def test_environment_and_config_trouble_is_one_line(
     tmp_path: Path, args: list[str], fragments: list[str]
 ) -> None:
-    assert_one_line_error(cli(tmp_path, "train-teachers", *args, *TEACHERS, check=None), *fragments)
+    assert_one_line_error(
+        here(tmp_path, "train-teachers", *args, *TEACHERS, check=None), *fragments
+    )
 
 
 @pytest.mark.slow
 def test_an_npz_of_random_bytes_is_not_unpickled(tmp_path: Path) -> None:
     (tmp_path / "bad.npz").write_bytes(os.urandom(500))
     args = ["dataset=npz", f"dataset.path={tmp_path / 'bad.npz'}", *TEACHERS]
-    result = cli(tmp_path, "train-teachers", *args, check=None)
+    result = here(tmp_path, "train-teachers", *args, check=None)
     assert_one_line_error(result, "not a readable .npz file", "was not loaded")
     assert "allow_pickle" not in result.stderr
 
@@ -446,7 +455,7 @@ def test_a_dataset_root_with_the_wrong_files_is_one_line(tmp_path: Path) -> None
     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
         (raw / name).write_bytes(os.urandom(256))
     args = ["dataset=mnist", f"dataset.root={tmp_path / 'data'}", *TEACHERS]
-    result = cli(tmp_path, "train-teachers", *args, check=None)
+    result = here(tmp_path, "train-teachers", *args, check=None)
     assert_one_line_error(result, "MNIST", "dataset.root=")
 
 
@@ -673,7 +682,7 @@ def test_a_diverging_run_completes_with_a_warning_and_the_flag(
     teachers = copy_run(reference, tmp_path)
     student = ["train.epochs=12", "train.batch_size=16", "model.hidden=[16]", "progress=false"]
     args = ["-m", "optim.lr=0.001,1e12", "baseline=false", f"teachers={teachers}", *student]
-    result = cli(tmp_path, "distill", *args)
+    result = here(tmp_path, "distill", *args)
     warnings = [line for line in result.stderr.splitlines() if "warning" in line]
     assert (
         warnings == [warnings[0]]

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import manifest, write_idx
+from conftest import manifest, tool_here, write_idx
 
 from distillrun.runs import artifacts
 from distillrun.tools.reproduce import GOALS, PAPER, markdown, plan, results
 
-pytestmark = pytest.mark.slow  # the installed command, in subprocesses
+pytestmark = (
+    pytest.mark.slow
+)  # the tool end to end: its steps in this process, errors in subprocesses
 
 FAST = ["train.epochs=1", "progress=false"]
 REQUIRED = [  # the keys the issue asks report.json for
@@ -72,7 +74,7 @@ def fake_mnist(root: Path) -> Path:
 def reproduction(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cwd = tmp_path_factory.mktemp("reproduce")
     fake_mnist(cwd / "mnist")
-    result = reproduce(cwd, "--data-root", "mnist", *FAST)
+    result = tool_here("reproduce", cwd, "--data-root", "mnist", *FAST)
     assert result.returncode == 0, result.stdout + result.stderr
     (root,) = (cwd / "outputs" / "reproduce").iterdir()
     assert f"{root / 'report.md'}" in result.stdout
@@ -231,7 +233,9 @@ def test_resume_keeps_finished_steps_and_runs_the_missing_ones(reproduction: Pat
     artifacts.remove_tree(reproduction / "T_sweep" / "1")
     artifacts.remove_tree(reproduction / "views")
     (reproduction / "views").mkdir()  # killed before Hydra wrote anything: started afresh
-    result = reproduce(cwd, "--data-root", "mnist", "--resume", str(reproduction), *FAST)
+    result = tool_here(
+        "reproduce", cwd, "--data-root", "mnist", "--resume", str(reproduction), *FAST
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert (reproduction / "teachers" / "manifest.json").stat().st_mtime_ns == teachers_manifest
     assert artifacts.is_complete(manifest(reproduction / "views"), "distill")

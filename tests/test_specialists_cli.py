@@ -1,13 +1,11 @@
-"""train-teachers, specialists, evaluate and distill through the CLI, on a tiny hierarchical."""
+"""train-teachers, specialists, evaluate and distill through the CLI, on a tiny hierarchical:
+in this process (conftest.distillrun_here), and in subprocesses for the kill and its resume."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,18 +14,20 @@ from conftest import (
     ONE_THREAD,
     assert_one_line_error,
     distillrun,
+    distillrun_here,
     manifest,
     metric_lines,
     runs,
     signal_when,
     start,
+    tool_here,
     without_timings,
 )
 
 from distillrun.runs import artifacts
 from distillrun.tools.reproduce_specialists import GOALS, grouped
 
-pytestmark = pytest.mark.slow  # the installed command, in subprocesses
+pytestmark = pytest.mark.slow  # runs of the command (most in this process, some in subprocesses)
 
 DATA = [
     "dataset=hierarchical",
@@ -46,9 +46,9 @@ SPECIALISTS = [*DATA, *QUIET, "specialists.k=4", "train.epochs=2"]
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One generalist, its specialists and their evaluation, in one working directory."""
     cwd = tmp_path_factory.mktemp("specialists")
-    distillrun(cwd, "train-teachers", *GENERALIST)
-    distillrun(cwd, "specialists", *SPECIALISTS)
-    distillrun(cwd, "evaluate", "progress=false")
+    distillrun_here(cwd, "train-teachers", *GENERALIST)
+    distillrun_here(cwd, "specialists", *SPECIALISTS)
+    distillrun_here(cwd, "evaluate", "progress=false")
     return cwd
 
 
@@ -99,7 +99,7 @@ def test_evaluate_reports_both_accuracies_and_the_coverage_table(pipeline: Path)
 
 def test_distill_takes_the_combination_as_its_teacher(pipeline: Path) -> None:
     (folder,) = runs(pipeline, "evaluate")
-    result = distillrun(
+    result = distillrun_here(
         pipeline,
         "distill",
         f"teachers={folder}",
@@ -122,7 +122,7 @@ def test_distill_takes_the_combination_as_its_teacher(pipeline: Path) -> None:
 
 def test_index_jobs_are_collected_from_their_sweep(pipeline: Path, tmp_path: Path) -> None:
     (generalist,) = runs(pipeline, "train-teachers")
-    distillrun(
+    distillrun_here(
         tmp_path,
         "specialists",
         "-m",
@@ -134,21 +134,21 @@ def test_index_jobs_are_collected_from_their_sweep(pipeline: Path, tmp_path: Pat
     (sweep,) = (tmp_path / "outputs/specialists/multirun").iterdir()
     one_job = sweep / "0"
     assert manifest(one_job)["specialists"]["trained"] == [0]
-    result = distillrun(tmp_path, "evaluate", f"specialists={one_job}", check=None)
+    result = distillrun_here(tmp_path, "evaluate", f"specialists={one_job}", check=None)
     assert_one_line_error(result, "holds specialist(s) [0] of 4", "multirun folder")
-    distillrun(tmp_path, "evaluate", f"specialists={sweep}", "progress=false")
+    distillrun_here(tmp_path, "evaluate", f"specialists={sweep}", "progress=false")
     # With no folder named, the newest job's sweep is found and collected the same way.
-    distillrun(tmp_path, "evaluate", "progress=false")
+    distillrun_here(tmp_path, "evaluate", "progress=false")
     done = [f for f in runs(tmp_path, "evaluate") if manifest(f)["status"] == "complete"]
     assert [manifest(f)["inputs"]["specialists"] for f in done] == [str(sweep.resolve())] * 2
 
 
 def test_bad_specialists_input_is_a_one_line_error(tmp_path: Path) -> None:
-    result = distillrun(tmp_path, "evaluate", "specialists=/no/such/run", check=None)
+    result = distillrun_here(tmp_path, "evaluate", "specialists=/no/such/run", check=None)
     assert_one_line_error(result, "/no/such/run does not exist")
-    result = distillrun(tmp_path, "specialists", *SPECIALISTS, check=None)
+    result = distillrun_here(tmp_path, "specialists", *SPECIALISTS, check=None)
     assert_one_line_error(result, "no complete train-teachers run")
-    result = distillrun(tmp_path, "specialists", "specialists.k=1", check=None)
+    result = distillrun_here(tmp_path, "specialists", "specialists.k=1", check=None)
     assert_one_line_error(result, "specialists.k=1")
 
 
@@ -158,7 +158,7 @@ def test_a_specialists_run_killed_mid_specialist_resumes_to_the_same_numbers(
     (generalist,) = runs(pipeline, "train-teachers")
     args = [*SPECIALISTS, f"generalist={generalist}", "train.epochs=4", "train.checkpoint_every=0"]
     whole = tmp_path / "whole"
-    distillrun(tmp_path, "specialists", *args, f"hydra.run.dir={whole}", env=ONE_THREAD)
+    distillrun_here(tmp_path, "specialists", *args, f"hydra.run.dir={whole}", env=ONE_THREAD)
 
     proc = start(tmp_path, "specialists", *args)
     # specialist 1's checkpoint appears after its first epoch: the kill lands inside it
@@ -204,21 +204,7 @@ def test_reproduce_specialists_resumes_from_the_pipeline_and_reports(pipeline: P
     (root / "evaluate").symlink_to(runs(pipeline, "evaluate")[0])
     state = {"overrides": AS_DATA, "command": "python -m distillrun.tools.reproduce_specialists"}
     artifacts.write_json(root / "reproduce.json", {**state, "seconds": {}})
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "distillrun.tools.reproduce_specialists",
-            "--resume",
-            str(root),
-            *AS_DATA,
-        ],
-        cwd=pipeline,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HYDRA_FULL_ERROR": "0", **ONE_THREAD},
-        timeout=300,
-    )
+    result = tool_here("reproduce_specialists", pipeline, "--resume", str(root), *AS_DATA)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("complete: kept") == 3
     back, control = manifest(root / "distill_back"), manifest(root / "distill_generalist")

@@ -12,14 +12,21 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DISTILLRUN, TINY_STUDENT, assert_one_line_error, distillrun, manifest
+from conftest import (
+    DISTILLRUN,
+    TINY_STUDENT,
+    assert_one_line_error,
+    distillrun,
+    distillrun_here,
+    manifest,
+)
 from omegaconf import OmegaConf
 
 from distillrun.cli import folders_to_override
 from distillrun.runs import artifacts, summary
 from distillrun.stages.common import job_threads
 
-pytestmark = pytest.mark.slow  # the installed command, in subprocesses
+pytestmark = pytest.mark.slow  # runs of the command (most in this process, some in subprocesses)
 
 TEACHER = ["teachers.n=1", "train.epochs=2", "model.hidden=[32]", "progress=false"]
 
@@ -38,7 +45,7 @@ def csv_rows(folder: Path) -> list[dict[str, str]]:
 def teacher_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`train-teachers -m seed=0,1`: two one-member runs, to be used as one ensemble."""
     cwd = tmp_path_factory.mktemp("sweeps")
-    distillrun(cwd, "train-teachers", "-m", "seed=0,1", *TEACHER)
+    distillrun_here(cwd, "train-teachers", "-m", "seed=0,1", *TEACHER)
     return sweep_folder(cwd, "train-teachers")
 
 
@@ -77,7 +84,7 @@ def test_a_distill_sweep_on_joblib_shares_one_cache_and_matches_the_sequential_s
     assert (parallel / "errors_vs_T.png").stat().st_size > 1000
     assert not (parallel / "heatmap.png").exists()  # only T varies
 
-    distillrun(cwd, *args, "threads=1")
+    distillrun_here(cwd, *args, "threads=1")
     sequential = sweep_folder(cwd, "distill")
     assert sequential != parallel
     for a, b in zip(jobs, artifacts.sweep_jobs(sequential), strict=True):
@@ -87,7 +94,7 @@ def test_a_distill_sweep_on_joblib_shares_one_cache_and_matches_the_sequential_s
 
 def test_distill_takes_the_newest_teachers_sweep_whole_by_default(teacher_sweep: Path) -> None:
     cwd = teacher_sweep.parents[3]
-    result = distillrun(cwd, "distill", *TINY_STUDENT, "baseline=false")
+    result = distillrun_here(cwd, "distill", *TINY_STUDENT, "baseline=false")
     assert f"distill: teachers {teacher_sweep.resolve()} (2 members" in result.stdout
     assert "teacher 1 (seed 1)" in result.stdout
 
@@ -95,12 +102,12 @@ def test_distill_takes_the_newest_teachers_sweep_whole_by_default(teacher_sweep:
 def test_teachers_as_a_list_of_runs(teacher_sweep: Path) -> None:
     cwd = teacher_sweep.parents[3]
     a, b = artifacts.sweep_jobs(teacher_sweep)
-    result = distillrun(cwd, "distill", f"teachers=[{a},{b}]", *TINY_STUDENT, "baseline=false")
+    result = distillrun_here(cwd, "distill", f"teachers=[{a},{b}]", *TINY_STUDENT, "baseline=false")
     assert "(2 members; stacked their logits into" in result.stdout
     (cache,) = (cwd / "outputs" / "teacher-cache").glob("*/teacher_logits.pt")
-    result = distillrun(cwd, "distill", f"teachers=[{a},{a}]", *TINY_STUDENT, check=None)
+    result = distillrun_here(cwd, "distill", f"teachers=[{a},{a}]", *TINY_STUDENT, check=None)
     assert_one_line_error(result, "the same run twice")
-    result = distillrun(cwd, "distill", f"teachers=[{a},{b}]", *TINY_STUDENT, "baseline=false")
+    result = distillrun_here(cwd, "distill", f"teachers=[{a},{b}]", *TINY_STUDENT, "baseline=false")
     assert f"logits from {cache}" in result.stdout
 
 
@@ -109,14 +116,14 @@ def test_an_unfinished_teachers_sweep_is_refused_as_an_ensemble(tmp_path: Path) 
     for job in ("0", "1"):
         (sweep / job / ".hydra").mkdir(parents=True)
     (sweep / "multirun.yaml").write_text("hydra: {}\n")
-    result = distillrun(tmp_path, "distill", f"teachers={sweep}", *TINY_STUDENT, check=None)
+    result = distillrun_here(tmp_path, "distill", f"teachers={sweep}", *TINY_STUDENT, check=None)
     assert_one_line_error(result, "2 of 2 jobs that are not complete")
 
 
 def test_a_failing_job_does_not_stop_the_sweep(teacher_sweep: Path) -> None:
     """Class 99 is out of range on digits, which only the job itself can tell."""
     cwd = teacher_sweep.parents[3]
-    result = distillrun(
+    result = distillrun_here(
         cwd, "distill", "-m", "transfer.omit_classes=[99],[3]", *TINY_STUDENT, check=None
     )
     assert result.returncode == 2, result.stdout + result.stderr
@@ -176,11 +183,11 @@ def test_submitit_local_runs_the_sweep_and_its_summary(teacher_sweep: Path) -> N
 
 def test_report_puts_two_sweeps_side_by_side(teacher_sweep: Path) -> None:
     cwd = teacher_sweep.parents[3]
-    distillrun(cwd, "distill", "-m", "T=1,2", "alpha=0.5,0.9", *TINY_STUDENT, "baseline=false")
+    distillrun_here(cwd, "distill", "-m", "T=1,2", "alpha=0.5,0.9", *TINY_STUDENT, "baseline=false")
     grid = sweep_folder(cwd, "distill")
     assert (grid / "heatmap.png").is_file() and (grid / "errors_vs_T.png").is_file()
 
-    result = distillrun(cwd, "report", str(teacher_sweep), str(grid), "title=side by side")
+    result = distillrun_here(cwd, "report", str(teacher_sweep), str(grid), "title=side by side")
     (folder,) = (cwd / "outputs" / "report").iterdir()
     assert manifest(folder)["status"] == "complete"
     text = (folder / "report.md").read_text()
@@ -192,9 +199,9 @@ def test_report_puts_two_sweeps_side_by_side(teacher_sweep: Path) -> None:
     assert len(csv_rows(folder)) == 6
     assert f"B: {grid}" in result.stdout
 
-    result = distillrun(cwd, "report", str(cwd / "nowhere"), check=None)
+    result = distillrun_here(cwd, "report", str(cwd / "nowhere"), check=None)
     assert_one_line_error(result, "nowhere does not exist")
-    result = distillrun(cwd, "report", check=None)
+    result = distillrun_here(cwd, "report", check=None)
     assert_one_line_error(result, "name the run or sweep folders")
 
 
@@ -259,15 +266,15 @@ def test_threads_per_job_share_the_cores() -> None:
 
 
 def test_a_misspelled_launcher_is_one_line(tmp_path: Path) -> None:
-    result = distillrun(tmp_path, "distill", "-m", "T=1,2", "hydra/launcher=joblb", check=None)
+    result = distillrun_here(tmp_path, "distill", "-m", "T=1,2", "hydra/launcher=joblb", check=None)
     assert_one_line_error(result, "joblb", "choose one of basic joblib submitit_local")
     assert not (tmp_path / "outputs" / "distill").exists()
 
 
 def test_presets_are_refused_on_the_other_stage(tmp_path: Path) -> None:
-    result = distillrun(tmp_path, "train-teachers", "+experiment=hinton_mnist", check=None)
+    result = distillrun_here(tmp_path, "train-teachers", "+experiment=hinton_mnist", check=None)
     assert_one_line_error(result, "preset for `distillrun distill`", "hinton_mnist_teachers")
-    result = distillrun(tmp_path, "distill", "+experiment=hinton_mnst", check=None)
+    result = distillrun_here(tmp_path, "distill", "+experiment=hinton_mnst", check=None)
     assert_one_line_error(result, "did you mean 'hinton_mnist'")
 
 

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from conftest import DISTILLRUN, assert_one_line_error, distillrun, manifest
+from conftest import DISTILLRUN, assert_one_line_error, distillrun, distillrun_here, manifest
 from omegaconf import OmegaConf
 
 from distillrun.config import RESUME_ENV
@@ -35,7 +35,7 @@ SEARCH += ["hydra.sweeper.n_startup_trials=2", "hydra.sweeper.n_warmup_steps=1"]
 def cwd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with one tiny complete train-teachers run."""
     cwd = tmp_path_factory.mktemp("tracking")
-    distillrun(cwd, "train-teachers", *TEACHER)
+    distillrun_here(cwd, "train-teachers", *TEACHER)
     return cwd
 
 
@@ -148,7 +148,7 @@ def test_bad_loggers_and_search_spaces_are_one_line_before_any_run_folder(tmp_pa
         ),
     ]
     for args, fragment in cases:
-        assert_one_line_error(distillrun(tmp_path, "distill", *args, check=None), fragment)
+        assert_one_line_error(distillrun_here(tmp_path, "distill", *args, check=None), fragment)
     assert not (tmp_path / "outputs").exists()  # no run folder, no sweep folder, no study
 
 
@@ -290,7 +290,7 @@ def test_a_search_prunes_resumes_after_a_kill_and_writes_best_yaml(cwd: Path) ->
     first = manifest(folder / "0")
     assert first["status"] == "complete" and manifest(folder / "1")["status"] == "running"
 
-    result = distillrun(
+    result = distillrun_here(
         cwd, "distill", *SEARCH, "train.epochs=12", *STUDENT, f"hydra.sweep.dir={folder}"
     )
     assert "continuing" in result.stdout and "1 to resume" in result.stdout
@@ -332,7 +332,7 @@ def test_a_search_prunes_resumes_after_a_kill_and_writes_best_yaml(cwd: Path) ->
     conf = cwd / "my-conf" / "experiment"
     conf.mkdir(parents=True, exist_ok=True)
     shutil.copy(folder / "best.yaml", conf / "best.yaml")
-    shown = distillrun(
+    shown = distillrun_here(
         cwd, "distill", "--config-dir", str(conf.parent), "+experiment=best", "--cfg", "job"
     ).stdout
     assert f"T: {searched['T']}" in shown
@@ -343,7 +343,7 @@ def test_a_search_prunes_resumes_after_a_kill_and_writes_best_yaml(cwd: Path) ->
     assert (folder / "errors_by_trial.png").stat().st_size > 1000
     assert not (folder / "heatmap.png").exists()
 
-    distillrun(cwd, "report", str(folder))
+    distillrun_here(cwd, "report", str(folder))
     (report,) = (cwd / "outputs" / "report").iterdir()
     text = (report / "report.md").read_text()
     assert "| pruned |" in text and "![errors_by_trial](errors_by_trial.png)" in text

@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from sklearn.model_selection import train_test_split
 
 from distillrun.errors import UserError
 
@@ -132,6 +131,9 @@ def _int(cfg: Any, key: str) -> int:
 
 def _split(y: np.ndarray, fraction: float, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
     """Sorted row indices (kept, held out) holding out `fraction`, stratified when possible."""
+    # sklearn.model_selection imports scipy and pandas (~2 s): only when a split is made.
+    from sklearn.model_selection import train_test_split
+
     rows = np.arange(len(y))
     if fraction == 0:
         return rows, rows[:0]
