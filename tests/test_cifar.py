@@ -51,7 +51,8 @@ def named(name: str) -> dict:
 
 
 def params(cfg: dict, classes: int = 100) -> int:
-    return count_parameters(build_model(cfg, (3, 32, 32), classes))
+    with torch.device("meta"):  # shapes only: no memory, no initialisation of 36M weights
+        return count_parameters(build_model(cfg, (3, 32, 32), classes))
 
 
 def resnet(depth: int, widths: list[int] | None = None) -> dict:
