@@ -5,6 +5,7 @@ resume, and runs recorded before the group existed."""
 from __future__ import annotations
 
 import inspect
+import json
 import re
 from pathlib import Path
 
@@ -12,6 +13,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import (
+    ONE_THREAD,
+    TINY_TEACHERS,
+    assert_one_line_error,
+    distillrun,
+    manifest,
+    metric_lines,
+    runs,
+)
 from omegaconf import OmegaConf
 
 from distillrun.config import group_choices
@@ -31,6 +41,7 @@ from distillrun.method.losses import (
 )
 from distillrun.method.teacher_outputs import CachedLogits, OnlineTeachers, view_cache
 from distillrun.runs import artifacts
+from distillrun.stages.common import TEST_KILL_ENV
 from distillrun.stages.distill import distill_loss_fn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,3 +250,130 @@ def test_cached_and_online_teachers_give_each_loss_the_same_targets(
     torch.manual_seed(0)
     fit(build_model(TINY_CNN, (1, 6, 6), 5), x, loss_fn, settings, x_val=x, y_val=y)
     assert len(gaps) == 8 and max(gaps) < 2e-3  # fp16 rounding of the cached logits
+
+
+# --- bad input, the sweep of methods, its summary -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["loss=dk"], ["unknown loss 'dk'", "did you mean 'dkd'", "kd, logit_mse, nkd"]),
+        (["loss=dkd", "loss.beta_n=-1"], ["loss.beta_n=-1", ">= 0", "default of loss=dkd: 8.0"]),
+        (["loss=dkd", "loss.warmup_epochs=2.5"], ["loss.warmup_epochs=2.5", "an integer >= 0"]),
+        (["loss=dist", "T=0"], ["T=0", "> 0"]),  # DIST's tau is T
+        (
+            ["loss=logit_mse", "loss.standardize=true"],
+            ["loss.standardize=true", "loss=logit_mse", "loss=dist, dkd, kd or nkd"],
+        ),
+        (["-m", "loss=kd,logit_mse", "loss.standardize=true"], ["loss=logit_mse"]),
+        (["loss=dist", "train.batch_size=1"], ["loss=dist", "train.batch_size=2 or more"]),
+    ],
+)
+def test_bad_loss_settings_are_one_line_before_any_run_folder(
+    tmp_path: Path, args: list[str], fragments: list[str]
+) -> None:
+    assert_one_line_error(distillrun(tmp_path, "distill", *args, check=None), *fragments)
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_the_sweep_of_methods_passes_the_checks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from distillrun.cli import precheck
+
+    monkeypatch.chdir(tmp_path)
+    args = ["-m", "loss=kd,dkd,dist,nkd", "loss.standardize=false,true", "seed=0,1,2"]
+    assert precheck("distill", args) == args  # each loss and setting composed and checked
+
+
+def test_the_seeds_table_groups_runs_by_loss_and_its_settings() -> None:
+    from distillrun.runs.summary import Row, over_seeds, seed_table
+
+    rows = [
+        Row("sweep", Path(str(i)), "distill", "complete", overrides, {"test_errors": errors}, 1.0)
+        for i, (overrides, errors) in enumerate(
+            ({"loss": loss, "loss.standardize": ls, "seed": str(seed)}, 10 * i + seed)
+            for i, (loss, ls) in enumerate([("kd", "false"), ("kd", "true"), ("dkd", "false")])
+            for seed in (0, 1, 2)
+        )
+    ]
+    columns, cells = seed_table(over_seeds(rows))
+    assert columns[:3] == ["overrides", "seeds", "test errors"]
+    assert cells == [
+        ["loss=kd loss.standardize=false", 3, "1 ± 1"],
+        ["loss=kd loss.standardize=true", 3, "11 ± 1"],
+        ["loss=dkd loss.standardize=false", 3, "21 ± 1"],
+    ]
+
+
+# --- end to end: cached against online students, kill and resume, runs from before ---------------
+
+STUDENT = ["train.epochs=4", "model.hidden=[16]", "progress=false", "baseline=false"]
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cwd = tmp_path_factory.mktemp("loss-teachers")
+    distillrun(cwd, "train-teachers", *TINY_TEACHERS, env=ONE_THREAD)
+    (folder,) = runs(cwd, "train-teachers")
+    return folder
+
+
+@pytest.mark.slow
+def test_cached_and_online_students_agree_for_every_loss(teachers: Path, tmp_path: Path) -> None:
+    distillrun(
+        tmp_path,
+        "distill",
+        "-m",
+        "loss=dkd,dist,nkd",
+        "loss.standardize=false,true",
+        "teacher_outputs=cached,online",
+        "augment=shift",
+        "augment.pixels=1",
+        f"teachers={teachers}",
+        *STUDENT,
+        env=ONE_THREAD,
+    )
+    (sweep,) = (tmp_path / "outputs/distill/multirun").iterdir()
+    jobs = [manifest(p) for p in sorted(sweep.iterdir(), key=lambda p: p.name) if p.name.isdigit()]
+    by_setting: dict[tuple, dict[str, int]] = {}
+    for m in jobs:
+        o = dict(item.split("=", 1) for item in m["overrides"])
+        setting = (o["loss"], o["loss.standardize"])
+        by_setting.setdefault(setting, {})[o["teacher_outputs"]] = m["metrics"]["test_errors"]
+    assert len(jobs) == 12 and len(by_setting) == 6
+    for setting, errors in by_setting.items():
+        assert abs(errors["cached"] - errors["online"]) <= 1, (setting, errors)
+
+
+@pytest.mark.slow
+def test_a_run_from_before_the_group_resumes_exactly_and_reports(
+    teachers: Path, tmp_path: Path
+) -> None:
+    """Runs recorded `loss: kd` before loss= was a group; killed, such a run resumes to the
+    numbers of an uninterrupted one (the epoch-dependent DKD: the in-process test above)."""
+    args = [f"teachers={teachers}", *STUDENT, "train.checkpoint_every=0"]
+    distillrun(tmp_path, "distill", *args, "hydra.run.dir=whole", env=ONE_THREAD)
+    old = tmp_path / "old"
+    kill = {**ONE_THREAD, TEST_KILL_ENV: "student:2"}
+    distillrun(tmp_path, "distill", *args, f"hydra.run.dir={old}", env=kill, check=-9)
+    record = manifest(old)
+    assert record["config"]["loss"] == {"name": "kd", "standardize": False}
+    record["config"]["loss"] = "kd"  # as written before
+    (old / "manifest.json").write_text(json.dumps(record))
+    hydra_config = old / ".hydra" / "config.yaml"
+    text = hydra_config.read_text()
+    assert "loss:\n  name: kd\n  standardize: false\n" in text
+    hydra_config.write_text(text.replace("loss:\n  name: kd\n  standardize: false\n", "loss: kd\n"))
+
+    distillrun(tmp_path, "distill", f"resume={old}", env=ONE_THREAD)
+    assert manifest(old)["status"] == "complete"
+    assert metric_lines(old) == metric_lines(tmp_path / "whole")
+    assert (old / "student.pt").read_bytes() == (tmp_path / "whole" / "student.pt").read_bytes()
+    distillrun(tmp_path, "report", str(old), env=ONE_THREAD)
+    (written,) = (tmp_path / "outputs" / "report").glob("*/report.md")
+    errors = manifest(old)["metrics"]["test_errors"]
+    assert (
+        f"| old | - | {manifest(old)['metrics']['val_errors']} | {errors} |" in written.read_text()
+    )
