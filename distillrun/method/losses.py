@@ -1,5 +1,6 @@
 """The distillation objective of Hinton, Vinyals and Dean (2015), logit matching, and the
-later logit losses DKD, DIST and NKD with logit standardisation (each function names its paper).
+later logit losses DKD, DIST and NKD with logit standardisation (each function names its paper);
+at the end, LOSSES: the term of each `loss=` (conf/loss/<name>.yaml) as `distill` calls it.
 
 `alpha` weights the soft term, as in the paper:
     loss = alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE(y, q_1)

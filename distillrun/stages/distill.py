@@ -2,6 +2,8 @@
 
     loss = alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE(y, q_1)      (alpha weights soft)
 
+(`loss=dkd`, `dist`, `nkd`, `logit_mse`: another term in place of T^2 * KL, method/losses.py.)
+
 The teachers' logits on the transfer set come from the teachers' cache
 (runs/teacher_runs.py), looked up by example index, or with `augment=` from a view cache of every
 (example, view) or from the member checkpoints run on each batch (method/teacher_outputs.py). The
