@@ -284,7 +284,7 @@ def test_the_sweep_of_methods_passes_the_checks(
 
     monkeypatch.chdir(tmp_path)
     args = ["-m", "loss=kd,dkd,dist,nkd", "loss.standardize=false,true", "seed=0,1,2"]
-    assert precheck("distill", args) == args  # each loss and setting composed and checked
+    assert precheck("distill", args) == args  # each value of each sweep composed and checked
 
 
 def test_the_seeds_table_groups_runs_by_loss_and_its_settings() -> None:
