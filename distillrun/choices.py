@@ -1,8 +1,10 @@
 """The allowed values of every named option, defined once and torch-free.
 
 The config checks (config.py) refuse anything else before a run starts, and the code that acts
-on a value (losses, ensemble, train, models, specialists, inference) keys its table of
-functions by these names; tests/test_layout.py checks that each table has exactly these keys.
+on a value (ensemble, train, models, specialists, inference) keys its table of functions by
+these names; tests/test_layout.py checks that each table has exactly these keys. Models,
+augmentations and losses are named by their config files instead (`shipped_names`; the losses:
+conf/loss/, checked by tests/test_loss_group.py).
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ def shipped_names(group: str) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
-LOSSES = ("kd", "logit_mse")  # losses.LOSSES
+# loss=: the names are those of conf/loss/<name>.yaml (config.group_choices, losses.LOSSES).
+# What config.py must know of some losses before a run starts:
+LOSSES_WITHOUT_STANDARDIZATION = ("logit_mse",)  # no softmax: loss.standardize is not defined
+LOSSES_OVER_THE_BATCH = ("dist",)  # a statistic across the batch's examples: batches of 2+
 ENSEMBLES = ("arithmetic", "geometric")  # ensemble.combine
 OPTIMIZERS = ("adam", "sgd")  # train.OPTIMIZERS
 SCHEDULES = ("cosine", "step", "constant", "multistep")  # train.SCHEDULES

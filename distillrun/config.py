@@ -32,6 +32,7 @@ GROUPS = (
     "logger",
     "augment",
     "teacher_outputs",
+    "loss",
 )
 VECTOR_DATASETS = ("hierarchical", "mnist1d")  # vectors whatever their settings
 # Augmentations with no finite set of views (their `count` is None): nothing to cache.
@@ -46,6 +47,13 @@ def group_choices(group: str) -> list[str]:
     if not folder.is_dir():
         return []
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def yaml_file(group: str, name: str) -> dict[str, Any]:
+    """The keys of conf/<group>/<name>.yaml as written there (read without Hydra)."""
+    import yaml
+
+    return yaml.safe_load((resources.files("distillrun.conf") / group / f"{name}.yaml").read_text())
 
 
 def did_you_mean(word: str, choices: list[str]) -> str:
@@ -522,7 +530,7 @@ def _distill(cfg: DictConfig, p: _Problems) -> None:
         cfg.ensemble in choices.ENSEMBLES,
         f"ensemble={cfg.ensemble}: use {one_of(choices.ENSEMBLES)}",
     )
-    p.need(cfg.loss in choices.LOSSES, f"loss={cfg.loss}: use {one_of(choices.LOSSES)}")
+    _loss(cfg, p)
     p.need(isinstance(cfg.baseline, bool), f"baseline={cfg.baseline}: use true or false")
     t = cfg.transfer
     p.need(
@@ -540,6 +548,39 @@ def _distill(cfg: DictConfig, p: _Problems) -> None:
     if t.fit_omit_bias and cfg.dataset.val_fraction == 0:
         p.append(
             "transfer.fit_omit_bias=true needs a validation split: set dataset.val_fraction > 0"
+        )
+
+
+def _loss(cfg: DictConfig, p: _Problems) -> None:
+    """The `loss` node (conf/loss/<name>.yaml): its hyperparameters are weights >= 0 (integers
+    where the file's default is one), and what it needs of the rest of the config."""
+    loss, names = cfg.loss, group_choices("loss")
+    if loss.name not in names:
+        p.append(f"loss.name={loss.name}: use loss=<name>, one of {one_of(tuple(names))}")
+        return
+    p.need(
+        isinstance(loss.standardize, bool),
+        f"loss.standardize={loss.standardize}: use true or false",
+    )
+    if loss.standardize is True and loss.name in choices.LOSSES_WITHOUT_STANDARDIZATION:
+        others = tuple(n for n in names if n not in choices.LOSSES_WITHOUT_STANDARDIZATION)
+        p.append(
+            f"loss.standardize=true is not defined for loss={loss.name} (it standardises the "
+            f"logits a softmax reads): use loss.standardize=false, or loss={one_of(others)}"
+        )
+    for key, default in yaml_file("loss", loss.name).items():
+        if key in ("name", "standardize"):
+            continue
+        v, kind = loss.get(key), "an integer" if _is_int(default) else "a finite number"
+        ok = (_is_int(v) and v >= 0) if _is_int(default) else _in(v, 0, math.inf)
+        p.need(
+            ok, f"loss.{key}={v} must be {kind} >= 0 (the default of loss={loss.name}: {default})"
+        )
+    size = cfg.train.batch_size
+    if loss.name in choices.LOSSES_OVER_THE_BATCH and _is_int(size) and size < 2:
+        p.append(
+            f"loss={loss.name} correlates the examples of a batch, and train.batch_size={size} "
+            "holds one: set train.batch_size=2 or more"
         )
 
 

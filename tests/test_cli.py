@@ -293,7 +293,7 @@ def test_concurrent_runs_get_distinct_folders(tmp_path: Path) -> None:
         (["distill", "transfer.fraction=0"], ["transfer.fraction=0", "(0, 1]"]),
         (["distill", "transfer.omit_classes=3"], ["omit_classes", "[3]"]),
         (["distill", "ensemble=harmonic"], ["ensemble=harmonic", "arithmetic or geometric"]),
-        (["distill", "loss=l2"], ["loss=l2", "kd or logit_mse"]),
+        (["distill", "loss=l2"], ["unknown loss 'l2'", "dist, dkd, kd, logit_mse, nkd"]),
         (["train-teachers", "teachers.n=0"], ["teachers.n=0", ">= 1"]),
         (["train-teachers", "train.epochs=0"], ["train.epochs=0", ">= 1"]),
         (["train-teachers", "optim.lr=-1"], ["optim.lr=-1", "> 0"]),

@@ -134,7 +134,12 @@ def test_paper_presets_are_the_papers_nets() -> None:
 def test_distill_defaults_follow_the_papers_alpha_convention() -> None:
     cfg = composed("distill")
     assert cfg.teachers is None and cfg.T > 0 and 0 <= cfg.alpha <= 1
-    assert cfg.loss == "kd" and cfg.ensemble == "arithmetic" and cfg.baseline is True
+    assert (
+        cfg.loss.name == "kd"
+        and not cfg.loss.standardize
+        and cfg.ensemble == "arithmetic"
+        and cfg.baseline is True
+    )
 
 
 def test_npz_needs_a_path() -> None:

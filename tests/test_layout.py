@@ -19,7 +19,7 @@ from conftest import distillrun_here
 from distillrun import choices
 from distillrun.core import models, train
 from distillrun.errors import UserError
-from distillrun.method import augment, losses
+from distillrun.method import augment
 from distillrun.method.ensemble import combine
 from distillrun.stages import STAGES, config_name, module_name
 
@@ -56,7 +56,6 @@ def test_importing_distillrun_does_not_import_torch() -> None:
 
 
 def test_each_table_of_functions_has_exactly_the_allowed_names() -> None:
-    assert tuple(losses.LOSSES) == choices.LOSSES
     assert tuple(train.OPTIMIZERS) == choices.OPTIMIZERS
     assert tuple(train.SCHEDULES) == choices.SCHEDULES
     assert tuple(train.AUTOCAST) == choices.PRECISIONS
@@ -84,7 +83,6 @@ def test_the_continuous_augmentations_are_those_without_a_count() -> None:
 @pytest.mark.parametrize(
     ("key", "names"),
     [
-        ("loss", choices.LOSSES),
         ("ensemble", choices.ENSEMBLES),
         ("optim.name", choices.OPTIMIZERS),
         ("optim.schedule", choices.SCHEDULES),

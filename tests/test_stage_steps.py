@@ -135,7 +135,9 @@ def test_distill_loss_takes_the_teacher_outputs_of_the_batch_examples() -> None:
     idx = torch.tensor([4, 1, 3])
     out = teacher_logits[0, idx].clone()  # a student that matches its teacher exactly
     y = torch.tensor([0, 1, 2, 3, 0, 1])
-    cfg = OmegaConf.create({"loss": "kd", "T": 2.0, "ensemble": "arithmetic"})
+    cfg = OmegaConf.create(
+        {"loss": {"name": "kd", "standardize": False}, "T": 2.0, "ensemble": "arithmetic"}
+    )
     teacher = CachedLogits({"logits": teacher_logits}, 4)
     batch = Batch(idx, torch.zeros(3, 1))
     soft_only = distill.distill_loss_fn(cfg, teacher, None, 4, alpha=0.5)

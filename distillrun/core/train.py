@@ -2,9 +2,9 @@
 
 Data lives on the device as tensors; a batch is an index slice of a random permutation, never a
 per-sample DataLoader. The loss is a function of (logits, batch), where the batch (augment.Batch)
-holds the examples' indices, the augmented inputs and the views drawn: so the same loop trains
-teachers on labels and students on teacher outputs looked up by example and view, or computed
-on the batch's inputs.
+holds the examples' indices, the augmented inputs, the views drawn and the epoch: so the same
+loop trains teachers on labels and students on teacher outputs looked up by example and view,
+or computed on the batch's inputs.
 
 With a `state_path`, `fit` writes a resumable checkpoint (model, optimiser, scheduler,
 best-so-far state, history and every random-number state) at the end of an epoch, at most every
@@ -23,7 +23,7 @@ import signal
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -489,7 +489,7 @@ class _Epochs:
         epoch_batches = self.epoch_batches(epoch)
         lr = self.step.opt.param_groups[0]["lr"]
         train_loss = _train_epoch(
-            self.x, self.step, s, epoch_batches, self.generator, progress, self.on_batch
+            self.x, self.step, s, epoch, epoch_batches, self.generator, progress, self.on_batch
         )
         self.sched.step()
         if not math.isfinite(train_loss):
@@ -636,6 +636,7 @@ def _train_epoch(
     x: torch.Tensor,
     step: _Step,
     s: TrainSettings,
+    epoch: int,
     epoch_batches: Iterable[torch.Tensor],
     generator: torch.Generator,
     progress: _Progress,
@@ -647,7 +648,7 @@ def _train_epoch(
     total = torch.zeros(2, device=x.device)  # summed loss and examples: no sync per batch
     for idx in epoch_batches:
         batch = Batch(idx, x[idx]) if s.augment is None else s.augment.batch(x, idx, generator)
-        loss_sum, n = step(batch)
+        loss_sum, n = step(replace(batch, epoch=epoch))
         counted = torch.stack([loss_sum, loss_sum.new_tensor(float(n))])
         if math.isnan(progress.initial_loss):  # the first batch's loss, once per run
             first = distributed.all_sum(counted.clone())

@@ -27,6 +27,7 @@ from distillrun.core.data import Data, load_dataset
 from distillrun.core.models import build_model, count_parameters, load_model
 from distillrun.errors import UserError
 from distillrun.io.imported import EXPORT_CONFIG, load_torchscript, need_onnx, onnx_session
+from distillrun.method.losses import describe
 from distillrun.runs import artifacts
 from distillrun.runs.teacher_runs import check_data
 from distillrun.stages import STAGES
@@ -344,7 +345,8 @@ def _card_facts(exp: Exportable, metrics: dict[str, Any]) -> list[tuple[str, str
             ),
             (
                 "T, alpha",
-                f"{_fmt(cfg.get('T'))}, {_fmt(cfg.get('alpha'))} (loss {cfg.get('loss')})",
+                f"{_fmt(cfg.get('T'))}, {_fmt(cfg.get('alpha'))} "
+                f"(loss {describe(cfg.get('loss', 'kd'))})",
             ),
             ("hard-label student (same net)", f"{_fmt(t.get('baseline_test_errors'))} test errors"),
         ]

@@ -20,7 +20,7 @@ images as they come (teacher_outputs=online).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -42,6 +42,7 @@ class Batch:
     view: torch.Tensor | None = None  # finite augmentations: each example's view (see Views)
     partner: torch.Tensor | None = None  # mixup: the example each example was mixed with
     weight: float = 1.0  # mixup: the weight of each example itself
+    epoch: int = 0  # the epoch it trains in, from 1 (set by the training loop; DKD's warm-up)
 
     def labels(self, y: torch.Tensor, num_classes: int) -> torch.Tensor:
         """The batch's hard targets: class ids, or under mixup the mixed one-hot
@@ -55,7 +56,7 @@ class Batch:
         """The examples of `share`: a data-parallel process's part of the batch."""
         view = None if self.view is None else self.view[share]
         partner = None if self.partner is None else self.partner[share]
-        return Batch(self.idx[share], self.x[share], view, partner, self.weight)
+        return replace(self, idx=self.idx[share], x=self.x[share], view=view, partner=partner)
 
 
 @dataclass(frozen=True)

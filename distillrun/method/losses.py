@@ -1,5 +1,6 @@
 """The distillation objective of Hinton, Vinyals and Dean (2015), logit matching, and the
-later logit losses DKD, DIST and NKD with logit standardisation (each function names its paper).
+later logit losses DKD, DIST and NKD with logit standardisation (each function names its paper);
+at the end, LOSSES: the term of each `loss=` (conf/loss/<name>.yaml) as `distill` calls it.
 
 `alpha` weights the soft term, as in the paper:
     loss = alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE(y, q_1)
@@ -10,11 +11,14 @@ agree: d loss / d z_i = alpha * T * (q_T,i - p_T,i) + (1 - alpha) * (q_1,i - y_i
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from distillrun.method.ensemble import combine
 
 
 def soft_loss(
@@ -285,16 +289,115 @@ def nkd_loss(
     return (target + gamma * T * T * non_target).mean()
 
 
-class Loss(NamedTuple):
-    """A distillation loss `fn(student_logits, targets, labels, T, alpha)` and the temperature
-    of the teacher targets it takes: the ensemble's log-probabilities at T, or at 1."""
+# --- the distillation terms of `loss=` -----------------------------------------------------------
+# `distill` trains on  alpha * term + (1 - alpha) * CE(y, q_1)  for every loss (alpha weights the
+# term, as in Hinton et al.). A term is a function of
+#   z [B, C]        the student's logits on the batch (standardised with loss.standardize=true),
+#   teacher         the teacher ensemble on the same examples and views (`Teacher`),
+#   target [B]      each example's class: its label, or without labels the teacher's top class,
+#   T, epoch        the temperature and the epoch in training, from 1,
+# and, keyword-only, the hyperparameters of conf/loss/<name>.yaml (same names, no defaults here:
+# the YAML holds them). It returns the mean over the batch. Adding a loss: its term here and in
+# LOSSES, conf/loss/<name>.yaml, and its reference test (tests/test_loss_group.py checks the pair).
 
-    fn: Callable[..., torch.Tensor]
-    targets_at_T: bool
+
+@dataclass(frozen=True)
+class Teacher:
+    """The teacher ensemble on a batch, as a loss reads it: the members' logits [M, B, C] (each
+    standardised with loss.standardize=true) and how they are combined (`ensemble=`)."""
+
+    member_logits: torch.Tensor
+    ensemble: str
+
+    def log_probs(self, T: float) -> torch.Tensor:
+        """The ensemble's log-probabilities [B, C] at temperature T (`ensemble.combine`)."""
+        return combine(self.member_logits, self.ensemble, T)
 
 
-# loss= -> the loss (the names are choices.LOSSES)
-LOSSES: dict[str, Loss] = {
-    "kd": Loss(distillation_loss, targets_at_T=True),
-    "logit_mse": Loss(logit_matching_loss, targets_at_T=False),
+def kd_term(
+    z: torch.Tensor, teacher: Teacher, target: torch.Tensor, T: float, epoch: int
+) -> torch.Tensor:
+    """Hinton et al.: T^2 * KL(p_T || q_T) against the ensemble's distribution at T."""
+    return soft_loss(z, teacher.log_probs(T), T)
+
+
+def logit_mse_term(
+    z: torch.Tensor, teacher: Teacher, target: torch.Tensor, T: float, epoch: int
+) -> torch.Tensor:
+    """Logit matching against the ensemble's log-probabilities at 1 (any logits of its
+    distribution do: zero-meaning removes the per-example shift). T is not used."""
+    return logit_mse(z, teacher.log_probs(1.0))
+
+
+def dkd_term(
+    z: torch.Tensor,
+    teacher: Teacher,
+    target: torch.Tensor,
+    T: float,
+    epoch: int,
+    *,
+    alpha_t: float,
+    beta_n: float,
+    warmup_epochs: int,
+) -> torch.Tensor:
+    """DKD (`dkd_loss`) weighted by its linear warm-up, `warmup_weight(epoch, warmup_epochs)`."""
+    weight = warmup_weight(epoch, warmup_epochs)
+    return weight * dkd_loss(z, teacher.log_probs(T), target, T, alpha_t, beta_n)
+
+
+def dist_term(
+    z: torch.Tensor,
+    teacher: Teacher,
+    target: torch.Tensor,
+    T: float,
+    epoch: int,
+    *,
+    beta: float,
+    gamma: float,
+) -> torch.Tensor:
+    """DIST (`dist_loss`), its intra-class relation over the rows of this batch."""
+    return dist_loss(z, teacher.log_probs(T), T, beta, gamma)
+
+
+def nkd_term(
+    z: torch.Tensor,
+    teacher: Teacher,
+    target: torch.Tensor,
+    T: float,
+    epoch: int,
+    *,
+    gamma: float,
+) -> torch.Tensor:
+    """NKD (`nkd_loss`): the target term against the ensemble at 1, the non-target one at T."""
+    return nkd_loss(z, teacher.log_probs(1.0), teacher.log_probs(T), target, T, gamma)
+
+
+# loss= -> its term; the names are those of conf/loss/<name>.yaml
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "kd": kd_term,
+    "logit_mse": logit_mse_term,
+    "dkd": dkd_term,
+    "dist": dist_term,
+    "nkd": nkd_term,
 }
+# The keys of conf/loss/<name>.yaml that are not hyperparameters of the term.
+SETTINGS = ("name", "standardize")
+
+
+def hyperparameters(loss: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of the loss's term: its config (`cfg.loss`) less SETTINGS."""
+    return {k: v for k, v in loss.items() if k not in SETTINGS}
+
+
+def describe(loss: Mapping[str, Any] | str) -> str:
+    """`dkd (alpha_t=1 beta_n=8 warmup_epochs=20)`: the loss and its settings, for the console
+    and reports. Runs made before `loss=` was a config group recorded its name alone."""
+    if isinstance(loss, str):
+        return loss
+    settings = hyperparameters(loss)
+    if loss.get("standardize"):
+        settings = {"standardize": True, **settings}
+    shown = " ".join(
+        f"{k}={str(v).lower() if isinstance(v, bool) else f'{v:g}'}" for k, v in settings.items()
+    )
+    return f"{loss['name']} ({shown})" if shown else str(loss["name"])

@@ -272,8 +272,9 @@ def _continue_record(run: Run, record: dict[str, Any], config: dict[str, Any]) -
         previous = artifacts.read_manifest(run.dir) or {}
     except UserError:
         previous = {}
-    if previous.get("config") not in (None, config):
-        changed = _changed_keys(previous["config"], config)
+    before = _loss_as_group(previous.get("config"))
+    if before not in (None, config):
+        changed = _changed_keys(before, config)
         raise UserError(
             f"{run.dir} was run with another config ({', '.join(changed[:5])} differ: the "
             "defaults changed since?); it cannot be resumed exactly: start a new run"
@@ -284,6 +285,14 @@ def _continue_record(run: Run, record: dict[str, Any], config: dict[str, Any]) -
     run.inputs.update(previous.get("inputs", {}))
     if previous.get("input_runs"):
         run.info["input_runs"] = previous["input_runs"]
+
+
+def _loss_as_group(config: Any) -> Any:
+    """A config recorded before `loss=` was a config group (`loss: kd`) as it reads today:
+    `{name: kd, standardize: false}` trains the same, so such a run resumes."""
+    if isinstance(config, dict) and isinstance(config.get("loss"), str):
+        return {**config, "loss": {"name": config["loss"], "standardize": False}}
+    return config
 
 
 def refuse_complete_run(run_dir: Path) -> None:

@@ -2,6 +2,8 @@
 
     loss = alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE(y, q_1)      (alpha weights soft)
 
+(`loss=dkd`, `dist`, `nkd`, `logit_mse`: another term in place of T^2 * KL, method/losses.py.)
+
 The teachers' logits on the transfer set come from the teachers' cache
 (runs/teacher_runs.py), looked up by example index, or with `augment=` from a view cache of every
 (example, view) or from the member checkpoints run on each batch (method/teacher_outputs.py). The
@@ -21,6 +23,7 @@ from typing import Any
 
 import hydra
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from distillrun.console import results_table, say
@@ -37,7 +40,7 @@ from distillrun.errors import UserError
 from distillrun.method import augment
 from distillrun.method.augment import Augmentation, Batch
 from distillrun.method.ensemble import combine
-from distillrun.method.losses import LOSSES, Loss
+from distillrun.method.losses import LOSSES, Teacher, describe, hyperparameters, standardize
 from distillrun.method.metrics import agreement, classification_metrics
 from distillrun.method.teacher_outputs import CachedLogits, OnlineTeachers, load_members, view_cache
 from distillrun.runs import artifacts
@@ -167,7 +170,8 @@ def plan(
     return (
         f"  student {cfg.model.name} on {transfer_size} transfer examples of {data.name}"
         + (f" ({augmentation.describe()})" if augmentation else "")
-        + f", loss={cfg.loss} T={float(cfg.T):g} alpha={alpha:g} ensemble={cfg.ensemble}"
+        + f", loss={describe(cfg.loss)} T={float(cfg.T):g} alpha={alpha:g}"
+        + f" ensemble={cfg.ensemble}"
         + ("" if labels else " (unlabeled transfer set: soft term only)")
         + (f", without classes {omit}" if omit else "")
         + f", on {run.device} -> {run.dir}"
@@ -179,18 +183,31 @@ def distill_loss(
     b: Batch,
     *,
     teacher: CachedLogits | OnlineTeachers,
-    loss: Loss,
+    term: Callable[..., torch.Tensor],
+    hyperparameters: dict[str, Any],
+    standardized: bool,
     ensemble: str,
     T: float,
-    T_targets: float,
     alpha: float,
     y_hard: torch.Tensor | None,
     classes: int,
 ) -> torch.Tensor:
-    """The student's loss on batch `b`: against the teacher ensemble's outputs on exactly the
-    batch's examples and views, and (without `y_hard`: an unlabeled transfer set) their labels."""
-    targets = combine(teacher.member_logits(b), ensemble, T_targets)
-    return loss.fn(out, targets, None if y_hard is None else b.labels(y_hard, classes), T, alpha)
+    """The student's loss on batch `b`: alpha * term + (1 - alpha) * CE(y, q_1), the term against
+    the teacher ensemble's outputs on exactly the batch's examples and views (losses.LOSSES);
+    without `y_hard` (an unlabeled transfer set) the term alone, its target class the teachers'
+    most likely one. With `standardized`, the term sees standardised logits (each member's,
+    then combined) and the cross-entropy the raw ones."""
+    members = teacher.member_logits(b)
+    z = out
+    if standardized:
+        members, z = standardize(members), standardize(out)
+    ensemble_out = Teacher(members, ensemble)
+    labels = None if y_hard is None else b.labels(y_hard, classes)
+    target = ensemble_out.log_probs(1.0).argmax(dim=1) if labels is None else labels
+    distilled = term(z, ensemble_out, target, T, b.epoch, **hyperparameters)
+    if labels is None:
+        return distilled
+    return alpha * distilled + (1 - alpha) * F.cross_entropy(out, labels)
 
 
 def distill_loss_fn(
@@ -200,19 +217,15 @@ def distill_loss_fn(
     classes: int,
     alpha: float,
 ) -> Callable[[torch.Tensor, Batch], torch.Tensor]:
-    """`distill_loss` with this run's settings."""
-    loss = LOSSES[cfg.loss]
-    # Teacher targets: the ensemble's log-probabilities at T (kd) or at 1 (logit matching: any
-    # logits of the distribution do, since it removes the per-example shift by zero-meaning).
-    T = float(cfg.T)
-    T_targets = T if loss.targets_at_T else 1.0
+    """`distill_loss` with this run's settings (`loss=`, T, alpha, ensemble)."""
     return partial(
         distill_loss,
         teacher=teacher,
-        loss=loss,
+        term=LOSSES[cfg.loss.name],
+        hyperparameters=hyperparameters(cfg.loss),
+        standardized=bool(cfg.loss.standardize),
         ensemble=cfg.ensemble,
-        T=T,
-        T_targets=T_targets,
+        T=float(cfg.T),
         alpha=alpha,
         y_hard=y_hard,
         classes=classes,
