@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import importlib
 import importlib.util
 import math
 import re
@@ -21,7 +22,7 @@ from distillrun import choices
 from distillrun.choices import one_of
 from distillrun.core import distributed
 from distillrun.errors import UserError
-from distillrun.stages import STAGES
+from distillrun.stages import module_name
 
 GROUPS = (
     "dataset",
@@ -186,35 +187,35 @@ def closest_key(key: str, keys: list[str]) -> str | None:
     return close[0] if close else None
 
 
-class _Problems(list):
+class Problems(list):
     def need(self, ok: bool, message: str) -> None:
         if not ok:
             self.append(message)
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_seed(v: Any) -> bool:
-    return _is_int(v) and 0 <= v < 2**31
+def is_seed(v: Any) -> bool:
+    return is_int(v) and 0 <= v < 2**31
 
 
-def _is_num(v: Any) -> bool:
+def is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _in(v: Any, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> bool:
-    if not _is_num(v) or not math.isfinite(v):
+def in_range(v: Any, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> bool:
+    if not is_num(v) or not math.isfinite(v):
         return False
     above = v > lo if lo_open else v >= lo
     below = v < hi if hi_open else v <= hi
     return above and below
 
 
-def _basics(cfg: DictConfig, p: _Problems) -> None:
+def check_basics(cfg: DictConfig, p: Problems) -> None:
     """The keys of conf/base.yaml, which every stage has."""
-    p.need(_is_seed(cfg.seed), f"seed={cfg.seed} must be an integer in [0, 2^31)")
+    p.need(is_seed(cfg.seed), f"seed={cfg.seed} must be an integer in [0, 2^31)")
     p.need(
         isinstance(cfg.device, str) and bool(DEVICE.match(cfg.device)),
         f"device={cfg.device} is not one of auto, cpu, cuda, cuda:N, mps",
@@ -223,7 +224,7 @@ def _basics(cfg: DictConfig, p: _Problems) -> None:
         cfg.progress in ("auto", True, False), f"progress={cfg.progress}: use auto, true or false"
     )
     p.need(
-        cfg.threads == "auto" or (_is_int(cfg.threads) and cfg.threads >= 1),
+        cfg.threads == "auto" or (is_int(cfg.threads) and cfg.threads >= 1),
         f"threads={cfg.threads}: use auto or an integer >= 1",
     )
     p.need(
@@ -232,7 +233,7 @@ def _basics(cfg: DictConfig, p: _Problems) -> None:
     )
     for key in ("epochs", "batch_size", "eval_batch_size"):
         v = cfg.train[key]
-        p.need(_is_int(v) and v >= 1, f"train.{key}={v} must be an integer >= 1")
+        p.need(is_int(v) and v >= 1, f"train.{key}={v} must be an integer >= 1")
     precision = cfg.train.get("precision", "fp32")
     p.need(
         precision in choices.PRECISIONS,
@@ -247,13 +248,13 @@ def _basics(cfg: DictConfig, p: _Problems) -> None:
         _torchrun(cfg, p)
     every = cfg.train.checkpoint_every
     p.need(
-        _in(every, 0, math.inf),
+        in_range(every, 0, math.inf),
         f"train.checkpoint_every={every} must be a number of seconds >= 0 (0: every epoch)",
     )
     _logger(cfg.get("logger"), p)
 
 
-def _logger(logger: Any, p: _Problems) -> None:
+def _logger(logger: Any, p: Problems) -> None:
     """The `logger` node: each selected tracker's package is installed, its settings usable."""
     for name in choices.trackers_selected(logger):
         if importlib.util.find_spec(choices.TRACKERS[name]) is None:
@@ -270,7 +271,7 @@ def _logger(logger: Any, p: _Problems) -> None:
             p.append("logger.experiment must be a name or null (the stage's name)")
 
 
-def _torchrun(cfg: DictConfig, p: _Problems) -> None:
+def _torchrun(cfg: DictConfig, p: Problems) -> None:
     """What data-parallel training cannot do (distributed.py)."""
     if cfg.device == "mps" or str(cfg.device).startswith("cuda:"):
         p.append(
@@ -284,20 +285,20 @@ def _torchrun(cfg: DictConfig, p: _Problems) -> None:
         )
 
 
-def _dataset(cfg: DictConfig, p: _Problems) -> None:
+def check_dataset(cfg: DictConfig, p: Problems) -> None:
     d = cfg.dataset
     p.need(
-        _in(d.val_fraction, 0, 1, hi_open=True),
+        in_range(d.val_fraction, 0, 1, hi_open=True),
         f"dataset.val_fraction={d.val_fraction} must be in [0, 1)",
     )
     if "test_fraction" in d:
         p.need(
-            _in(d.test_fraction, 0, 1, lo_open=True, hi_open=True),
+            in_range(d.test_fraction, 0, 1, lo_open=True, hi_open=True),
             f"dataset.test_fraction={d.test_fraction} must be in (0, 1)",
         )
     if "split_seed" in d:
         p.need(
-            _is_seed(d.split_seed),
+            is_seed(d.split_seed),
             f"dataset.split_seed={d.split_seed} must be an integer in [0, 2^31)",
         )
     if OmegaConf.is_missing(d, "path"):
@@ -317,48 +318,52 @@ def _dataset(cfg: DictConfig, p: _Problems) -> None:
         )
     if "num_samples" in d:
         p.need(
-            _is_int(d.num_samples) and d.num_samples >= 20,
+            is_int(d.num_samples) and d.num_samples >= 20,
             f"dataset.num_samples={d.num_samples} must be an integer >= 20",
         )
     if "train_split" in d:
         p.need(
-            _in(d.train_split, 0, 1, lo_open=True, hi_open=True),
+            in_range(d.train_split, 0, 1, lo_open=True, hi_open=True),
             f"dataset.train_split={d.train_split} must be in (0, 1)",
         )
     if "template_seed" in d:
         p.need(
-            _is_seed(d.template_seed),
+            is_seed(d.template_seed),
             f"dataset.template_seed={d.template_seed} must be an integer in [0, 2^31)",
         )
     if d.name == "hierarchical":
         for key in ("n_super", "n_sub", "dim", "modes", "train_per_class", "test_per_class"):
             v = d[key]
-            p.need(_is_int(v) and v >= 1, f"dataset.{key}={v} must be an integer >= 1")
+            p.need(is_int(v) and v >= 1, f"dataset.{key}={v} must be an integer >= 1")
         for key in ("super_spread", "sub_spread", "mode_spread"):
-            p.need(_in(d[key], 0, math.inf), f"dataset.{key}={d[key]} must be a number >= 0")
-        p.need(_is_seed(d.seed), f"dataset.seed={d.seed} must be an integer in [0, 2^31)")
+            p.need(in_range(d[key], 0, math.inf), f"dataset.{key}={d[key]} must be a number >= 0")
+        p.need(is_seed(d.seed), f"dataset.seed={d.seed} must be an integer in [0, 2^31)")
         cross = d.get("cross_modes", 0.0)
-        p.need(_in(cross, 0, 1), f"dataset.cross_modes={cross} must be a probability in [0, 1]")
+        p.need(
+            in_range(cross, 0, 1), f"dataset.cross_modes={cross} must be a probability in [0, 1]"
+        )
 
 
-def _model(cfg: DictConfig, p: _Problems) -> None:
+def check_model(cfg: DictConfig, p: Problems) -> None:
     m = cfg.model
     p.need(m.name in choices.MODELS, f"model.name={m.name}: use {one_of(choices.MODELS)}")
     for key in ("dropout", "input_dropout"):
         if key in m:
-            p.need(_in(m[key], 0, 1, hi_open=True), f"model.{key}={m[key]} must be in [0, 1)")
+            p.need(in_range(m[key], 0, 1, hi_open=True), f"model.{key}={m[key]} must be in [0, 1)")
     if m.get("max_norm") is not None:
-        p.need(_in(m.max_norm, 0, math.inf, lo_open=True), "model.max_norm must be > 0 or null")
+        p.need(
+            in_range(m.max_norm, 0, math.inf, lo_open=True), "model.max_norm must be > 0 or null"
+        )
     # mlp: hidden is a list of layer sizes; cnn: channels is a list, hidden one size.
     lists = ("hidden",) if m.name == "mlp" else ("channels",) if m.name == "cnn" else ()
     for key in lists:
         p.need(
-            OmegaConf.is_list(m[key]) and all(_is_int(s) and s >= 1 for s in m[key]),
+            OmegaConf.is_list(m[key]) and all(is_int(s) and s >= 1 for s in m[key]),
             f"model.{key}={m[key]} must be a list of integers >= 1, e.g. [64]",
         )
     if m.name == "cnn":
         p.need(
-            _is_int(m.hidden) and m.hidden >= 1, f"model.hidden={m.hidden} must be an integer >= 1"
+            is_int(m.hidden) and m.hidden >= 1, f"model.hidden={m.hidden} must be an integer >= 1"
         )
         p.need(
             OmegaConf.is_list(m.channels) and len(m.channels) >= 1,
@@ -373,23 +378,26 @@ def _model(cfg: DictConfig, p: _Problems) -> None:
         p.need(
             OmegaConf.is_list(widths)
             and len(widths) == 4
-            and all(_is_int(w) and w >= 1 for w in widths),
+            and all(is_int(w) and w >= 1 for w in widths),
             f"model.widths={widths} must be 4 integers >= 1: the stem's and the three stages' "
             "channels, e.g. [16, 16, 32, 64]",
         )
     if m.name == "wrn":
         widen = m.get("widen")
-        p.need(_is_int(widen) and widen >= 1, f"model.widen={widen} must be an integer >= 1")
+        p.need(is_int(widen) and widen >= 1, f"model.widen={widen} must be an integer >= 1")
 
 
-def _optim(cfg: DictConfig, p: _Problems) -> None:
+def check_optim(cfg: DictConfig, p: Problems) -> None:
     o = cfg.optim
     p.need(o.name in choices.OPTIMIZERS, f"optim.name={o.name}: use {one_of(choices.OPTIMIZERS)}")
-    p.need(_in(o.lr, 0, math.inf, lo_open=True), f"optim.lr={o.lr} must be a number > 0")
-    p.need(_in(o.weight_decay, 0, math.inf), f"optim.weight_decay={o.weight_decay} must be >= 0")
+    p.need(in_range(o.lr, 0, math.inf, lo_open=True), f"optim.lr={o.lr} must be a number > 0")
+    p.need(
+        in_range(o.weight_decay, 0, math.inf), f"optim.weight_decay={o.weight_decay} must be >= 0"
+    )
     if "momentum" in o:
         p.need(
-            _in(o.momentum, 0, 1, hi_open=True), f"optim.momentum={o.momentum} must be in [0, 1)"
+            in_range(o.momentum, 0, 1, hi_open=True),
+            f"optim.momentum={o.momentum} must be in [0, 1)",
         )
         p.need(isinstance(o.nesterov, bool), f"optim.nesterov={o.nesterov}: use true or false")
         if o.nesterov is True and o.momentum == 0:
@@ -398,7 +406,7 @@ def _optim(cfg: DictConfig, p: _Problems) -> None:
         p.need(
             OmegaConf.is_list(o.betas)
             and len(o.betas) == 2
-            and all(_in(b, 0, 1, hi_open=True) for b in o.betas),
+            and all(in_range(b, 0, 1, hi_open=True) for b in o.betas),
             f"optim.betas={o.betas} must be two numbers in [0, 1), e.g. [0.9, 0.999]",
         )
     p.need(
@@ -407,16 +415,16 @@ def _optim(cfg: DictConfig, p: _Problems) -> None:
     )
     # Checked whatever the schedule: a bad value waiting for schedule=step is still a mistake.
     p.need(
-        _is_int(o.step_size) and o.step_size >= 1,
+        is_int(o.step_size) and o.step_size >= 1,
         f"optim.step_size={o.step_size} must be an integer >= 1",
     )
-    p.need(_in(o.gamma, 0, 1, lo_open=True), f"optim.gamma={o.gamma} must be in (0, 1]")
+    p.need(in_range(o.gamma, 0, 1, lo_open=True), f"optim.gamma={o.gamma} must be in (0, 1]")
     milestones = o.get("milestones")  # conf/optim/sgd.yaml has it; adam and older runs do not
     if milestones is not None:
         epochs = list(milestones) if OmegaConf.is_list(milestones) else None
         p.need(
             bool(epochs)
-            and all(_is_int(e) and e >= 1 for e in epochs)
+            and all(is_int(e) and e >= 1 for e in epochs)
             and epochs == sorted(set(epochs)),
             f"optim.milestones={milestones} must be increasing epochs >= 1, e.g. [150,180,210]",
         )
@@ -424,12 +432,12 @@ def _optim(cfg: DictConfig, p: _Problems) -> None:
         p.append("optim.schedule=multistep needs epochs: add '+optim.milestones=[150,180,210]'")
 
 
-def _common(cfg: DictConfig, p: _Problems) -> None:
-    for check in (_basics, _dataset, _model, _optim):
+def check_common(cfg: DictConfig, p: Problems) -> None:
+    for check in (check_basics, check_dataset, check_model, check_optim):
         check(cfg, p)
 
 
-def _augment(cfg: DictConfig, p: _Problems) -> None:
+def check_augment(cfg: DictConfig, p: Problems) -> None:
     a = cfg.augment
     name = a.name
     if name not in choices.AUGMENTATIONS:
@@ -442,11 +450,11 @@ def _augment(cfg: DictConfig, p: _Problems) -> None:
         )
     if name == "shift":
         p.need(
-            _is_int(a.pixels) and a.pixels >= 1,
+            is_int(a.pixels) and a.pixels >= 1,
             f"augment.pixels={a.pixels} must be an integer >= 1 (no shift: augment=none)",
         )
     if name == "crop_flip":
-        p.need(_is_int(a.padding) and a.padding >= 0, "augment.padding must be an integer >= 0")
+        p.need(is_int(a.padding) and a.padding >= 0, "augment.padding must be an integer >= 0")
         p.need(isinstance(a.flip, bool), f"augment.flip={a.flip}: use true or false")
         if a.padding == 0 and a.flip is False:
             p.append("augment=crop_flip with padding=0 and flip=false has one view: augment=none")
@@ -457,12 +465,12 @@ def _augment(cfg: DictConfig, p: _Problems) -> None:
         )
     if name == "mixup":
         p.need(
-            _in(a.alpha, 0, math.inf, lo_open=True),
+            in_range(a.alpha, 0, math.inf, lo_open=True),
             f"augment.alpha={a.alpha} must be a number > 0 (mixup's Beta(alpha, alpha))",
         )
 
 
-def _teacher_outputs(cfg: DictConfig, p: _Problems) -> None:
+def check_teacher_outputs(cfg: DictConfig, p: Problems) -> None:
     t = cfg.teacher_outputs
     if t.mode not in choices.TEACHER_OUTPUTS:
         p.append(f"teacher_outputs.mode={t.mode}: use {one_of(choices.TEACHER_OUTPUTS)}")
@@ -475,83 +483,28 @@ def _teacher_outputs(cfg: DictConfig, p: _Problems) -> None:
     if t.mode == "online":
         return
     p.need(
-        t.top_k is None or (_is_int(t.top_k) and t.top_k >= 1),
+        t.top_k is None or (is_int(t.top_k) and t.top_k >= 1),
         f"teacher_outputs.top_k={t.top_k} must be null (every logit) or an integer >= 1",
     )
     p.need(
-        _in(t.max_mb, 0, math.inf, lo_open=True),
+        in_range(t.max_mb, 0, math.inf, lo_open=True),
         f"teacher_outputs.max_mb={t.max_mb} must be a number of MB > 0",
     )
     m = t.views_per_example
     p.need(
-        m is None or (_is_int(m) and m >= 1),
+        m is None or (is_int(m) and m >= 1),
         f"teacher_outputs.views_per_example={m} must be null (every view) or an integer >= 1",
     )
-    p.need(_is_seed(t.views_seed), f"teacher_outputs.views_seed={t.views_seed} must be a seed")
+    p.need(is_seed(t.views_seed), f"teacher_outputs.views_seed={t.views_seed} must be a seed")
 
 
-def _train_teachers(cfg: DictConfig, p: _Problems) -> None:
-    _common(cfg, p)
-    _augment(cfg, p)
-    t = cfg.teachers
-    p.need(_is_int(t.n) and t.n >= 1, f"teachers.n={t.n} must be an integer >= 1")
-    p.need(
-        _is_int(t.jitter) and t.jitter >= 0, f"teachers.jitter={t.jitter} must be an integer >= 0"
-    )
-    if _is_int(t.jitter) and t.jitter > 0 and cfg.augment.name != "none":
-        p.append(
-            f"teachers.jitter={t.jitter} and augment={cfg.augment.name} both augment: drop "
-            "teachers.jitter (it is augment=shift augment.pixels=N)"
-        )
-
-
-def _paths(value: Any) -> list[Any] | None:
+def folder_list(value: Any) -> list[Any] | None:
     """The folders a `teachers=`/`runs=` value names, or None when it is not a path or a list."""
     values = list(value) if OmegaConf.is_list(value) else [value]
     return values if all(isinstance(v, str) and v for v in values) else None
 
 
-def _distill(cfg: DictConfig, p: _Problems) -> None:
-    _common(cfg, p)
-    _augment(cfg, p)
-    _teacher_outputs(cfg, p)
-    p.need(
-        cfg.teachers is None or _paths(cfg.teachers) is not None,
-        f"teachers={cfg.teachers} must be a run or sweep folder, or a list of them",
-    )
-    p.need(
-        _in(cfg.T, 0, math.inf, lo_open=True),
-        f"T={cfg.T} must be a finite number > 0 (the paper used 1 to 20)",
-    )
-    p.need(
-        _in(cfg.alpha, 0, 1), f"alpha={cfg.alpha} must be in [0, 1] (the weight of the soft term)"
-    )
-    p.need(
-        cfg.ensemble in choices.ENSEMBLES,
-        f"ensemble={cfg.ensemble}: use {one_of(choices.ENSEMBLES)}",
-    )
-    _loss(cfg, p)
-    p.need(isinstance(cfg.baseline, bool), f"baseline={cfg.baseline}: use true or false")
-    t = cfg.transfer
-    p.need(
-        _in(t.fraction, 0, 1, lo_open=True),
-        f"transfer.fraction={t.fraction} must be in (0, 1]",
-    )
-    p.need(isinstance(t.labels, bool), f"transfer.labels={t.labels}: use true or false")
-    omit = list(t.omit_classes) if OmegaConf.is_list(t.omit_classes) else None
-    p.need(
-        omit is not None and all(_is_int(c) and c >= 0 for c in omit),
-        f"transfer.omit_classes={t.omit_classes} must be a list of class ids, e.g. [3]",
-    )
-    p.need(_is_num(t.omit_bias), f"transfer.omit_bias={t.omit_bias} must be a number")
-    p.need(isinstance(t.fit_omit_bias, bool), "transfer.fit_omit_bias: use true or false")
-    if t.fit_omit_bias and cfg.dataset.val_fraction == 0:
-        p.append(
-            "transfer.fit_omit_bias=true needs a validation split: set dataset.val_fraction > 0"
-        )
-
-
-def _loss(cfg: DictConfig, p: _Problems) -> None:
+def check_loss(cfg: DictConfig, p: Problems) -> None:
     """The `loss` node (conf/loss/<name>.yaml): its hyperparameters are weights >= 0 (integers
     where the file's default is one), and what it needs of the rest of the config."""
     loss, names = cfg.loss, group_choices("loss")
@@ -571,30 +524,20 @@ def _loss(cfg: DictConfig, p: _Problems) -> None:
     for key, default in yaml_file("loss", loss.name).items():
         if key in ("name", "standardize"):
             continue
-        v, kind = loss.get(key), "an integer" if _is_int(default) else "a finite number"
-        ok = (_is_int(v) and v >= 0) if _is_int(default) else _in(v, 0, math.inf)
+        v, kind = loss.get(key), "an integer" if is_int(default) else "a finite number"
+        ok = (is_int(v) and v >= 0) if is_int(default) else in_range(v, 0, math.inf)
         p.need(
             ok, f"loss.{key}={v} must be {kind} >= 0 (the default of loss={loss.name}: {default})"
         )
     size = cfg.train.batch_size
-    if loss.name in choices.LOSSES_OVER_THE_BATCH and _is_int(size) and size < 2:
+    if loss.name in choices.LOSSES_OVER_THE_BATCH and is_int(size) and size < 2:
         p.append(
             f"loss={loss.name} correlates the examples of a batch, and train.batch_size={size} "
             "holds one: set train.batch_size=2 or more"
         )
 
 
-def _report(cfg: DictConfig, p: _Problems) -> None:
-    _basics(cfg, p)
-    runs = _paths(cfg.runs)
-    p.need(
-        bool(runs),
-        "name the run or sweep folders to report: distillrun report outputs/distill/multirun/<ts>",
-    )
-    p.need(cfg.title is None or isinstance(cfg.title, str), "title must be text")
-
-
-def _experiment(stage: str, cfg: DictConfig, p: _Problems) -> None:
+def _experiment(stage: str, cfg: DictConfig, p: Problems) -> None:
     """A preset for one stage used with another (presets set stage-specific keys)."""
     preset = cfg.get("experiment")
     if preset is None or preset.stage == stage:
@@ -604,54 +547,14 @@ def _experiment(stage: str, cfg: DictConfig, p: _Problems) -> None:
     p.append(f"experiment={preset.name} is a preset for `distillrun {preset.stage}`: {fix}")
 
 
-def _run_folder(value: Any) -> bool:
+def is_run_folder(value: Any) -> bool:
     return value is None or (isinstance(value, str) and value != "")
-
-
-def _specialists(cfg: DictConfig, p: _Problems) -> None:
-    for check in (_basics, _dataset, _optim):
-        check(cfg, p)
-    p.need(_run_folder(cfg.generalist), f"generalist={cfg.generalist}: give a run folder or null")
-    s = cfg.specialists
-    p.need(_is_int(s.k) and s.k >= 2, f"specialists.k={s.k} must be an integer >= 2")
-    p.need(
-        s.clustering in choices.CLUSTERINGS,
-        f"specialists.clustering={s.clustering}: use {one_of(choices.CLUSTERINGS)}",
-    )
-    p.need(_in(s.overlap, 0, math.inf), f"specialists.overlap={s.overlap} must be a number >= 0")
-    share = s.get("overlap_share", 0.0)  # absent from runs made before it existed
-    p.need(
-        _in(share, 0, 1), f"specialists.overlap_share={share} must be a share in [0, 1] (0: off)"
-    )
-    p.need(_is_int(s.member) and s.member >= 0, f"specialists.member={s.member} must be >= 0")
-    p.need(
-        s.index is None or (_is_int(s.index) and s.index >= 0),
-        f"specialists.index={s.index} must be null (all) or a specialist number >= 0",
-    )
-    if _is_int(s.index) and _is_int(s.k) and s.index >= s.k:
-        p.append(f"specialists.index={s.index} must be below specialists.k={s.k}")
-    p.need(isinstance(s.soft_targets, bool), "specialists.soft_targets: use true or false")
-
-
-def _evaluate(cfg: DictConfig, p: _Problems) -> None:
-    _basics(cfg, p)
-    p.need(_run_folder(cfg.specialists), f"specialists={cfg.specialists}: give a folder or null")
-    p.need(_is_int(cfg.n) and cfg.n >= 1, f"n={cfg.n} must be an integer >= 1 (the paper: 1)")
-    p.need(
-        cfg.optimizer in choices.KL_OPTIMIZERS,
-        f"optimizer={cfg.optimizer}: use {one_of(choices.KL_OPTIMIZERS)}",
-    )
-    p.need(
-        _in(cfg.tolerance, 0, math.inf, lo_open=True),
-        f"tolerance={cfg.tolerance} must be a number > 0, e.g. 1e-5",
-    )
-    p.need(_is_int(cfg.max_iter) and cfg.max_iter >= 1, f"max_iter={cfg.max_iter} must be >= 1")
 
 
 MEMBER_KEYS = ("path", "kind", "arch", "input_scale", "label_map")
 
 
-def _member_settings(where: str, m: Any, p: _Problems) -> None:
+def check_member_settings(where: str, m: Any, p: Problems) -> None:
     """kind, arch, input_scale and label_map: top-level defaults or one member's own."""
     if m.get("kind") is not None:
         p.need(
@@ -662,92 +565,33 @@ def _member_settings(where: str, m: Any, p: _Problems) -> None:
         p.need(isinstance(m.arch, str) and m.arch != "", f"{where}arch must be a name or null")
     if "input_scale" in m:
         p.need(
-            _in(m.input_scale, 0, math.inf, lo_open=True),
+            in_range(m.input_scale, 0, math.inf, lo_open=True),
             f"{where}input_scale={m.input_scale} must be a number > 0",
         )
     if m.get("label_map") is not None:
         lm = list(m.label_map) if OmegaConf.is_list(m.label_map) else None
         p.need(
-            lm is not None and all(_is_int(c) and c >= 0 for c in lm) and len(set(lm)) == len(lm),
+            lm is not None and all(is_int(c) and c >= 0 for c in lm) and len(set(lm)) == len(lm),
             f"{where}label_map={m.label_map} must list distinct class ids, e.g. [1, 0, 2]",
         )
 
 
-def _import_teachers(cfg: DictConfig, p: _Problems) -> None:
-    for check in (_basics, _dataset, _model):
-        check(cfg, p)
-    example = "members=[teacher.onnx] (or [a.pt,b.ts,c.npz])"
-    if OmegaConf.is_missing(cfg, "members"):
-        p.append(f"name the teacher files: {example}")
-        return
-    entries = list(cfg.members) if OmegaConf.is_list(cfg.members) else [cfg.members]
-    p.need(bool(entries), f"members=[] names no teachers: {example}")
-    _member_settings("", cfg, p)
-    for i, entry in enumerate(entries):
-        if OmegaConf.is_dict(entry):
-            unknown = sorted(set(entry) - set(MEMBER_KEYS))
-            p.need(not unknown, f"members[{i}] has unknown keys {unknown}: use {MEMBER_KEYS}")
-            p.need(isinstance(entry.get("path"), str), f"members[{i}] needs path: a file")
-            _member_settings(f"members[{i}].", entry, p)
-        else:
-            p.need(isinstance(entry, str) and entry != "", f"members[{i}]={entry} is not a file")
-    p.need(
-        cfg.min_accuracy is None or _in(cfg.min_accuracy, 0, 1),
-        f"min_accuracy={cfg.min_accuracy} must be in [0, 1] or null",
-    )
-
-
-def _named_run(cfg: DictConfig, p: _Problems, example: str) -> None:
+def check_named_run(cfg: DictConfig, p: Problems, example: str) -> None:
     if OmegaConf.is_missing(cfg, "run"):
         p.append(f"name the run folder: {example}")
     else:
         p.need(isinstance(cfg.run, str) and cfg.run != "", f"run={cfg.run}: {example}")
 
 
-def _export(cfg: DictConfig, p: _Problems) -> None:
-    _basics(cfg, p)
-    _named_run(cfg, p, "distillrun export run=outputs/distill/<run>")
-    p.need(
-        cfg.member is None or (_is_int(cfg.member) and cfg.member >= 0),
-        f"member={cfg.member} must be null (a distill run's student) or a member number >= 0",
-    )
-    p.need(
-        _in(cfg.tolerance, 0, math.inf, lo_open=True),
-        f"tolerance={cfg.tolerance} must be a number > 0, e.g. 1e-4",
-    )
-    p.need(
-        _is_int(cfg.latency_repeats) and cfg.latency_repeats >= 1,
-        f"latency_repeats={cfg.latency_repeats} must be an integer >= 1",
-    )
-
-
-def _predict(cfg: DictConfig, p: _Problems) -> None:
-    _basics(cfg, p)
-    _named_run(cfg, p, "distillrun predict run=outputs/export/<run> input=<file or folder>")
-    if OmegaConf.is_missing(cfg, "input"):
-        p.append("name the inputs: input=<folder of PNG/JPEG images, .npz or .csv file>")
-    else:
-        p.need(isinstance(cfg.input, str) and cfg.input != "", f"input={cfg.input}: a path")
-    p.need(
-        cfg.member is None or (_is_int(cfg.member) and cfg.member >= 0),
-        f"member={cfg.member} must be null or a member number >= 0",
-    )
-    p.need(_is_int(cfg.top_k) and cfg.top_k >= 1, f"top_k={cfg.top_k} must be an integer >= 1")
-    header = cfg.get("header", "auto")  # Hydra reads header=true as a bool
-    p.need(
-        str(header).lower() in choices.CSV_HEADERS and not _is_num(header),
-        f"header={header}: use {one_of(choices.CSV_HEADERS)}",
-    )
-
-
-def stage_checks(stage: str) -> Callable[[DictConfig, _Problems], None]:
-    """The checks of a stage's own config: `_<module>` here, for each record in STAGES."""
-    return globals()[f"_{STAGES[stage].module}"]
+def stage_checks(stage: str) -> Callable[[DictConfig, Problems], None]:
+    """The checks of a stage's own keys: `check_config` in its module (the record in STAGES names
+    it), imported when a run is checked: the module is about to run anyway."""
+    return importlib.import_module(module_name(stage)).check_config
 
 
 def validate(stage: str, cfg: DictConfig) -> None:
     """Check every value of a composed stage config; raise one UserError listing all problems."""
-    p = _Problems()
+    p = Problems()
     _experiment(stage, cfg, p)
     if p:  # the preset's keys are another stage's: its other problems would only confuse
         raise UserError(p[0])

@@ -24,8 +24,21 @@ from typing import Any
 import hydra
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from distillrun import choices
+from distillrun.choices import one_of
+from distillrun.config import (
+    Problems,
+    check_augment,
+    check_common,
+    check_loss,
+    check_teacher_outputs,
+    folder_list,
+    in_range,
+    is_int,
+    is_num,
+)
 from distillrun.console import results_table, say
 from distillrun.core.data import Data, load_dataset
 from distillrun.core.models import (
@@ -52,6 +65,48 @@ from distillrun.stages.train_teachers import hard_label_loss
 @hydra.main(version_base="1.3", config_path="pkg://distillrun.conf", config_name="distill")
 def main(cfg: DictConfig) -> float | None:
     return run_stage("distill", cfg, distill)
+
+
+def check_config(cfg: DictConfig, p: Problems) -> None:
+    """The checks of this stage's own keys, run before anything is written (config.validate)."""
+    check_common(cfg, p)
+    check_augment(cfg, p)
+    check_teacher_outputs(cfg, p)
+    p.need(
+        cfg.teachers is None or folder_list(cfg.teachers) is not None,
+        f"teachers={cfg.teachers} must be a run or sweep folder, or a list of them",
+    )
+    p.need(
+        in_range(cfg.T, 0, math.inf, lo_open=True),
+        f"T={cfg.T} must be a finite number > 0 (the paper used 1 to 20)",
+    )
+    p.need(
+        in_range(cfg.alpha, 0, 1),
+        f"alpha={cfg.alpha} must be in [0, 1] (the weight of the soft term)",
+    )
+    p.need(
+        cfg.ensemble in choices.ENSEMBLES,
+        f"ensemble={cfg.ensemble}: use {one_of(choices.ENSEMBLES)}",
+    )
+    check_loss(cfg, p)
+    p.need(isinstance(cfg.baseline, bool), f"baseline={cfg.baseline}: use true or false")
+    t = cfg.transfer
+    p.need(
+        in_range(t.fraction, 0, 1, lo_open=True),
+        f"transfer.fraction={t.fraction} must be in (0, 1]",
+    )
+    p.need(isinstance(t.labels, bool), f"transfer.labels={t.labels}: use true or false")
+    omit = list(t.omit_classes) if OmegaConf.is_list(t.omit_classes) else None
+    p.need(
+        omit is not None and all(is_int(c) and c >= 0 for c in omit),
+        f"transfer.omit_classes={t.omit_classes} must be a list of class ids, e.g. [3]",
+    )
+    p.need(is_num(t.omit_bias), f"transfer.omit_bias={t.omit_bias} must be a number")
+    p.need(isinstance(t.fit_omit_bias, bool), "transfer.fit_omit_bias: use true or false")
+    if t.fit_omit_bias and cfg.dataset.val_fraction == 0:
+        p.append(
+            "transfer.fit_omit_bias=true needs a validation split: set dataset.val_fraction > 0"
+        )
 
 
 def transfer_indices(y_train: torch.Tensor, cfg: DictConfig, seed: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ distills the combination into one net), metrics.jsonl and manifest.json last.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from distillrun import choices
+from distillrun.choices import one_of
+from distillrun.config import Problems, check_basics, in_range, is_int, is_run_folder
 from distillrun.console import results_table, say
 from distillrun.core.data import Data, load_dataset
 from distillrun.core.models import load_model
@@ -41,6 +45,22 @@ SPLITS = ("train", "val", "test")
 @hydra.main(version_base="1.3", config_path="pkg://distillrun.conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float | None:
     return run_stage("evaluate", cfg, evaluate)
+
+
+def check_config(cfg: DictConfig, p: Problems) -> None:
+    """The checks of this stage's own keys, run before anything is written (config.validate)."""
+    check_basics(cfg, p)
+    p.need(is_run_folder(cfg.specialists), f"specialists={cfg.specialists}: give a folder or null")
+    p.need(is_int(cfg.n) and cfg.n >= 1, f"n={cfg.n} must be an integer >= 1 (the paper: 1)")
+    p.need(
+        cfg.optimizer in choices.KL_OPTIMIZERS,
+        f"optimizer={cfg.optimizer}: use {one_of(choices.KL_OPTIMIZERS)}",
+    )
+    p.need(
+        in_range(cfg.tolerance, 0, math.inf, lo_open=True),
+        f"tolerance={cfg.tolerance} must be a number > 0, e.g. 1e-5",
+    )
+    p.need(is_int(cfg.max_iter) and cfg.max_iter >= 1, f"max_iter={cfg.max_iter} must be >= 1")
 
 
 def _trained(manifest: dict[str, Any]) -> list[int]:

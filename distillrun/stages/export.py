@@ -9,11 +9,13 @@ logits on the test split against the PyTorch model's) and the latency of each ru
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
+from distillrun.config import Problems, check_basics, check_named_run, in_range, is_int
 from distillrun.console import results_table, say
 from distillrun.io.exports import FILES, export_metrics, exportable, model_card, write_formats
 from distillrun.io.inputs import resolve
@@ -24,6 +26,24 @@ from distillrun.stages.common import Run, run_stage
 @hydra.main(version_base="1.3", config_path="pkg://distillrun.conf", config_name="export")
 def main(cfg: DictConfig) -> float | None:
     return run_stage("export", cfg, export)
+
+
+def check_config(cfg: DictConfig, p: Problems) -> None:
+    """The checks of this stage's own keys, run before anything is written (config.validate)."""
+    check_basics(cfg, p)
+    check_named_run(cfg, p, "distillrun export run=outputs/distill/<run>")
+    p.need(
+        cfg.member is None or (is_int(cfg.member) and cfg.member >= 0),
+        f"member={cfg.member} must be null (a distill run's student) or a member number >= 0",
+    )
+    p.need(
+        in_range(cfg.tolerance, 0, math.inf, lo_open=True),
+        f"tolerance={cfg.tolerance} must be a number > 0, e.g. 1e-4",
+    )
+    p.need(
+        is_int(cfg.latency_repeats) and cfg.latency_repeats >= 1,
+        f"latency_repeats={cfg.latency_repeats} must be an integer >= 1",
+    )
 
 
 def export(cfg: DictConfig, run: Run) -> dict[str, Any]:

@@ -17,6 +17,15 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from distillrun.config import (
+    MEMBER_KEYS,
+    Problems,
+    check_basics,
+    check_dataset,
+    check_member_settings,
+    check_model,
+    in_range,
+)
 from distillrun.console import say
 from distillrun.core.data import Data, load_dataset
 from distillrun.errors import UserError
@@ -44,6 +53,31 @@ NO_CHECKPOINT = (
 @hydra.main(version_base="1.3", config_path="pkg://distillrun.conf", config_name="import_teachers")
 def main(cfg: DictConfig) -> float | None:
     return run_stage("import-teachers", cfg, import_teachers)
+
+
+def check_config(cfg: DictConfig, p: Problems) -> None:
+    """The checks of this stage's own keys, run before anything is written (config.validate)."""
+    for check in (check_basics, check_dataset, check_model):
+        check(cfg, p)
+    example = "members=[teacher.onnx] (or [a.pt,b.ts,c.npz])"
+    if OmegaConf.is_missing(cfg, "members"):
+        p.append(f"name the teacher files: {example}")
+        return
+    entries = list(cfg.members) if OmegaConf.is_list(cfg.members) else [cfg.members]
+    p.need(bool(entries), f"members=[] names no teachers: {example}")
+    check_member_settings("", cfg, p)
+    for i, entry in enumerate(entries):
+        if OmegaConf.is_dict(entry):
+            unknown = sorted(set(entry) - set(MEMBER_KEYS))
+            p.need(not unknown, f"members[{i}] has unknown keys {unknown}: use {MEMBER_KEYS}")
+            p.need(isinstance(entry.get("path"), str), f"members[{i}] needs path: a file")
+            check_member_settings(f"members[{i}].", entry, p)
+        else:
+            p.need(isinstance(entry, str) and entry != "", f"members[{i}]={entry} is not a file")
+    p.need(
+        cfg.min_accuracy is None or in_range(cfg.min_accuracy, 0, 1),
+        f"min_accuracy={cfg.min_accuracy} must be in [0, 1] or null",
+    )
 
 
 def import_teachers(cfg: DictConfig, run: Run) -> dict[str, Any]:

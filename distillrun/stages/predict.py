@@ -14,8 +14,11 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from distillrun import choices
+from distillrun.choices import one_of
+from distillrun.config import Problems, check_basics, check_named_run, is_int, is_num
 from distillrun.console import results_table, say
 from distillrun.core.train import predict as torch_predict
 from distillrun.errors import UserError
@@ -41,6 +44,26 @@ SHOWN = 10  # rows of the table on the terminal
 @hydra.main(version_base="1.3", config_path="pkg://distillrun.conf", config_name="predict")
 def main(cfg: DictConfig) -> float | None:
     return run_stage("predict", cfg, predict)
+
+
+def check_config(cfg: DictConfig, p: Problems) -> None:
+    """The checks of this stage's own keys, run before anything is written (config.validate)."""
+    check_basics(cfg, p)
+    check_named_run(cfg, p, "distillrun predict run=outputs/export/<run> input=<file or folder>")
+    if OmegaConf.is_missing(cfg, "input"):
+        p.append("name the inputs: input=<folder of PNG/JPEG images, .npz or .csv file>")
+    else:
+        p.need(isinstance(cfg.input, str) and cfg.input != "", f"input={cfg.input}: a path")
+    p.need(
+        cfg.member is None or (is_int(cfg.member) and cfg.member >= 0),
+        f"member={cfg.member} must be null or a member number >= 0",
+    )
+    p.need(is_int(cfg.top_k) and cfg.top_k >= 1, f"top_k={cfg.top_k} must be an integer >= 1")
+    header = cfg.get("header", "auto")  # Hydra reads header=true as a bool
+    p.need(
+        str(header).lower() in choices.CSV_HEADERS and not is_num(header),
+        f"header={header}: use {one_of(choices.CSV_HEADERS)}",
+    )
 
 
 def load_predictor(source: Path, member: int | None, device: torch.device) -> tuple[Any, dict, str]:

@@ -9,6 +9,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from distillrun.config import Problems, check_basics, folder_list
 from distillrun.console import fmt, say
 from distillrun.runs import artifacts
 from distillrun.runs.summary import Row, collect, command, source_labels, summarise, table_rows
@@ -18,6 +19,17 @@ from distillrun.stages.common import Run, run_stage
 @hydra.main(version_base="1.3", config_path="pkg://distillrun.conf", config_name="report")
 def main(cfg: DictConfig) -> float | None:
     return run_stage("report", cfg, report)
+
+
+def check_config(cfg: DictConfig, p: Problems) -> None:
+    """The checks of this stage's own keys, run before anything is written (config.validate)."""
+    check_basics(cfg, p)
+    runs = folder_list(cfg.runs)
+    p.need(
+        bool(runs),
+        "name the run or sweep folders to report: distillrun report outputs/distill/multirun/<ts>",
+    )
+    p.need(cfg.title is None or isinstance(cfg.title, str), "title must be text")
 
 
 def report(cfg: DictConfig, run: Run) -> dict[str, Any]:

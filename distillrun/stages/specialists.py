@@ -20,6 +20,17 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from distillrun import choices
+from distillrun.choices import one_of
+from distillrun.config import (
+    Problems,
+    check_basics,
+    check_dataset,
+    check_optim,
+    in_range,
+    is_int,
+    is_run_folder,
+)
 from distillrun.console import results_table, say
 from distillrun.core.data import Data, load_dataset
 from distillrun.core.models import checkpoint, load_checkpoint, output_layer
@@ -49,6 +60,35 @@ GENERALIST_STAGE = "train-teachers"
 @hydra.main(version_base="1.3", config_path="pkg://distillrun.conf", config_name="specialists")
 def main(cfg: DictConfig) -> float | None:
     return run_stage("specialists", cfg, specialists)
+
+
+def check_config(cfg: DictConfig, p: Problems) -> None:
+    """The checks of this stage's own keys, run before anything is written (config.validate)."""
+    for check in (check_basics, check_dataset, check_optim):
+        check(cfg, p)
+    p.need(is_run_folder(cfg.generalist), f"generalist={cfg.generalist}: give a run folder or null")
+    s = cfg.specialists
+    p.need(is_int(s.k) and s.k >= 2, f"specialists.k={s.k} must be an integer >= 2")
+    p.need(
+        s.clustering in choices.CLUSTERINGS,
+        f"specialists.clustering={s.clustering}: use {one_of(choices.CLUSTERINGS)}",
+    )
+    p.need(
+        in_range(s.overlap, 0, math.inf), f"specialists.overlap={s.overlap} must be a number >= 0"
+    )
+    share = s.get("overlap_share", 0.0)  # absent from runs made before it existed
+    p.need(
+        in_range(share, 0, 1),
+        f"specialists.overlap_share={share} must be a share in [0, 1] (0: off)",
+    )
+    p.need(is_int(s.member) and s.member >= 0, f"specialists.member={s.member} must be >= 0")
+    p.need(
+        s.index is None or (is_int(s.index) and s.index >= 0),
+        f"specialists.index={s.index} must be null (all) or a specialist number >= 0",
+    )
+    if is_int(s.index) and is_int(s.k) and s.index >= s.k:
+        p.append(f"specialists.index={s.index} must be below specialists.k={s.k}")
+    p.need(isinstance(s.soft_targets, bool), "specialists.soft_targets: use true or false")
 
 
 def find_generalist(

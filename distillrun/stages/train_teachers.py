@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from distillrun.choices import ENSEMBLES
+from distillrun.config import Problems, check_augment, check_common, is_int
 from distillrun.console import results_table, say, warning_line
 from distillrun.core.data import Data, load_dataset
 from distillrun.core.models import build_model, checkpoint, count_parameters
@@ -33,6 +34,22 @@ SPLITS = ("train", "val", "test")
 @hydra.main(version_base="1.3", config_path="pkg://distillrun.conf", config_name="train_teachers")
 def main(cfg: DictConfig) -> float | None:
     return run_stage("train-teachers", cfg, train_teachers)
+
+
+def check_config(cfg: DictConfig, p: Problems) -> None:
+    """The checks of this stage's own keys, run before anything is written (config.validate)."""
+    check_common(cfg, p)
+    check_augment(cfg, p)
+    t = cfg.teachers
+    p.need(is_int(t.n) and t.n >= 1, f"teachers.n={t.n} must be an integer >= 1")
+    p.need(
+        is_int(t.jitter) and t.jitter >= 0, f"teachers.jitter={t.jitter} must be an integer >= 0"
+    )
+    if is_int(t.jitter) and t.jitter > 0 and cfg.augment.name != "none":
+        p.append(
+            f"teachers.jitter={t.jitter} and augment={cfg.augment.name} both augment: drop "
+            "teachers.jitter (it is augment=shift augment.pixels=N)"
+        )
 
 
 def dataset_info(data: Data, cfg: DictConfig) -> dict[str, Any]:
