@@ -31,9 +31,9 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
-# The inner loop: everything but the end-to-end runs of the command (marked slow), under a minute.
+# The inner loop: everything but the end-to-end runs of the command (marked slow), on every core.
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow"
 
 # Benchmarks against plain PyTorch loops in the same process (not part of `make test`):
 # a table on the terminal and the figures in outputs/bench.json. MNIST from DISTILLRUN_DATA
