@@ -205,7 +205,7 @@ def _run_locked(
         if threads is not None:
             torch.set_num_threads(threads)
         record["environment"]["torch_threads"] = torch.get_num_threads()
-        record["determinism"] = make_deterministic()
+        record["determinism"] = make_deterministic(bool(cfg.train.get("compile", False)))
         run.device = distributed.local_device(pick_device(cfg.device))
         check_speed_settings(run.device, cfg.train.precision, cfg.train.compile)
         record["device"] = str(run.device)
@@ -410,6 +410,7 @@ def train_settings(cfg: DictConfig, seed: int, **changes: Any) -> TrainSettings:
         "precision": cfg.train.precision,
         "channels_last": cfg.train.channels_last,
         "compile": cfg.train.compile,
+        "max_batches_per_epoch": cfg.train.get("max_batches_per_epoch"),
     }
     return TrainSettings(**{**settings, **changes})
 
@@ -431,6 +432,8 @@ def train_one(
     `fit` (`batches`, `val_view`). A run that looks diverged gets a warning line, and its
     manifest says so."""
     batches = len(batch_bounds(len(x), settings.batch_size))
+    if settings.max_batches_per_epoch is not None:
+        batches = min(batches, settings.max_batches_per_epoch)
     _test_kill_point(label, 0)
     with training_bars(cfg.progress, label, settings.epochs, batches) as bars:
 
