@@ -149,13 +149,22 @@ def fmt(value: Any) -> str:
 
 
 def results_table(
-    title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], text_columns: int = 1
+    title: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    text_columns: int = 1,
+    legend: str | None = None,
 ) -> None:
-    """A table whose first `text_columns` columns are left-aligned text, the rest numbers."""
-    table = Table(title=title, title_justify="left")
+    """A table whose first `text_columns` columns are left-aligned text, the rest numbers; a
+    header wraps between its words but is never cut. `legend`: a line under it that spells out
+    abbreviated headers."""
+    table = Table(title=title, title_justify="left", caption=legend, caption_justify="left")
     for i, col in enumerate(columns):
         text = i < text_columns
-        table.add_column(col, justify="left" if text else "right", no_wrap=text)
+        widest_word = max((len(word) for word in col.split()), default=0)
+        table.add_column(
+            col, justify="left" if text else "right", no_wrap=text, min_width=widest_word
+        )
     for row in rows:
         table.add_row(*[fmt(v) for v in row])
     console.print(table)

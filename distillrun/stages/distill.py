@@ -12,8 +12,6 @@ distillation bought.
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -25,6 +23,7 @@ from omegaconf import DictConfig
 
 from distillrun.console import results_table, say
 from distillrun.core.data import Data, load_dataset
+from distillrun.core.inference_speed import best_seconds, machine, recorded_speed, timed_inputs
 from distillrun.core.models import (
     build_model,
     checkpoint,
@@ -134,7 +133,7 @@ def distill(cfg: DictConfig, run: Run) -> dict[str, Any]:
         teacher_test_errors=teacher_metrics["test_errors"],
         student_params=count_parameters(student),
         teacher_params=teachers.params,
-        **inference_cost(teachers, student, data.x_test, cfg.train.eval_batch_size, run.device),
+        **inference_cost(run, teachers, student, data.x_test, cfg.train.eval_batch_size),
         **{f"baseline_{k}": v for k, v in baseline.items()},
     )
     _print_table(cfg, data, teachers, teacher_metrics, baseline, metrics, alpha)
@@ -167,7 +166,7 @@ def plan(
     return (
         f"  student {cfg.model.name} on {transfer_size} transfer examples of {data.name}"
         + (f" ({augmentation.describe()})" if augmentation else "")
-        + f", loss={cfg.loss} T={float(cfg.T):g} alpha={alpha:g} ensemble={cfg.ensemble}"
+        + f", loss={loss_label(cfg)} T={float(cfg.T):g} alpha={alpha:g} ensemble={cfg.ensemble}"
         + ("" if labels else " (unlabeled transfer set: soft term only)")
         + (f", without classes {omit}" if omit else "")
         + f", on {run.device} -> {run.dir}"
@@ -367,41 +366,53 @@ def teacher_outputs(
 
 
 def inference_cost(
-    teachers: Teachers,
-    student: torch.nn.Module,
-    x: torch.Tensor,
-    batch_size: int,
-    device: torch.device,
+    run: Run, teachers: Teachers, student: torch.nn.Module, x: torch.Tensor, batch_size: int
 ) -> dict[str, float | None]:
-    """Examples per second of the teacher ensemble and of the student on `x` (same device,
-    same batch size; best of 3 each, in alternation), and the ratio: `inference_speedup`.
-    None when the members' checkpoints are gone."""
-    files = teachers.member_files
-    if not files:
+    """Examples per second of the teacher ensemble and of the student on the first test
+    examples (same device, same batch size), and the ratio: `inference_speedup`.
+
+    The student is timed here. The teachers' figure is the one their run recorded when it was
+    measured on this machine, device, thread count and batch size (core/inference_speed.py);
+    otherwise (another machine, or a run made before the record existed) they are timed here,
+    in alternation with the student; None when their checkpoints are gone. Where it came from
+    goes in the manifest (`inference`) and is said."""
+    x = timed_inputs(x)
+    if not len(x):
         return dict.fromkeys(
             ("inference_speedup", "teacher_examples_per_s", "student_examples_per_s")
         )
-    members = [load_model(f, device) for f in files]
-
-    def seconds_per_pass(models: list[torch.nn.Module]) -> float:
-        passes, start = 0, time.perf_counter()
-        while passes == 0 or time.perf_counter() - start < 0.05:  # small test sets: repeat
-            for model in models:
-                predict(model, x, batch_size)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            passes += 1
-        return (time.perf_counter() - start) / passes
-
-    best = {"teachers": math.inf, "student": math.inf}
-    for _ in range(3):
-        best["teachers"] = min(best["teachers"], seconds_per_pass(members))
-        best["student"] = min(best["student"], seconds_per_pass([student]))
+    here = machine(run.device, batch_size, len(x))
+    teacher_rate = recorded_speed([m.get("inference") for m in teachers.manifests], here)
+    groups: dict[str, list[torch.nn.Module]] = {"student": [student]}
+    if teacher_rate is not None:
+        origin = f"recorded by {teachers.source} on this machine"
+    elif teachers.member_files:
+        groups["teachers"] = [load_model(f, run.device) for f in teachers.member_files]
+        origin = "timed by this run (" + _why_timed(teachers) + ")"
+    else:
+        origin = "none: the teachers' checkpoints are gone"
+    best = best_seconds(groups, x, batch_size, run.device)
+    if "teachers" in best:
+        teacher_rate = len(x) / best["teachers"]
+    student_rate = len(x) / best["student"]
+    run.info["inference"] = {"teachers": origin, "machine": here}
+    say(
+        f"  inference on {len(x)} test examples: student {student_rate:,.0f} examples/s, "
+        + ("teachers -" if teacher_rate is None else f"teachers {teacher_rate:,.0f} examples/s")
+        + f" ({origin})"
+    )
     return {
-        "inference_speedup": best["teachers"] / best["student"],
-        "teacher_examples_per_s": len(x) / best["teachers"],
-        "student_examples_per_s": len(x) / best["student"],
+        "inference_speedup": None if teacher_rate is None else student_rate / teacher_rate,
+        "teacher_examples_per_s": teacher_rate,
+        "student_examples_per_s": student_rate,
     }
+
+
+def _why_timed(teachers: Teachers) -> str:
+    """Why a teachers run's own figure could not serve."""
+    if any(not m.get("inference") for m in teachers.manifests):
+        return "their run recorded no figure"
+    return "their figure was measured on another machine, device, thread count or batch size"
 
 
 def savings(m: dict[str, Any]) -> str:
@@ -414,6 +425,12 @@ def savings(m: dict[str, Any]) -> str:
         parts.append(f"1/{m['inference_speedup']:.1f} of its inference time")
     cost = f" with {' and '.join(parts)}" if parts else ""
     return f"the student keeps {100 * kept:.1f}% of the teacher ensemble's test accuracy{cost}"
+
+
+def loss_label(cfg: DictConfig) -> str:
+    """The loss's name, whether `loss` is a name (`loss=kd`) or a node with one (`loss.name`)."""
+    loss = cfg.loss
+    return str(loss if isinstance(loss, str) else loss.name)
 
 
 def _print_table(
@@ -459,15 +476,18 @@ def _print_table(
         if not cfg.transfer.labels:
             hard = "student, hard labels (the labels distill did not use)"
         rows.append(row(hard, baseline, "", *student_cost))
-    rows.append(
-        row(f"student, distilled (T={cfg.T:g}, alpha={alpha:g})", student, "", *student_cost)
-    )
+    distilled = f"student, distilled (T={float(cfg.T):g}, alpha={alpha:g}, loss={loss_label(cfg)})"
+    rows.append(row(distilled, student, "", *student_cost))
     if "omit_bias" in student:
         label = f"  before the bias correction (+{student['omit_bias']:g})"
         rows.append(row(label, {**student, "uncorrected_teacher_agreement": None}, "uncorrected_"))
     results_table(
         f"distill on {data.name}: {len(data.y_test)} test examples",
-        ["model", "test accuracy", "test errors", "test NLL", "ECE", "agrees with teachers"]
-        + ["parameters", "inference examples/s"],
+        ["model", "test acc", "errors", "NLL", "ECE", "agree", "params", "examples/s"],
         rows,
+        legend=(
+            "on the test set: accuracy, errors, NLL, ECE (calibration error), agree (share "
+            "classified as the teacher ensemble does); params: parameters; examples/s: "
+            f"inference speed (batches of {cfg.train.eval_batch_size}, {data.x_test.device})"
+        ),
     )
