@@ -41,6 +41,7 @@ from distillrun.core.train import (
 from distillrun.errors import UserError, interrupted_exit_code, interruption, stop_on_signals
 from distillrun.integrations import tracking
 from distillrun.runs import artifacts
+from distillrun.runs.listing import pin_inputs
 from distillrun.runs.teacher_runs import ChosenTeachers, parse_source
 
 RESUME_DIR = "resume"  # resumable checkpoints of the models in training; removed once complete
@@ -65,11 +66,19 @@ class Run:
     state_dir: Path | None = None  # under torchrun: process 0's folder, where `resume/` is
 
     def write_manifest(self, record: dict[str, Any], **extra: Any) -> None:
+        if "overrides" in record:  # the runs it read are known only once the stage found them
+            record = {**record, "command": self.command(record["overrides"], record["config"])}
         manifest = artifacts.write_manifest(
             self.dir, **record, inputs=self.inputs, **self.info, **extra
         )
         self.manifest_written = True
         tracking.manifest_written(self, manifest)
+
+    def command(self, overrides: list[str], config: dict[str, Any]) -> str:
+        """The line that runs it again: its overrides, with every input run it has read so far
+        pinned to its folder (a default, "the newest", would later name another run)."""
+        pinned = pin_inputs(list(overrides), {"config": config, "inputs": self.inputs})
+        return shlex.join(["distillrun", self.stage, *pinned])
 
     def add_input(
         self, key: str, folder: Path | str, runs: list[dict[str, Any]] | None = None
@@ -186,7 +195,7 @@ def _run_locked(
         "started": artifacts.now(),
         "seed": cfg.seed,
         "overrides": list(hydra_cfg.overrides.task),
-        "command": shlex.join(["distillrun", stage, *hydra_cfg.overrides.task]),
+        "command": "",  # pinned to the runs it reads as it finds them (Run.command)
         "code_version": artifacts.code_version(),
         "libraries": artifacts.library_versions(),
         "environment": artifacts.environment(),

@@ -385,17 +385,17 @@ def inference_cost(
     teacher_rate = recorded_speed([m.get("inference") for m in teachers.manifests], here)
     groups: dict[str, list[torch.nn.Module]] = {"student": [student]}
     if teacher_rate is not None:
-        origin = f"recorded by {teachers.source} on this machine"
+        how, origin = "recorded", f"recorded by {teachers.source} on this machine"
     elif teachers.member_files:
         groups["teachers"] = [load_model(f, run.device) for f in teachers.member_files]
-        origin = "timed by this run (" + _why_timed(teachers) + ")"
+        how, origin = "timed", f"timed by this run: {_why_timed(teachers)}"
     else:
-        origin = "none: the teachers' checkpoints are gone"
+        how, origin = None, "none: the teachers' checkpoints are gone"
     best = best_seconds(groups, x, batch_size, run.device)
     if "teachers" in best:
         teacher_rate = len(x) / best["teachers"]
     student_rate = len(x) / best["student"]
-    run.info["inference"] = {"teachers": origin, "machine": here}
+    run.info["inference"] = {"teachers": how, "source": origin, "machine": here}
     say(
         f"  inference on {len(x)} test examples: student {student_rate:,.0f} examples/s, "
         + ("teachers -" if teacher_rate is None else f"teachers {teacher_rate:,.0f} examples/s")
