@@ -96,6 +96,7 @@ def recorded_speed(records: list[Any], here: dict[str, Any]) -> float | None:
     if not records or any(not isinstance(r, dict) or r.get("machine") != here for r in records):
         return None
     try:
-        return 1 / sum(1 / float(r["examples_per_s"]) for r in records)
+        rates = [float(r["examples_per_s"]) for r in records]
+        return rates[0] if len(rates) == 1 else 1 / sum(1 / rate for rate in rates)
     except (KeyError, TypeError, ValueError, ZeroDivisionError):
         return None

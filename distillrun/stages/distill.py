@@ -476,7 +476,7 @@ def _print_table(
         if not cfg.transfer.labels:
             hard = "student, hard labels (the labels distill did not use)"
         rows.append(row(hard, baseline, "", *student_cost))
-    distilled = f"student, distilled (T={float(cfg.T):g}, alpha={alpha:g}, loss={loss_label(cfg)})"
+    distilled = f"student, distilled (T={float(cfg.T):g}, alpha={alpha:g}, {loss_label(cfg)})"
     rows.append(row(distilled, student, "", *student_cost))
     if "omit_bias" in student:
         label = f"  before the bias correction (+{student['omit_bias']:g})"
