@@ -66,6 +66,14 @@ def transfer_indices(y_train: torch.Tensor, cfg: DictConfig, seed: int) -> torch
     return idx
 
 
+def transfer_set(data: Data, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transfer set's inputs and labels: the training split itself when `idx` is all of
+    it (no copy of what may be hundreds of MB)."""
+    if len(idx) == len(data.y_train):  # sorted and without repeats: every example, in order
+        return data.x_train, data.y_train
+    return data.x_train[idx], data.y_train[idx]
+
+
 def fit_omit_bias(logits: torch.Tensor, y: torch.Tensor, omit: list[int]) -> float:
     """The bias for the omitted classes with the fewest errors (then lowest NLL) on these data."""
     best_key, best_bias = None, 0.0
@@ -112,7 +120,7 @@ def distill(cfg: DictConfig, run: Run) -> dict[str, Any]:
     labels = bool(cfg.transfer.labels)
     alpha = float(cfg.alpha) if labels else 1.0
     idx = transfer_indices(data.y_train.cpu(), cfg, cfg.seed).to(run.device)
-    x, y = data.x_train[idx], data.y_train[idx]
+    x, y = transfer_set(data, idx)
     say(plan(cfg, run, data, len(idx), augmentation, alpha))
     augmentation, teacher = teacher_outputs(cfg, run, teachers, data, idx, augmentation, cache)
     run.info["dataset"] = teachers.dataset
