@@ -210,7 +210,10 @@ def test_distill_reuses_the_recorded_figure_and_times_only_its_student(
     ("record", "why"),
     [
         (None, "recorded no figure"),  # a teachers run made before the record existed
-        ({"examples_per_s": 123.0, "machine": {**HERE, "host": "elsewhere"}}, "another machine"),
+        (
+            {"examples_per_s": 123.0, "machine": {**HERE, "host": "elsewhere"}},
+            "differs from this run in host",
+        ),
     ],
 )
 def test_distill_times_the_teachers_when_their_figure_cannot_serve(

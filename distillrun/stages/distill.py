@@ -396,7 +396,7 @@ def inference_cost(
         how, origin = "recorded", f"recorded by {teachers.source} on this machine"
     elif teachers.member_files:
         groups["teachers"] = [load_model(f, run.device) for f in teachers.member_files]
-        how, origin = "timed", f"timed by this run: {_why_timed(teachers)}"
+        how, origin = "timed", f"timed by this run: {_why_timed(teachers, here)}"
     else:
         how, origin = None, "none: the teachers' checkpoints are gone"
     best = best_seconds(groups, x, batch_size, run.device)
@@ -416,11 +416,14 @@ def inference_cost(
     }
 
 
-def _why_timed(teachers: Teachers) -> str:
-    """Why a teachers run's own figure could not serve."""
-    if any(not m.get("inference") for m in teachers.manifests):
+def _why_timed(teachers: Teachers, here: dict[str, Any]) -> str:
+    """Why the teachers runs' own figure could not serve: none recorded, or what differs."""
+    records = [m.get("inference") for m in teachers.manifests]
+    if any(not isinstance(r, dict) for r in records):
         return "their run recorded no figure"
-    return "their figure was measured on another machine, device, thread count or batch size"
+    theirs = next(r.get("machine") or {} for r in records if r.get("machine") != here)
+    differ = sorted(k for k in set(theirs) | set(here) if theirs.get(k) != here.get(k))
+    return f"their record differs from this run in {', '.join(differ)}"
 
 
 def savings(m: dict[str, Any]) -> str:
