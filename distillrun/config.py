@@ -246,6 +246,11 @@ def check_basics(cfg: DictConfig, p: Problems) -> None:
         p.need(isinstance(v, bool), f"train.{key}={v}: use true or false")
     if distributed.launched():
         _torchrun(cfg, p)
+    limit = cfg.train.get("max_batches_per_epoch")
+    p.need(
+        limit is None or (is_int(limit) and limit >= 1),
+        f"train.max_batches_per_epoch={limit} must be an integer >= 1, or null for every batch",
+    )
     every = cfg.train.checkpoint_every
     p.need(
         in_range(every, 0, math.inf),

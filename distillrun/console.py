@@ -149,15 +149,33 @@ def fmt(value: Any) -> str:
 
 
 def results_table(
-    title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], text_columns: int = 1
+    title: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    text_columns: int = 1,
+    legend: str | None = None,
 ) -> None:
-    """A table whose first `text_columns` columns are left-aligned text, the rest numbers."""
-    table = Table(title=title, title_justify="left")
-    for i, col in enumerate(columns):
-        text = i < text_columns
-        table.add_column(col, justify="left" if text else "right", no_wrap=text)
-    for row in rows:
-        table.add_row(*[fmt(v) for v in row])
+    """A table whose first `text_columns` columns are left-aligned text, the rest numbers.
+    Too wide for the console, the text columns wrap first; a header wraps between its words
+    but is never cut. `legend`: a line under it that spells out abbreviated headers."""
+    table = Table(title=title, title_justify="left", caption=legend, caption_justify="left")
+    cells = [[fmt(v) for v in row] for row in rows]
+    # Each column as wide as its widest word (header or cell): headers wrap between words and
+    # are never cut; text columns wrap first. Where even that does not fit (a narrow
+    # terminal), text stays whole and rich shrinks the other columns as it can.
+    widths = [
+        max([len(w) for w in col.split()] + [len(w) for r in cells for w in r[i : i + 1]])
+        for i, col in enumerate(columns)
+    ]
+    widths = [min(w, 16) if i < text_columns else w for i, w in enumerate(widths)]
+    fits = sum(widths) + 3 * len(widths) + 1 <= console.width
+    for i, (col, width) in enumerate(zip(columns, widths, strict=True)):
+        if i < text_columns:
+            table.add_column(col, overflow="fold", min_width=width, no_wrap=not fits)
+        else:
+            table.add_column(col, justify="right", width=width if fits else None)
+    for row in cells:
+        table.add_row(*row)
     console.print(table)
 
 

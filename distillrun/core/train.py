@@ -15,6 +15,7 @@ the numbers of an uninterrupted one on the CPU, from whichever epoch was saved.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import os
 import random
@@ -42,15 +43,20 @@ from distillrun.runs import artifacts
 LossFn = Callable[[torch.Tensor, Batch], torch.Tensor]
 
 
-def make_deterministic() -> dict[str, Any]:
+def make_deterministic(compile: bool = True) -> dict[str, Any]:
     """The torch settings that make a run repeatable; returned for the manifest.
 
     On the CPU, the same seed, thread count and library versions give identical numbers. On
     CUDA, deterministic algorithms (cuBLAS needs its workspace setting) remove most of the
-    run-to-run noise; ops without a deterministic kernel only warn.
+    run-to-run noise; ops without a deterministic kernel only warn. Without `compile` the
+    switch skips torch.compile's own flag, whose import (torch._inductor) takes seconds.
     """
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    set_flag = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if compile or set_flag is None:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        set_flag(True, warn_only=True)  # what the call above does, less the inductor flag
     torch.backends.cudnn.benchmark = False
     return {
         "deterministic_algorithms": True,
@@ -190,6 +196,8 @@ class TrainSettings:
     # A resumable checkpoint at most every this many seconds (0: after every epoch), and always
     # after the last epoch and when SIGTERM or SIGHUP stops a run.
     checkpoint_every: float = 60.0
+    # At most this many batches an epoch (None: every batch): smoke runs (debug=tiny) on big data.
+    max_batches_per_epoch: int | None = None
 
 
 @dataclass
@@ -515,9 +523,16 @@ class _Epochs:
             # epoch and process) the same again when a run resumes.
             torch.manual_seed(distributed.process_seed(s.seed, epoch))
         if self.batches is not None:
-            return self.batches(self.generator)
-        perm = torch.randperm(len(self.x), generator=self.generator).to(self.x.device)
-        return (perm[start:stop] for start, stop in batch_bounds(len(self.x), s.batch_size))
+            drawn = self.batches(self.generator)
+        else:
+            perm = torch.randperm(len(self.x), generator=self.generator).to(self.x.device)
+            drawn = (perm[start:stop] for start, stop in batch_bounds(len(self.x), s.batch_size))
+        # Without a limit the batches are untouched: the same draws as ever.
+        return (
+            drawn
+            if s.max_batches_per_epoch is None
+            else itertools.islice(drawn, s.max_batches_per_epoch)
+        )
 
     def validate(self, epoch: int) -> dict[str, Any]:
         """The epoch's validation metrics; the weights are kept when they are the best yet."""

@@ -41,6 +41,7 @@ from distillrun.core.train import (
 from distillrun.errors import UserError, interrupted_exit_code, interruption, stop_on_signals
 from distillrun.integrations import tracking
 from distillrun.runs import artifacts
+from distillrun.runs.listing import pin_inputs
 from distillrun.runs.teacher_runs import ChosenTeachers, parse_source
 
 RESUME_DIR = "resume"  # resumable checkpoints of the models in training; removed once complete
@@ -65,11 +66,19 @@ class Run:
     state_dir: Path | None = None  # under torchrun: process 0's folder, where `resume/` is
 
     def write_manifest(self, record: dict[str, Any], **extra: Any) -> None:
+        if "overrides" in record:  # the runs it read are known only once the stage found them
+            record = {**record, "command": self.command(record["overrides"], record["config"])}
         manifest = artifacts.write_manifest(
             self.dir, **record, inputs=self.inputs, **self.info, **extra
         )
         self.manifest_written = True
         tracking.manifest_written(self, manifest)
+
+    def command(self, overrides: list[str], config: dict[str, Any]) -> str:
+        """The line that runs it again: its overrides, with every input run it has read so far
+        pinned to its folder (a default, "the newest", would later name another run)."""
+        pinned = pin_inputs(list(overrides), {"config": config, "inputs": self.inputs})
+        return shlex.join(["distillrun", self.stage, *pinned])
 
     def add_input(
         self, key: str, folder: Path | str, runs: list[dict[str, Any]] | None = None
@@ -186,7 +195,7 @@ def _run_locked(
         "started": artifacts.now(),
         "seed": cfg.seed,
         "overrides": list(hydra_cfg.overrides.task),
-        "command": shlex.join(["distillrun", stage, *hydra_cfg.overrides.task]),
+        "command": "",  # pinned to the runs it reads as it finds them (Run.command)
         "code_version": artifacts.code_version(),
         "libraries": artifacts.library_versions(),
         "environment": artifacts.environment(),
@@ -205,7 +214,7 @@ def _run_locked(
         if threads is not None:
             torch.set_num_threads(threads)
         record["environment"]["torch_threads"] = torch.get_num_threads()
-        record["determinism"] = make_deterministic()
+        record["determinism"] = make_deterministic(bool(cfg.train.get("compile", False)))
         run.device = distributed.local_device(pick_device(cfg.device))
         check_speed_settings(run.device, cfg.train.precision, cfg.train.compile)
         record["device"] = str(run.device)
@@ -419,6 +428,7 @@ def train_settings(cfg: DictConfig, seed: int, **changes: Any) -> TrainSettings:
         "precision": cfg.train.precision,
         "channels_last": cfg.train.channels_last,
         "compile": cfg.train.compile,
+        "max_batches_per_epoch": cfg.train.get("max_batches_per_epoch"),
     }
     return TrainSettings(**{**settings, **changes})
 
@@ -440,6 +450,8 @@ def train_one(
     `fit` (`batches`, `val_view`). A run that looks diverged gets a warning line, and its
     manifest says so."""
     batches = len(batch_bounds(len(x), settings.batch_size))
+    if settings.max_batches_per_epoch is not None:
+        batches = min(batches, settings.max_batches_per_epoch)
     _test_kill_point(label, 0)
     with training_bars(cfg.progress, label, settings.epochs, batches) as bars:
 

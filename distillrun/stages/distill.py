@@ -15,7 +15,6 @@ distillation bought.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -41,6 +40,7 @@ from distillrun.config import (
 )
 from distillrun.console import results_table, say
 from distillrun.core.data import Data, load_dataset
+from distillrun.core.inference_speed import best_seconds, machine, recorded_speed, timed_inputs
 from distillrun.core.models import (
     build_model,
     checkpoint,
@@ -125,6 +125,14 @@ def transfer_indices(y_train: torch.Tensor, cfg: DictConfig, seed: int) -> torch
     return idx
 
 
+def transfer_set(data: Data, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transfer set's inputs and labels: the training split itself when `idx` is all of
+    it (no copy of what may be hundreds of MB)."""
+    if len(idx) == len(data.y_train):  # sorted and without repeats: every example, in order
+        return data.x_train, data.y_train
+    return data.x_train[idx], data.y_train[idx]
+
+
 def fit_omit_bias(logits: torch.Tensor, y: torch.Tensor, omit: list[int]) -> float:
     """The bias for the omitted classes with the fewest errors (then lowest NLL) on these data."""
     best_key, best_bias = None, 0.0
@@ -171,7 +179,7 @@ def distill(cfg: DictConfig, run: Run) -> dict[str, Any]:
     labels = bool(cfg.transfer.labels)
     alpha = float(cfg.alpha) if labels else 1.0
     idx = transfer_indices(data.y_train.cpu(), cfg, cfg.seed).to(run.device)
-    x, y = data.x_train[idx], data.y_train[idx]
+    x, y = transfer_set(data, idx)
     say(plan(cfg, run, data, len(idx), augmentation, alpha))
     augmentation, teacher = teacher_outputs(cfg, run, teachers, data, idx, augmentation, cache)
     run.info["dataset"] = teachers.dataset
@@ -192,7 +200,7 @@ def distill(cfg: DictConfig, run: Run) -> dict[str, Any]:
         teacher_test_errors=teacher_metrics["test_errors"],
         student_params=count_parameters(student),
         teacher_params=teachers.params,
-        **inference_cost(teachers, student, data.x_test, cfg.train.eval_batch_size, run.device),
+        **inference_cost(run, teachers, student, data.x_test, cfg.train.eval_batch_size),
         **{f"baseline_{k}": v for k, v in baseline.items()},
     )
     _print_table(cfg, data, teachers, teacher_metrics, baseline, metrics, alpha)
@@ -435,41 +443,56 @@ def teacher_outputs(
 
 
 def inference_cost(
-    teachers: Teachers,
-    student: torch.nn.Module,
-    x: torch.Tensor,
-    batch_size: int,
-    device: torch.device,
+    run: Run, teachers: Teachers, student: torch.nn.Module, x: torch.Tensor, batch_size: int
 ) -> dict[str, float | None]:
-    """Examples per second of the teacher ensemble and of the student on `x` (same device,
-    same batch size; best of 3 each, in alternation), and the ratio: `inference_speedup`.
-    None when the members' checkpoints are gone."""
-    files = teachers.member_files
-    if not files:
+    """Examples per second of the teacher ensemble and of the student on the first test
+    examples (same device, same batch size), and the ratio: `inference_speedup`.
+
+    The student is timed here. The teachers' figure is the one their run recorded when it was
+    measured on this machine, device, thread count and batch size (core/inference_speed.py);
+    otherwise (another machine, or a run made before the record existed) they are timed here,
+    in alternation with the student; None when their checkpoints are gone. Where it came from
+    goes in the manifest (`inference`) and is said."""
+    x = timed_inputs(x)
+    if not len(x):
         return dict.fromkeys(
             ("inference_speedup", "teacher_examples_per_s", "student_examples_per_s")
         )
-    members = [load_model(f, device) for f in files]
-
-    def seconds_per_pass(models: list[torch.nn.Module]) -> float:
-        passes, start = 0, time.perf_counter()
-        while passes == 0 or time.perf_counter() - start < 0.05:  # small test sets: repeat
-            for model in models:
-                predict(model, x, batch_size)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            passes += 1
-        return (time.perf_counter() - start) / passes
-
-    best = {"teachers": math.inf, "student": math.inf}
-    for _ in range(3):
-        best["teachers"] = min(best["teachers"], seconds_per_pass(members))
-        best["student"] = min(best["student"], seconds_per_pass([student]))
+    here = machine(run.device, batch_size, len(x))
+    teacher_rate = recorded_speed([m.get("inference") for m in teachers.manifests], here)
+    groups: dict[str, list[torch.nn.Module]] = {"student": [student]}
+    if teacher_rate is not None:
+        how, origin = "recorded", f"recorded by {teachers.source} on this machine"
+    elif teachers.member_files:
+        groups["teachers"] = [load_model(f, run.device) for f in teachers.member_files]
+        how, origin = "timed", f"timed by this run: {_why_timed(teachers, here)}"
+    else:
+        how, origin = None, "none: the teachers' checkpoints are gone"
+    best = best_seconds(groups, x, batch_size, run.device)
+    if "teachers" in best:
+        teacher_rate = len(x) / best["teachers"]
+    student_rate = len(x) / best["student"]
+    run.info["inference"] = {"teachers": how, "source": origin, "machine": here}
+    say(
+        f"  inference on {len(x)} test examples: student {student_rate:,.0f} examples/s, "
+        + ("teachers -" if teacher_rate is None else f"teachers {teacher_rate:,.0f} examples/s")
+        + f" ({origin})"
+    )
     return {
-        "inference_speedup": best["teachers"] / best["student"],
-        "teacher_examples_per_s": len(x) / best["teachers"],
-        "student_examples_per_s": len(x) / best["student"],
+        "inference_speedup": None if teacher_rate is None else student_rate / teacher_rate,
+        "teacher_examples_per_s": teacher_rate,
+        "student_examples_per_s": student_rate,
     }
+
+
+def _why_timed(teachers: Teachers, here: dict[str, Any]) -> str:
+    """Why the teachers runs' own figure could not serve: none recorded, or what differs."""
+    records = [m.get("inference") for m in teachers.manifests]
+    if any(not isinstance(r, dict) for r in records):
+        return "their run recorded no figure"
+    theirs = next(r.get("machine") or {} for r in records if r.get("machine") != here)
+    differ = sorted(k for k in set(theirs) | set(here) if theirs.get(k) != here.get(k))
+    return f"their record differs from this run in {', '.join(differ)}"
 
 
 def savings(m: dict[str, Any]) -> str:
@@ -482,6 +505,12 @@ def savings(m: dict[str, Any]) -> str:
         parts.append(f"1/{m['inference_speedup']:.1f} of its inference time")
     cost = f" with {' and '.join(parts)}" if parts else ""
     return f"the student keeps {100 * kept:.1f}% of the teacher ensemble's test accuracy{cost}"
+
+
+def loss_label(cfg: DictConfig) -> str:
+    """The loss's name, whether `loss` is a name (`loss=kd`) or a node with one (`loss.name`)."""
+    loss = cfg.loss
+    return str(loss if isinstance(loss, str) else loss.name)
 
 
 def _print_table(
@@ -527,15 +556,18 @@ def _print_table(
         if not cfg.transfer.labels:
             hard = "student, hard labels (the labels distill did not use)"
         rows.append(row(hard, baseline, "", *student_cost))
-    rows.append(
-        row(f"student, distilled (T={cfg.T:g}, alpha={alpha:g})", student, "", *student_cost)
-    )
+    distilled = f"student, distilled (T={float(cfg.T):g}, alpha={alpha:g}, {loss_label(cfg)})"
+    rows.append(row(distilled, student, "", *student_cost))
     if "omit_bias" in student:
         label = f"  before the bias correction (+{student['omit_bias']:g})"
         rows.append(row(label, {**student, "uncorrected_teacher_agreement": None}, "uncorrected_"))
     results_table(
         f"distill on {data.name}: {len(data.y_test)} test examples",
-        ["model", "test accuracy", "test errors", "test NLL", "ECE", "agrees with teachers"]
-        + ["parameters", "inference examples/s"],
+        ["model", "test acc", "errors", "NLL", "ECE", "agree", "params", "examples/s"],
         rows,
+        legend=(
+            "on the test set: accuracy, errors, NLL, ECE (calibration error), agree (share "
+            "classified as the teacher ensemble does); params: parameters; examples/s: "
+            f"inference speed (batches of {cfg.train.eval_batch_size}, {data.x_test.device})"
+        ),
     )

@@ -41,7 +41,12 @@ from distillrun.io.imported import (
 from distillrun.method.metrics import classification_metrics
 from distillrun.runs import artifacts
 from distillrun.stages.common import Run, run_stage
-from distillrun.stages.train_teachers import dataset_info, finish_ensemble
+from distillrun.stages.train_teachers import (
+    dataset_info,
+    finish_ensemble,
+    member_models,
+    record_inference_speed,
+)
 
 NO_CHECKPOINT = (
     "member {i} of this import-teachers run has no PyTorch weights in distillrun's format ({why}); "
@@ -125,6 +130,8 @@ def import_teachers(cfg: DictConfig, run: Run) -> dict[str, Any]:
             f"accuracy {scores['test_accuracy']:.4f}"
         )
 
+    files = [run.dir / f"member_{i}.pt" for i in range(len(specs))]
+    record_inference_speed(run, member_models(files, run.device), data, cfg.train.eval_batch_size)
     labels = [f"member {i} ({m['kind']})" for i, m in enumerate(members)]
     teacher_params = None if None in params else sum(params)
     return finish_ensemble(run, data, logits, labels, members, teacher_params)

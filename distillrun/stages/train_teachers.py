@@ -7,7 +7,9 @@ and manifest.json last.
 
 from __future__ import annotations
 
+import time
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -18,8 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 from distillrun.choices import ENSEMBLES
 from distillrun.config import Problems, check_augment, check_common, is_int
 from distillrun.console import results_table, say, warning_line
+from distillrun.core import distributed
 from distillrun.core.data import Data, load_dataset
-from distillrun.core.models import build_model, checkpoint, count_parameters
+from distillrun.core.inference_speed import speed_record
+from distillrun.core.models import build_model, checkpoint, count_parameters, load_model
 from distillrun.core.train import predict
 from distillrun.method import augment
 from distillrun.method.augment import Augmentation, Batch
@@ -95,14 +99,40 @@ def train_teachers(cfg: DictConfig, run: Run) -> dict[str, Any]:
         + f"on {run.device} -> {run.dir}"
     )
     members: list[dict[str, Any]] = []
+    models: list[torch.nn.Module] = []
     logits: dict[str, list[torch.Tensor]] = {s: [] for s in SPLITS}
     for i in range(n):
         model, member, member_logits = train_member(run, cfg, data, augmentation, i)
         members.append(member)
+        models.append(model)
         for split in SPLITS:
             logits[split].append(member_logits[split])
+    record_inference_speed(run, models, data, cfg.train.eval_batch_size)
     labels = [f"teacher {i} (seed {m['seed']})" for i, m in enumerate(members)]
     return finish_ensemble(run, data, logits, labels, members, count_parameters(model) * n)
+
+
+def record_inference_speed(
+    run: Run, models: list[torch.nn.Module], data: Data, batch_size: int
+) -> None:
+    """Time the ensemble once, here, for the manifest (`inference`): distill runs on the same
+    machine reuse the figure instead of timing the teachers again."""
+    if not models or not len(data.y_test) or not distributed.is_main():
+        return
+    record = speed_record(models, data.x_test, batch_size, run.device)
+    run.info["inference"] = record
+    say(
+        f"  ensemble inference: {record['examples_per_s']:,.0f} examples/s on {run.device} "
+        f"(recorded for distill)"
+    )
+
+
+def member_models(files: list[Path], device: torch.device) -> list[torch.nn.Module]:
+    """The members from their checkpoints, or [] when any member has none (imported
+    logits, ONNX): no ensemble to time."""
+    if not files or not all(f.is_file() for f in files):
+        return []
+    return [load_model(f, device) for f in files]
 
 
 def teacher_augmentation(cfg: DictConfig, run: Run, data: Data) -> Augmentation | None:
@@ -125,6 +155,7 @@ def train_member(
     """Member i, trained with seed `seed + i` on the hard labels and saved as member_<i>.pt:
     the model, its record (seed, selected epoch, validation and test scores) and its logits
     on each split."""
+    started = time.perf_counter()
     seed = cfg.seed + i
     torch.manual_seed(seed)
     model = build_model(cfg.model, data.input_shape, data.num_classes).to(run.device)
@@ -154,7 +185,8 @@ def train_member(
     say(
         f"  teacher {i} (seed {seed}): {member['test_errors']} test errors, "
         f"accuracy {member['test_accuracy']:.4f}, epoch {fitted.best_epoch} of "
-        f"{cfg.train.epochs}, {fitted.seconds:.1f}s"
+        f"{cfg.train.epochs}, {time.perf_counter() - started:.1f}s ({fitted.seconds:.1f}s of "
+        "it training)"
     )
     return model, member, logits
 
