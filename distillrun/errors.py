@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import signal
-from typing import Any
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 
 class UserError(ValueError):
@@ -61,3 +63,14 @@ class Pruned(Exception):
     def __init__(self, epoch: int, metrics: dict[str, Any]) -> None:
         super().__init__(f"pruned by the search after epoch {epoch}")
         self.fields = {"pruned_at_epoch": epoch, "metrics": metrics}
+
+
+def run_tool(name: str, body: Callable[[], int]) -> NoReturn:
+    """A tool's command (`make reproduce`, ...): SIGTERM stops it like Ctrl-C, a UserError is one
+    line and exit 2, else the body's exit code."""
+    signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        sys.exit(body())
+    except UserError as e:
+        print(f"distillrun {name}: {e}", file=sys.stderr)
+        sys.exit(2)

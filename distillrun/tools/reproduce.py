@@ -33,7 +33,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from distillrun.errors import UserError, interrupted_exit_code, raise_terminated
+from distillrun.errors import UserError, interrupted_exit_code, run_tool
 from distillrun.runs import artifacts, summary
 
 PAPER = {  # docs/method.md#mnist
@@ -419,7 +419,7 @@ def table_rows(rows: Any) -> str:
     return "\n".join("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)
 
 
-def plot_T(r: dict[str, Any], path: Any) -> None:
+def plot_T(r: dict[str, Any], path: Path) -> None:
     """Test errors against T: the paper's setting and the views, side by side, each with its
     hard-label student and the teachers as lines."""
     plt = artifacts.pyplot()
@@ -451,7 +451,7 @@ def plot_T(r: dict[str, Any], path: Any) -> None:
     axes[0].set_ylabel("test errors (of 10,000)")
     axes[0].legend()
     fig.tight_layout()
-    artifacts.save_figure(fig, Path(path), dpi=120, tight=False)
+    artifacts.save_figure(fig, path, dpi=120, tight=False)
 
 
 # --- the command ---------------------------------------------------------------------------------
@@ -474,12 +474,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds {args.seeds}: give a number of seeds >= 1")
-    signal.signal(signal.SIGTERM, raise_terminated)
-    try:
-        sys.exit(reproduce(args))
-    except UserError as e:
-        print(f"distillrun reproduce: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_tool("reproduce", lambda: reproduce(args))
 
 
 def reproduce(args: argparse.Namespace) -> int:
@@ -578,7 +573,7 @@ def write_report(root: Path, steps: list[Step], state: dict[str, Any], seeds: in
         "runs": {s.name: str(root / s.name) for s in steps},
     }
     artifacts.write_json(root / "report.json", r)
-    artifacts.atomic_write(root / "errors_vs_T.png", lambda f: plot_T(r, f), "wb")
+    plot_T(r, root / "errors_vs_T.png")  # written atomically
     artifacts.atomic_write(
         root / "report.md", lambda f: f.write(markdown(r, {s.name: s for s in steps}, root)), "w"
     )

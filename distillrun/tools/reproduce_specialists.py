@@ -23,13 +23,12 @@ import argparse
 import datetime as dt
 import json
 import shlex
-import signal
 import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from distillrun.errors import UserError, raise_terminated
+from distillrun.errors import UserError, run_tool
 from distillrun.runs import artifacts
 from distillrun.tools.reproduce import STATE, Step, machine, new_folder, run_steps, table_rows
 
@@ -356,12 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", help="an interrupted reproduction's folder, to continue")
     parser.add_argument("overrides", nargs="*", help="passed to the steps, e.g. device=cuda")
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, raise_terminated)
-    try:
-        sys.exit(reproduce(args))
-    except UserError as e:
-        print(f"distillrun reproduce-specialists: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_tool("reproduce-specialists", lambda: reproduce(args))
 
 
 def reproduce(args: argparse.Namespace) -> int:
