@@ -660,15 +660,18 @@ def test_the_folder_lock_admits_one_process(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_a_running_folder_is_refused_to_a_second_process(reference: Path, tmp_path: Path) -> None:
     proc = start(tmp_path, "train-teachers", *TEACHERS)
-    # SIGCONT changes nothing: this only waits until the run is under way
-    signal_when(proc, "outputs/train-teachers/*/resume/teacher_0.pt", tmp_path, signal.SIGCONT)
-    (folder,) = runs(tmp_path, "train-teachers")
-    hydra_files = {p.name: p.read_bytes() for p in (folder / ".hydra").iterdir()}
-    second = cli(tmp_path, "train-teachers", f"resume={folder}", check=None)
-    assert_one_line_error(second, f"resume={folder.resolve()} is still running")
-    same_dir = cli(tmp_path, "train-teachers", *TEACHERS, f"hydra.run.dir={folder}", check=None)
-    assert_one_line_error(same_dir, "is in use by another distillrun process")
-    assert {p.name: p.read_bytes() for p in (folder / ".hydra").iterdir()} == hydra_files
+    # Paused once under way, so that it is still running (holding its folder) whatever the load
+    signal_when(proc, "outputs/train-teachers/*/resume/teacher_0.pt", tmp_path, signal.SIGSTOP)
+    try:
+        (folder,) = runs(tmp_path, "train-teachers")
+        hydra_files = {p.name: p.read_bytes() for p in (folder / ".hydra").iterdir()}
+        second = cli(tmp_path, "train-teachers", f"resume={folder}", check=None)
+        assert_one_line_error(second, f"resume={folder.resolve()} is still running")
+        same_dir = cli(tmp_path, "train-teachers", *TEACHERS, f"hydra.run.dir={folder}", check=None)
+        assert_one_line_error(same_dir, "is in use by another distillrun process")
+        assert {p.name: p.read_bytes() for p in (folder / ".hydra").iterdir()} == hydra_files
+    finally:
+        proc.send_signal(signal.SIGCONT)
     assert proc.wait(timeout=240) == 0  # the first run, undisturbed
     assert without_timings(manifest(folder)["metrics"]) == without_timings(
         manifest(reference)["metrics"]
