@@ -119,7 +119,7 @@ class Setting:
 SETTINGS = {
     "digits": Setting(
         "digits",
-        "digits: all 1,213 training images, views shifted by up to 1 pixel",
+        "digits: all 1,212 training images, views shifted by up to 1 pixel",
         ("model=cnn", "augment=shift", "augment.pixels=1", "train.epochs=60"),  # the demo's
         ("augment=shift", "augment.pixels=1", "train.epochs=200", "train.batch_size=32"),
         Method(
