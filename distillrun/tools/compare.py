@@ -146,6 +146,7 @@ SETTINGS = {
 
 
 def methods(setting: Setting) -> list[Method]:
+    """The setting's rows after the hard labels: its KD, then the later losses."""
     return [setting.kd, *setting.methods]
 
 
