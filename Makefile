@@ -54,6 +54,18 @@ reproduce: venv
 	$(BIN)/python -m distillrun.tools.reproduce --data-root $(MNIST) $(if $(DOWNLOAD),--download) \
 		--seeds $(SEEDS) $(if $(RESUME),--resume $(RESUME)) $(ARGS)
 
+# The logit losses side by side (docs/compare.md): every loss= (and KD, DKD with logit
+# standardisation) and the hard-label baseline, seeds 0-2, on digits and on MNIST's 3% with
+# consistent views: outputs/compare/<timestamp>/report.md and report.json. TEACHERS=<a `make
+# reproduce` folder>/teachers reuses its MNIST teachers (else trained here, 16 minutes);
+# SETTINGS=digits for the digits part alone; SEEDS=n (default 3 here), MNIST, DOWNLOAD, RESUME
+# and ARGS as for reproduce.
+.PHONY: compare
+compare: venv
+	$(BIN)/python -m distillrun.tools.compare --data-root $(MNIST) $(if $(DOWNLOAD),--download) \
+		--seeds $(if $(filter command line environment,$(origin SEEDS)),$(SEEDS),3) $(if $(TEACHERS),--teachers $(TEACHERS)) \
+		$(if $(SETTINGS),--settings $(SETTINGS)) $(if $(RESUME),--resume $(RESUME)) $(ARGS)
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -29,3 +29,27 @@ def test_without_a_gpu_the_cifar_figures_are_skipped_with_a_line(monkeypatch, ca
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert bench.cifar_kd(quick=True) == {"cifar_kd": "skipped: measured on a CUDA GPU only"}
     assert "no CUDA GPU here" in capsys.readouterr().out
+
+
+def test_loss_throughput_times_each_loss_through_distills_loss_function(monkeypatch) -> None:
+    """Every variant of LOSS_VARIANTS is timed with its own loss (distill's loss function with
+    that loss= and standardisation), and its ratio to kd is reported."""
+    torch.set_num_threads(1)
+    monkeypatch.setattr(bench, "STUDENT", {"name": "mlp", "hidden": [8], "dropout": 0.0})
+    built = []
+    real = bench.distill_loss_of
+
+    def recording(loss: str, standardize: bool, cached, y):
+        built.append((loss, standardize))
+        return real(loss, standardize, cached, y)
+
+    monkeypatch.setattr(bench, "distill_loss_of", recording)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(300, 1, 28, 28, generator=g), torch.randint(0, 10, (300,), generator=g)
+    figures = bench.loss_throughput(x, y, epochs=1, repeats=1)
+    assert built == list(bench.LOSS_VARIANTS.values())
+    others = [name for name in bench.LOSS_VARIANTS if name != "kd"]
+    assert {f"loss_throughput_ratio_{n}" for n in others} <= set(figures)
+    assert {f"loss_throughput_ratio_{n}" for n in others} <= set(bench.GOALS)
+    assert all(figures[f"loss_throughput_ratio_{n}"] > 0 for n in others)
+    assert "270 examples x 1 epochs, 9 cached views" in figures["loss_throughput_setup"]

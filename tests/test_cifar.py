@@ -288,6 +288,49 @@ def test_the_presets_set_the_benchmark_recipe(teacher: str, student: str) -> Non
     assert round(teaching.cache_size(1, 45_000, 162, 100, 10) / 1e6) == 306
 
 
+# The published settings of the later losses on each pair (conf/experiment/cifar100_*_<loss>.yaml):
+# DKD's beta_n by teacher (mdistiller's configs/cifar100/dkd/*.yaml); every loss at the SGD step
+# of its paper: `scale` is our loss over the published one (CE + DKD, CE + DIST: alpha=0.5 gives
+# half; 0.1 CE + 9 KD: alpha=9/9.1 gives 1/9.1), so lr * scale and weight_decay / scale must be
+# the published 0.05 and 5e-4.
+DKD_BETA_N = {"resnet32x4": 8.0, "wrn_40_2": 6.0, "resnet56": 2.0, "resnet110": 2.0}
+LOSS_PRESETS = {  # suffix: (loss.name, loss.standardize, T, the published CE weight / term weight)
+    "dkd": ("dkd", False, 4.0, 1.0),
+    "dist": ("dist", False, 4.0, 1.0),
+    "kd_ls": ("kd", True, 2.0, 0.1 / 9),
+}
+
+
+@pytest.mark.parametrize("suffix", LOSS_PRESETS)
+@pytest.mark.parametrize(("teacher", "student"), PAIRS)
+def test_the_loss_presets_set_the_published_loss_on_the_pair_recipe(
+    teacher: str, student: str, suffix: str
+) -> None:
+    pair = compose("distill", f"cifar100_{teacher}_{student}")
+    s = compose("distill", f"cifar100_{teacher}_{student}_{suffix}")
+    name, standardize, T, ce_per_term = LOSS_PRESETS[suffix]
+    assert s.experiment.name == f"cifar100_{teacher}_{student}_{suffix}"
+    assert s.experiment.companion == f"cifar100_{teacher}"
+    assert (s.loss.name, s.loss.standardize, s.T) == (name, standardize, T)
+    assert (1 - s.alpha) / s.alpha == pytest.approx(ce_per_term)  # the published balance
+    scale = s.alpha if name != "kd" else s.alpha / 9  # ours = scale * published
+    assert s.optim.lr * scale == pytest.approx(0.05) and s.optim.weight_decay / scale == (
+        pytest.approx(5e-4)
+    )
+    if name == "dkd":
+        assert (s.loss.alpha_t, s.loss.beta_n, s.loss.warmup_epochs) == (
+            1.0,
+            DKD_BETA_N[teacher],
+            20,
+        )
+    if name == "dist":
+        assert (s.loss.beta, s.loss.gamma) == (2.0, 2.0)
+    # Everything else is the pair preset's.
+    for key in ("model", "dataset", "augment", "train", "teacher_outputs", "transfer"):
+        assert s[key] == pair[key], key
+    assert (s.baseline, s.optim.momentum, list(s.optim.milestones)) == (True, 0.9, [150, 180, 210])
+
+
 # --- every preset end to end, on synthetic CIFAR-100 files ---------------------------------------
 
 

@@ -48,11 +48,26 @@ SGD |= {"schedule": "constant", "step_size": 10, "gamma": 0.1}
 ADAM = {"name": "adam", "lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.0}
 ADAM |= {"schedule": "constant", "step_size": 10, "gamma": 0.1}
 BATCH, T, ALPHA = 128, 4.0, 0.9
+# loss_throughput's variants: name -> (loss=, loss.standardize), kd first (the reference)
+LOSS_VARIANTS = {
+    "kd": ("kd", False),
+    "logit_mse": ("logit_mse", False),
+    "dkd": ("dkd", False),
+    "dist": ("dist", False),
+    "nkd": ("nkd", False),
+    "kd_ls": ("kd", True),
+    "dkd_ls": ("dkd", True),
+}
 GOALS = {
     "train_throughput_ratio": (">=", 0.95),
     "sweep_speedup": (">=", 3.0),
     "augmented_sweep_speedup": (">=", 3.0),
     "views_throughput_ratio": (">=", 0.9),
+    # each loss of LOSS_VARIANTS on cached views, against kd in the same run
+    **{
+        f"loss_throughput_ratio_{name}": (">=", 0.9)
+        for name in ("logit_mse", "dkd", "dist", "nkd", "kd_ls", "dkd_ls")
+    },
     "cifar_kd_speedup": (">=", 1.0),  # on a CUDA GPU only
     "kl_inference_examples_per_s": (">=", 20000),
     "matmul_fraction": (">=", 0.6),
@@ -127,15 +142,19 @@ def reference_epochs(model, x, y, soft, epochs: int, teachers=None, views=None) 
     return time.perf_counter() - start
 
 
-def distillrun_epochs(model, x, y, cached, epochs: int, x_val, y_val, views=None) -> float:
+def distillrun_epochs(
+    model, x, y, cached, epochs: int, x_val, y_val, views=None, loss_fn=None
+) -> float:
     """distillrun's training loop (train.fit) with the loss distill uses (the members' cached
-    logits combined at T batch by batch, CachedLogits), validation and the resumable
-    checkpoints at the default cadence included, as in a run. Returns seconds."""
+    logits combined at T batch by batch, CachedLogits; or `loss_fn`), validation and the
+    resumable checkpoints at the default cadence included, as in a run. Returns seconds."""
     folder = tempfile.TemporaryDirectory()
 
-    def loss_fn(out: torch.Tensor, b: Any) -> torch.Tensor:
+    def kd_loss(out: torch.Tensor, b: Any) -> torch.Tensor:
         targets = combine(cached.member_logits(b), "arithmetic", T)
         return distillation_loss(out, targets, y[b.idx], T, ALPHA)
+
+    loss_fn = loss_fn or kd_loss
 
     start = time.perf_counter()
     fit(
@@ -434,6 +453,62 @@ def views_throughput(x, y, epochs: int, repeats: int) -> dict[str, float]:
     }
 
 
+def distill_loss_of(
+    loss: str, standardize: bool, cached: CachedLogits, y: torch.Tensor
+) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    """distill's loss function (stages.distill.distill_loss_fn) for `loss=<loss>` with its
+    defaults from conf/loss/<loss>.yaml, at T and ALPHA, on the cached teacher outputs."""
+    from omegaconf import OmegaConf
+
+    from distillrun.config import yaml_file
+    from distillrun.stages.distill import distill_loss_fn
+
+    settings = {**yaml_file("loss", loss), "standardize": standardize}
+    cfg = OmegaConf.create({"loss": settings, "T": T, "ensemble": "arithmetic"})
+    return distill_loss_fn(cfg, cached, y, 10, ALPHA)
+
+
+def loss_throughput(x, y, epochs: int, repeats: int) -> dict[str, Any]:
+    """Samples/s of a distill epoch on cached views (a random shifted view of each image and the
+    five members' logits on that view, as views_throughput) with each loss of LOSS_VARIANTS,
+    through distill's own loss function: the same student, views, batches and cache for every
+    loss, run in alternation. Each loss's ratio is kd's time over its own (1: as fast as kd)."""
+    n_val = len(x) // 10
+    x_val, y_val, x_tr, y_tr = x[:n_val], y[:n_val], x[n_val:], y[n_val:]
+    g = torch.Generator().manual_seed(1)
+    on_views = torch.randn(5, len(x_tr), SHIFT.count, 10, generator=g) * 3
+    cached = CachedLogits({"logits": on_views.half()}, 10)
+
+    def student() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return build_model(STUDENT, (1, 28, 28), 10)
+
+    def timed(loss: str, standardize: bool) -> Callable[[], float]:
+        loss_fn = distill_loss_of(loss, standardize, cached, y_tr)
+        return lambda: distillrun_epochs(
+            student(), x_tr, y_tr, cached, epochs, x_val, y_val, SHIFT, loss_fn
+        )
+
+    runs = [timed(*variant) for variant in LOSS_VARIANTS.values()]
+    runs[0]()  # a warm-up, untimed: the first epoch in a process pays for allocations
+    times = best_of(repeats, *runs)
+    seconds = dict(zip(LOSS_VARIANTS, times, strict=True))
+    samples = epochs * len(x_tr)
+    figures: dict[str, Any] = {
+        f"loss_samples_per_s_{name}": samples / s for name, s in seconds.items()
+    }
+    figures |= {
+        f"loss_throughput_ratio_{name}": seconds["kd"] / s
+        for name, s in seconds.items()
+        if name != "kd"
+    }
+    figures["loss_throughput_setup"] = (
+        f"{len(x_tr)} examples x {epochs} epochs, {SHIFT.count} cached views, 5 members, "
+        f"800x800 MLP student, batch {BATCH}, best of {repeats}"
+    )
+    return figures
+
+
 def kl_inference(classes: int, specialists: int, n: int, repeats: int = 3) -> float:
     """Test examples per second of the generalist-plus-specialists KL combination: each
     specialist covers classes / specialists classes plus a dustbin, the generalist's top
@@ -534,6 +609,9 @@ def peak_rss_mb(mnist_root: str | None) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke test)")
+    parser.add_argument(
+        "--only", choices=["losses"], help="measure these figures alone (losses: loss_throughput)"
+    )
     parser.add_argument("--out", default="outputs/bench.json")
     parser.add_argument(
         "--mnist", default=os.environ.get("DISTILLRUN_DATA", "../shared/data/mnist")
@@ -543,6 +621,11 @@ def main(argv: list[str] | None = None) -> None:
     quick = args.quick
     x, y = mnist_like(args.mnist, 6000 if quick else 60000)
     figures: dict[str, Any] = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+    n_losses = 6000 if quick else 20000
+    losses = {"epochs": 1, "repeats": 2 if quick else 3}
+    if args.only == "losses":
+        report(figures | loss_throughput(x[:n_losses], y, **losses), Path(args.out))
+        return
     figures["matmul_gflops"] = matmul_gflops()
     figures |= train_throughput(x, y, epochs=1 if quick else 2, repeats=2 if quick else 3)
     figures["matmul_fraction"] = figures["train_gflops"] / figures["matmul_gflops"]
@@ -552,6 +635,7 @@ def main(argv: list[str] | None = None) -> None:
         x[:500] if quick else x[:1111], y, jobs=8, epochs=2 if quick else 10, members=5
     )
     figures |= views_throughput(x, y, epochs=1 if quick else 2, repeats=2 if quick else 3)
+    figures |= loss_throughput(x[:n_losses], y, **losses)
     figures["kl_inference_examples_per_s"] = kl_inference(100, 10, 2000 if quick else 10000)
     for classes in (20, 100, 1000):  # how evaluate's inference grows: specialists of 10 classes
         figures[f"kl_inference_examples_per_s_{classes}_classes"] = kl_inference(
