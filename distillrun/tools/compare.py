@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import shlex
 import signal
 import sys
@@ -41,6 +40,7 @@ from distillrun.tools.reproduce import (
     _mean,
     _runs,
     _std,
+    add_mnist_arguments,
     machine,
     new_folder,
     run_steps,
@@ -326,19 +326,11 @@ def write_report(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--data-root",
-        default=os.environ.get("DISTILLRUN_DATA", "../shared/data/mnist"),
-        help="where MNIST is, in torchvision's layout (default: ../shared/data/mnist)",
-    )
-    parser.add_argument("--download", action="store_true", help="fetch MNIST into --data-root")
+    add_mnist_arguments(parser, seeds=3)
     parser.add_argument(
         "--teachers",
         help="a complete train-teachers run on MNIST, e.g. a `make reproduce` folder's teachers "
         "(default: train them here as reproduce does)",
-    )
-    parser.add_argument(
-        "--seeds", type=int, default=3, help="train every student with seeds 0..N-1 (default 3)"
     )
     parser.add_argument(
         "--settings",

@@ -275,6 +275,21 @@ def _met(value: Any, op: str, target: float) -> bool | None:
     return value <= target if op == "<=" else value >= target
 
 
+def provenance(
+    root: Path, steps: list[Step], state: dict[str, Any], paper: dict[str, Any]
+) -> dict[str, Any]:
+    """What a report records of how it was made: date, machine, torch, command, the paper's
+    figures and each step's folder."""
+    return {
+        "date": dt.date.today().isoformat(),
+        "machine": machine(),
+        "torch": metadata.version("torch"),
+        "command": state["command"],
+        "paper": paper,
+        "runs": {s.name: str(root / s.name) for s in steps},
+    }
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -457,8 +472,8 @@ def plot_T(r: dict[str, Any], path: Path) -> None:
 # --- the command ---------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_mnist_arguments(parser: argparse.ArgumentParser, seeds: int) -> None:
+    """--data-root, --download and --seeds: what the MNIST tools (reproduce, compare) share."""
     parser.add_argument(
         "--data-root",
         default=os.environ.get("DISTILLRUN_DATA", "../shared/data/mnist"),
@@ -466,8 +481,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--download", action="store_true", help="fetch MNIST into --data-root")
     parser.add_argument(
-        "--seeds", type=int, default=1, help="train every student with seeds 0..N-1 (default 1)"
+        "--seeds",
+        type=int,
+        default=seeds,
+        help=f"train every student with seeds 0..N-1 (default {seeds})",
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_mnist_arguments(parser, seeds=1)
     parser.add_argument("--out", default="outputs/reproduce", help="where reproductions go")
     parser.add_argument("--resume", help="an interrupted reproduction's folder, to continue")
     parser.add_argument("overrides", nargs="*", help="passed to every stage, e.g. device=cuda")
@@ -564,14 +587,7 @@ def write_report(root: Path, steps: list[Step], state: dict[str, Any], seeds: in
     r = results(root, seeds)
     r["minutes"] = sum(state["seconds"].values()) / 60
     r["goals_met"] = {name: _met(r[key], op, target) for name, (key, op, target) in GOALS.items()}
-    r |= {
-        "date": dt.date.today().isoformat(),
-        "machine": machine(),
-        "torch": metadata.version("torch"),
-        "command": state["command"],
-        "paper": PAPER,
-        "runs": {s.name: str(root / s.name) for s in steps},
-    }
+    r |= provenance(root, steps, state, PAPER)
     artifacts.write_json(root / "report.json", r)
     plot_T(r, root / "errors_vs_T.png")  # written atomically
     artifacts.atomic_write(

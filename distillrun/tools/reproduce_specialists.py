@@ -20,17 +20,15 @@ from its last epoch.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import shlex
 import sys
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from distillrun.errors import UserError, run_tool
 from distillrun.runs import artifacts
-from distillrun.tools.reproduce import STATE, Step, machine, new_folder, run_steps, table_rows
+from distillrun.tools.reproduce import STATE, Step, new_folder, provenance, run_steps, table_rows
 
 # docs/method.md#specialists, JFT: (specialists covering the correct class, test examples, top-1
 # correct gained, relative accuracy change).
@@ -394,14 +392,7 @@ def write_report(root: Path, steps: list[Step], state: dict[str, Any]) -> int:
     r = results(root)
     r["minutes"] = sum(state["seconds"].values()) / 60
     r["goals_met"] = {name: _met(r[key], op, target) for name, (key, op, target) in GOALS.items()}
-    r |= {
-        "date": dt.date.today().isoformat(),
-        "machine": machine(),
-        "torch": metadata.version("torch"),
-        "command": state["command"],
-        "paper": {**PAPER, "by_coverage": paper_grouped()},
-        "runs": {s.name: str(root / s.name) for s in steps},
-    }
+    r |= provenance(root, steps, state, {**PAPER, "by_coverage": paper_grouped()})
     artifacts.write_json(root / "report.json", r)
     artifacts.atomic_write(root / "report.md", lambda f: f.write(markdown(r, steps, root)), "w")
     met = sum(bool(v) for v in r["goals_met"].values())
