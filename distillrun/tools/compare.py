@@ -25,14 +25,13 @@ import argparse
 import datetime as dt
 import json
 import shlex
-import signal
 import sys
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from distillrun.errors import UserError, raise_terminated
+from distillrun.errors import UserError, run_tool
 from distillrun.runs import artifacts
 from distillrun.tools.reproduce import (
     STATE,
@@ -344,12 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds {args.seeds}: give a number of seeds >= 1")
-    signal.signal(signal.SIGTERM, raise_terminated)
-    try:
-        sys.exit(compare(args))
-    except UserError as e:
-        print(f"distillrun compare: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_tool("compare", lambda: compare(args))
 
 
 def setting_names(text: str) -> list[str]:
