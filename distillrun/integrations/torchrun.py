@@ -47,7 +47,6 @@ def launch(options: list[str], stage: str, overrides: list[str]) -> int:
         codes = {f.exitcode for f in e.failures.values()}
         if REFUSED in codes and all(c == REFUSED or c < 0 for c in codes):  # < 0: terminated
             return REFUSED
-        elastic.setLevel(level)
         raise
     finally:
         elastic.setLevel(level)
