@@ -4,7 +4,11 @@ that module's tiny pipeline."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
+from conftest import assert_one_line_error, tool_here
 
 from distillrun.tools.reproduce_specialists import (
     PAPER_ROWS,
@@ -64,3 +68,14 @@ def test_each_override_goes_to_the_stages_that_have_its_key() -> None:
     assert for_stage("specialists", extra) == ["device=cpu", "dataset.seed=1", "specialists.k=4"]
     assert for_stage("evaluate", extra) == ["device=cpu", "n=2"]
     assert for_stage("distill", extra) == [*extra[:3], "T=4"]
+
+
+def test_resume_with_other_overrides_or_of_another_folder_is_one_line(tmp_path: Path) -> None:
+    started = tool_here("reproduce_specialists", tmp_path, "--out", str(tmp_path), "no_such_key=1")
+    (root,) = (p for p in tmp_path.iterdir() if p.is_dir())  # made before the first step failed
+    state = json.loads((root / "reproduce.json").read_text())
+    assert state["arguments"] == {"overrides": ["no_such_key=1"]}, started.stderr
+    other = tool_here("reproduce_specialists", tmp_path, "--resume", str(root), "seed=1")
+    assert_one_line_error(other, "was started with", "resume it with the same overrides")
+    stray = tool_here("reproduce_specialists", tmp_path, "--resume", str(tmp_path))
+    assert_one_line_error(stray, "is not a reproduction folder", "reproduce-specialists/<timestamp>")

@@ -38,7 +38,7 @@ from distillrun.core.train import TrainSettings, fit, make_deterministic
 from distillrun.errors import UserError
 from distillrun.runs.artifacts import save_tensors
 from distillrun.stages.common import Run
-from distillrun.stages.distill import inference_cost, loss_label
+from distillrun.stages.distill import inference_cost
 from distillrun.stages.train_teachers import hard_label_loss, member_models, record_inference_speed
 
 CPU = torch.device("cpu")
@@ -234,13 +234,6 @@ def test_members_without_checkpoints_are_not_timed(tmp_path: Path) -> None:
 
 
 # --- the table and the command line ------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("loss", "name"), [("logit_mse", "logit_mse"), ({"name": "dkd", "beta": 8.0}, "dkd")]
-)
-def test_loss_label_reads_a_name_or_a_loss_node(loss: object, name: str) -> None:
-    assert loss_label(OmegaConf.create({"loss": loss})) == name
 
 
 def test_table_headers_are_never_cut_at_120_columns(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -507,12 +507,6 @@ def savings(m: dict[str, Any]) -> str:
     return f"the student keeps {100 * kept:.1f}% of the teacher ensemble's test accuracy{cost}"
 
 
-def loss_label(cfg: DictConfig) -> str:
-    """The loss's name, whether `loss` is a name (`loss=kd`) or a node with one (`loss.name`)."""
-    loss = cfg.loss
-    return str(loss if isinstance(loss, str) else loss.name)
-
-
 def _print_table(
     cfg: DictConfig,
     data: Data,
@@ -556,7 +550,7 @@ def _print_table(
         if not cfg.transfer.labels:
             hard = "student, hard labels (the labels distill did not use)"
         rows.append(row(hard, baseline, "", *student_cost))
-    distilled = f"student, distilled (T={float(cfg.T):g}, alpha={alpha:g}, {loss_label(cfg)})"
+    distilled = f"student, distilled (T={float(cfg.T):g}, alpha={alpha:g}, {cfg.loss.name})"
     rows.append(row(distilled, student, "", *student_cost))
     if "omit_bias" in student:
         label = f"  before the bias correction (+{student['omit_bias']:g})"

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import shlex
-import sys
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -34,14 +32,14 @@ from typing import Any
 from distillrun.errors import UserError, run_tool
 from distillrun.runs import artifacts
 from distillrun.tools.reproduce import (
-    STATE,
     Step,
     _mean,
     _runs,
     _std,
+    add_folder_arguments,
     add_mnist_arguments,
     machine,
-    new_folder,
+    open_folder,
     run_steps,
     table_rows,
 )
@@ -337,9 +335,7 @@ def main(argv: list[str] | None = None) -> None:
         default=list(SETTINGS),
         help=f"the settings to compare in, with commas (default: {','.join(SETTINGS)})",
     )
-    parser.add_argument("--out", default="outputs/compare", help="where comparisons go")
-    parser.add_argument("--resume", help="an interrupted comparison's folder, to continue")
-    parser.add_argument("overrides", nargs="*", help="passed to every stage, e.g. device=cuda")
+    add_folder_arguments(parser, "outputs/compare", "comparison")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds {args.seeds}: give a number of seeds >= 1")
@@ -370,21 +366,7 @@ def given_teachers(folder: str | None) -> Path | None:
     return path
 
 
-def read_state(root: Path) -> dict[str, Any]:
-    """A comparison folder's record of its arguments and the seconds of its steps."""
-    try:
-        state = json.loads((root / STATE).read_text())
-        state["arguments"]["settings"], state["seconds"]  # noqa: B018 - both must be there
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(
-            f"--resume {root} is not a comparison folder ({STATE} missing or damaged: {e}): "
-            "pass outputs/compare/<timestamp>"
-        ) from e
-    return state
-
-
 def compare(args: argparse.Namespace) -> int:
-    command = shlex.join(["python", "-m", "distillrun.tools.compare", *sys.argv[1:]])
     teachers = given_teachers(args.teachers)
     wanted = {
         "data_root": str(Path(args.data_root).expanduser().resolve()),
@@ -394,18 +376,7 @@ def compare(args: argparse.Namespace) -> int:
         "settings": args.settings,
         "overrides": args.overrides,
     }
-    if args.resume:
-        root = Path(args.resume).expanduser().resolve()
-        state = read_state(root)
-        if state["arguments"] != wanted:
-            raise UserError(
-                f"--resume {root} was started with {state['arguments']}: resume it with the "
-                "same --data-root, --download, --teachers, --seeds, --settings and overrides, "
-                "or start a new comparison"
-            )
-    else:
-        state = {"arguments": wanted, "command": command, "started": artifacts.now(), "seconds": {}}
-        root = new_folder(args.out, state)
+    root, state = open_folder(args, "distillrun.tools.compare", wanted, "comparison")
     data = [f"dataset.root={wanted['data_root']}"] + (["dataset.download=true"] * args.download)
     steps = plan(root, wanted["settings"], data, args.overrides, args.seeds, teachers)
     code = run_steps("compare", root, steps, state)

@@ -488,12 +488,17 @@ def add_mnist_arguments(parser: argparse.ArgumentParser, seeds: int) -> None:
     )
 
 
+def add_folder_arguments(parser: argparse.ArgumentParser, out: str, what: str) -> None:
+    """--out, --resume and the overrides: what every tool that runs steps into a folder takes."""
+    parser.add_argument("--out", default=out, help=f"where {what}s go")
+    parser.add_argument("--resume", help=f"an interrupted {what}'s folder, to continue")
+    parser.add_argument("overrides", nargs="*", help="passed to every stage, e.g. device=cuda")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_mnist_arguments(parser, seeds=1)
-    parser.add_argument("--out", default="outputs/reproduce", help="where reproductions go")
-    parser.add_argument("--resume", help="an interrupted reproduction's folder, to continue")
-    parser.add_argument("overrides", nargs="*", help="passed to every stage, e.g. device=cuda")
+    add_folder_arguments(parser, "outputs/reproduce", "reproduction")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds {args.seeds}: give a number of seeds >= 1")
@@ -501,30 +506,54 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def reproduce(args: argparse.Namespace) -> int:
-    command = shlex.join(["python", "-m", "distillrun.tools.reproduce", *sys.argv[1:]])
     wanted = {
         "data_root": str(Path(args.data_root).expanduser().resolve()),
         "download": args.download,
         "overrides": args.overrides,
         "seeds": args.seeds,
     }
-    if args.resume:
-        root = Path(args.resume).expanduser().resolve()
-        state = _read_state(root)
-        if {"seeds": 1, **state["arguments"]} != wanted:
-            raise UserError(
-                f"--resume {root} was started with {state['arguments']}: resume it with the "
-                "same --data-root, --download, --seeds and overrides, or start a new reproduction"
-            )
-    else:
-        state = {"arguments": wanted, "command": command, "started": artifacts.now(), "seconds": {}}
-        root = new_folder(args.out, state)
+    # Reproductions started before --seeds existed recorded no seeds: they had one.
+    root, state = open_folder(
+        args, "distillrun.tools.reproduce", wanted, "reproduction", started_without={"seeds": 1}
+    )
     data = [f"dataset.root={wanted['data_root']}"] + (["dataset.download=true"] * args.download)
     steps = plan(root, data, args.overrides, args.seeds)
     code = run_steps("reproduce", root, steps, state)
     if code:
         return code
     return write_report(root, steps, state, args.seeds)
+
+
+def open_folder(
+    args: argparse.Namespace,
+    module: str,
+    wanted: dict[str, Any],
+    what: str,
+    started_without: dict[str, Any] | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """The --resume folder, if it was started with the arguments `wanted`, else a new folder
+    under --out; and its state (STATE: the arguments, the command, the seconds of each step)."""
+    if not args.resume:
+        command = shlex.join(["python", "-m", module, *sys.argv[1:]])
+        state = {"arguments": wanted, "command": command, "started": artifacts.now(), "seconds": {}}
+        return new_folder(args.out, state), state
+    root = Path(args.resume).expanduser().resolve()
+    try:
+        state = json.loads((root / STATE).read_text())
+        started = {**(started_without or {}), **state["arguments"]}
+        state["seconds"], state["command"]  # noqa: B018 - both must be there
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(
+            f"--resume {root} is not a {what} folder ({STATE} missing or damaged: {e}): "
+            f"pass {args.out}/<timestamp>"
+        ) from e
+    if started != wanted:
+        names = [k if k == "overrides" else "--" + k.replace("_", "-") for k in wanted]
+        raise UserError(
+            f"--resume {root} was started with {state['arguments']}: resume it with the same "
+            f"{', '.join(names)}, or start a new {what}"
+        )
+    return root, state
 
 
 def new_folder(out: str, state: dict[str, Any]) -> Path:
@@ -569,18 +598,6 @@ def run_steps(program: str, root: Path, steps: list[Step], state: dict[str, Any]
             )
             return code
     return 0
-
-
-def _read_state(root: Path) -> dict[str, Any]:
-    try:
-        state = json.loads((root / STATE).read_text())
-        state["arguments"], state["seconds"]  # noqa: B018 - both must be there
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(
-            f"--resume {root} is not a reproduction folder ({STATE} missing or damaged: {e}): "
-            "pass outputs/reproduce/<timestamp>"
-        ) from e
-    return state
 
 
 def write_report(root: Path, steps: list[Step], state: dict[str, Any], seeds: int = 1) -> int:

@@ -22,13 +22,19 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
-from distillrun.errors import UserError, run_tool
+from distillrun.errors import run_tool
 from distillrun.runs import artifacts
-from distillrun.tools.reproduce import STATE, Step, new_folder, provenance, run_steps, table_rows
+from distillrun.tools.reproduce import (
+    Step,
+    add_folder_arguments,
+    open_folder,
+    provenance,
+    run_steps,
+    table_rows,
+)
 
 # docs/method.md#specialists, JFT: (specialists covering the correct class, test examples, top-1
 # correct gained, relative accuracy change).
@@ -347,45 +353,21 @@ def markdown(r: dict[str, Any], steps: list[Step], root: Path) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--out", default="outputs/reproduce-specialists", help="where reproductions go"
-    )
-    parser.add_argument("--resume", help="an interrupted reproduction's folder, to continue")
-    parser.add_argument("overrides", nargs="*", help="passed to the steps, e.g. device=cuda")
+    add_folder_arguments(parser, "outputs/reproduce-specialists", "reproduction")
     args = parser.parse_args(argv)
     run_tool("reproduce-specialists", lambda: reproduce(args))
 
 
 def reproduce(args: argparse.Namespace) -> int:
-    command = shlex.join(["python", "-m", "distillrun.tools.reproduce_specialists", *sys.argv[1:]])
-    if args.resume:
-        root = Path(args.resume).expanduser().resolve()
-        state = _read_state(root)
-        if state["overrides"] != args.overrides:
-            raise UserError(
-                f"--resume {root} was started with the overrides {state['overrides']}: resume "
-                "it with the same ones, or start a new reproduction"
-            )
-    else:
-        state = {"overrides": args.overrides, "command": command, "seconds": {}}
-        root = new_folder(args.out, state)
+    wanted = {"overrides": args.overrides}
+    root, state = open_folder(
+        args, "distillrun.tools.reproduce_specialists", wanted, "reproduction"
+    )
     steps = plan(root, args.overrides)
     code = run_steps("reproduce-specialists", root, steps, state)
     if code:
         return code
     return write_report(root, steps, state)
-
-
-def _read_state(root: Path) -> dict[str, Any]:
-    try:
-        state = json.loads((root / STATE).read_text())
-        state["overrides"], state["seconds"], state["command"]  # noqa: B018 - all must be there
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(
-            f"--resume {root} is not a reproduction folder ({STATE} missing or damaged: {e}): "
-            "pass outputs/reproduce-specialists/<timestamp>"
-        ) from e
-    return state
 
 
 def write_report(root: Path, steps: list[Step], state: dict[str, Any]) -> int:
