@@ -36,6 +36,7 @@ from distillrun.core.train import TrainSettings, divergence, fit
 from distillrun.errors import Terminated, UserError, raise_terminated
 from distillrun.method.augment import Views
 from distillrun.runs import artifacts
+from distillrun.stages import common
 from distillrun.stages.common import TEST_KILL_ENV
 
 # Small enough for seconds, long enough to be killed in the middle of the second teacher; a
@@ -183,6 +184,20 @@ def test_metrics_lines_are_exact_after_a_kill_at_any_moment(
     assert done["status"] == "complete" and "resume_command" not in done
     for name in ("logits.pt", "member_0.pt", "member_1.pt"):
         assert (folder / name).read_bytes() == (reference / name).read_bytes()
+
+
+@pytest.mark.parametrize("point", ["teacher 0:2", "teacher 1:12"])  # mid-run; after the last line
+def test_a_folder_deleted_under_a_running_stage_is_one_line_and_stays_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, point: str
+) -> None:
+    def delete_at(label: str, epoch: int) -> None:
+        if f"{label}:{epoch}" == point:
+            shutil.rmtree(runs(tmp_path, "train-teachers")[0])
+
+    monkeypatch.setattr(common, "_test_kill_point", delete_at)
+    result = here(tmp_path, "train-teachers", *TEACHERS, check=None)
+    assert_one_line_error(result, "was deleted while the run was writing it")
+    assert runs(tmp_path, "train-teachers") == []  # not made anew with a part of the files
 
 
 def start_and_close_output(cwd: Path, *args: str, env: dict[str, str] | None = None):

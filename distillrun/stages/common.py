@@ -93,7 +93,15 @@ class Run:
         if self.manifest_written:
             self.write_manifest(self.record)
 
+    def folder_lost(self) -> bool:
+        """Its folder was deleted (or emptied) while it ran: the manifest it wrote is gone, and
+        a write since may have made the folder anew, holding only what came after."""
+        wrote = self.manifest_written and distributed.is_main()
+        return wrote and not (self.dir / artifacts.MANIFEST).is_file()
+
     def log(self, record: dict[str, Any]) -> None:
+        if self.folder_lost():
+            raise UserError(_lost_message(self))
         artifacts.append_jsonl(self.dir / "metrics.jsonl", record)
         tracking.epoch(self, record)  # may raise tracking.Pruned
         if "model" in record:
@@ -227,6 +235,8 @@ def _run_locked(
         run.write_manifest(record)
         with _sigterm_interrupts():
             metrics = body(cfg, run)
+        if run.folder_lost():  # never a complete manifest over a part of the run's files
+            raise UserError(_lost_message(run))
         done = {**finished(record), "status": "complete", "ended": artifacts.now()}
         if distributed.is_main():  # (the other processes' folders are temporary)
             done["content"] = artifacts.content_hashes(run_dir)
@@ -364,8 +374,10 @@ def _fail(run: Run, record: dict[str, Any], error: BaseException) -> bool:
     or, in a sweep, let the other jobs go on (True: the error is handled)."""
     interrupted = isinstance(error, KeyboardInterrupt)
     message = _user_message(run, error)
+    if run.folder_lost():  # what the run wrote after the deletion is no run: it goes too
+        artifacts.remove_tree(run.dir)
     # A resume refused before it started leaves the folder as it was.
-    if (run.manifest_written or not run.resuming) and not isinstance(error, SystemExit):
+    elif (run.manifest_written or not run.resuming) and not isinstance(error, SystemExit):
         status = "interrupted" if interrupted else "failed"
         reason = message or f"{type(error).__name__}: {error}"
         if interrupted:
@@ -403,6 +415,8 @@ def _user_message(run: Run, error: BaseException) -> str | None:
     """The one line for a problem the user can fix, None for a bug (which keeps its trace)."""
     if isinstance(error, UserError):
         return str(error)
+    if run.folder_lost() and isinstance(error, OSError):
+        return _lost_message(run)
     if isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRORS:
         where = error.filename or run.dir
         resume = resume_command(run.stage, run.dir)
@@ -413,6 +427,13 @@ def _user_message(run: Run, error: BaseException) -> str | None:
             "another folder with paths.output_root=..."
         )
     return None
+
+
+def _lost_message(run: Run) -> str:
+    return (
+        f"the run folder {run.dir} was deleted while the run was writing it: nothing of the run "
+        f"is left to resume or use; run `distillrun {run.stage}` again"
+    )
 
 
 def train_settings(cfg: DictConfig, seed: int, **changes: Any) -> TrainSettings:
