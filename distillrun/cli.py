@@ -12,6 +12,7 @@ import atexit
 import difflib
 import importlib
 import itertools
+import math
 import os
 import re
 import shutil
@@ -133,6 +134,9 @@ def precheck(stage: str, args: list[str]) -> list[str]:
         cfgs = [_compose(stage, combo) for combo in combos]
         for cfg in cfgs:
             validate(stage, cfg)
+        if parsed.multirun:
+            composed = {frozenset(c): cfg for c, cfg in zip(combos, cfgs, strict=True)}
+            _check_every_job(stage, overrides, composed)
         _check_output_root(cfgs[0].paths.output_root)
         _refuse_held_folders(stage, overrides, parsed.multirun)
         _check_run_dir(overrides, parsed.multirun)
@@ -175,6 +179,58 @@ def _combinations(overrides: list) -> list[list[str]]:
         for v in values[1:]:
             combos.append(fixed + first[:i] + [v] + first[i + 1 :])
     return [list(c) for c, _ in itertools.groupby(combos)]
+
+
+# Beyond these, a grid's jobs are checked only as each starts (a sweep that large is rare).
+MOST_COMPOSED, MOST_JOBS = 16, 4096
+
+
+def _check_every_job(stage: str, overrides: list, composed: dict[frozenset, Any]) -> None:
+    """Every job of a grid sweep, not only each value once: `-m loss=kd,logit_mse
+    loss.standardize=false,true` holds the one bad pair (logit_mse, true). The config is composed
+    once per combination of the swept groups' choices, and each combination of the swept plain
+    keys is set on a copy of it, which takes milliseconds, not Hydra's tenth of a second.
+    `composed`: the configs composed already, by their set of overrides."""
+    from omegaconf import OmegaConf
+
+    from distillrun.config import validate
+
+    missing, first = object(), next(iter(composed.values()))
+    fixed, groups, keys = [], [], []  # keys: per swept key, its (override, typed value) pairs
+    for o in overrides:
+        values = sweep_values(o) if o.is_sweep_override() and not _hydra_key(o) else None
+        if values is None:
+            fixed += [] if o.is_sweep_override() else [o.input_line]
+            continue
+        key = o.get_key_element()
+        now = OmegaConf.select(first, key, default=missing) if key == o.key_or_group else missing
+        lines = [f"{key}={v}" for v in values]
+        if now is missing or OmegaConf.is_config(now):  # a group, or a key a group adds
+            groups.append(lines)
+        else:
+            typed = list(o.sweep_iterator())
+            keys.append(list(zip(lines, typed, strict=True)))
+    too_many = math.prod(map(len, groups)) > MOST_COMPOSED or math.prod(map(len, keys)) > MOST_JOBS
+    if not keys or too_many:
+        return
+    for choice in itertools.product(*groups):
+        lines = [*fixed, *choice, *(pairs[0][0] for pairs in keys)]
+        base = composed.get(frozenset(lines)) or _compose(stage, lines)
+        for job in itertools.product(*keys):
+            cfg = OmegaConf.create(OmegaConf.to_container(base))
+            for line, value in job:
+                OmegaConf.update(cfg, line.split("=", 1)[0], value, merge=False)
+            try:
+                validate(stage, cfg)
+            except UserError as e:
+                named = [*choice, *(_as_typed(line, value) for line, value in job)]
+                raise UserError(f"the sweep's job {' '.join(named)}: {e}") from e
+
+
+def _as_typed(line: str, value: Any) -> str:
+    """`loss.standardize=true` as the user types it (Hydra's sweep strings say True)."""
+    key = line.split("=", 1)[0]
+    return f"{key}={str(value).lower()}" if isinstance(value, bool) else line
 
 
 def _keys_from_swept_groups(stage: str, args: list[str], overrides: list) -> list[str]:

@@ -267,6 +267,10 @@ def test_cached_and_online_teachers_give_each_loss_the_same_targets(
             ["loss.standardize=true", "loss=logit_mse", "loss=dist, dkd, kd or nkd"],
         ),
         (["-m", "loss=kd,logit_mse", "loss.standardize=true"], ["loss=logit_mse"]),
+        (  # the bad pair is no sweep value's own: only the grid holds it
+            ["-m", "loss=kd,logit_mse", "loss.standardize=false,true", "seed=0,1"],
+            ["the sweep's job loss=logit_mse loss.standardize=true seed=0:", "loss=dist, dkd"],
+        ),
         (["loss=dist", "train.batch_size=1"], ["loss=dist", "train.batch_size=2 or more"]),
     ],
 )
