@@ -8,6 +8,8 @@ import hashlib
 import http.server
 import pickle
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -127,6 +129,30 @@ def idx_cfg(name: str, root: Path, **over: object) -> object:
 
 
 IDX_DATASETS = [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")]
+
+
+@pytest.mark.parametrize(("name", "folder"), IDX_DATASETS)
+def test_idx_files_in_place_are_read_as_torchvision_reads_them(
+    tmp_path: Path, name: str, folder: str
+) -> None:
+    import torchvision.datasets
+
+    write_idx(tmp_path / folder / "raw", fake_mnist())
+    theirs = getattr(torchvision.datasets, folder)(str(tmp_path), train=True)
+    ours = load_dataset(idx_cfg(name, tmp_path, normalize="none"))
+    scaled = theirs.data.numpy()[:, None].astype(np.float32) / np.float32(255.0)
+    assert torch.equal(ours.x_train, torch.from_numpy(scaled))
+    assert torch.equal(ours.y_train, theirs.targets)
+
+
+def test_idx_files_in_place_load_without_torchvision_datasets(tmp_path: Path) -> None:
+    write_idx(tmp_path / "MNIST" / "raw", fake_mnist())
+    code = (
+        "import sys; from omegaconf import OmegaConf; from distillrun.core.data import "
+        f"load_dataset; load_dataset(OmegaConf.create({dict(idx_cfg('mnist', tmp_path))!r})); "
+        "sys.exit('torchvision.datasets' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
 
 def check_matches_fake_mnist(d: Data, arrays: dict[str, np.ndarray]) -> None:
@@ -566,3 +592,6 @@ def test_real_mnist_from_the_shared_folder() -> None:
     assert (len(data.y_train), len(data.y_val), len(data.y_test)) == (54000, 6000, 10000)
     assert data.x_train.shape[1:] == (1, 28, 28) and data.num_classes == 10
     assert torch.bincount(data.y_test).tolist()[:2] == [980, 1135]  # MNIST's known test counts
+    # What every run, cache and manifest of MNIST records since the loader was written: a
+    # faster loader must give the same bytes.
+    assert data.fingerprint.startswith("8cd61da82eccbbe5")
