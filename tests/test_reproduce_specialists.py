@@ -78,4 +78,4 @@ def test_resume_with_other_overrides_or_of_another_folder_is_one_line(tmp_path: 
     other = tool_here("reproduce_specialists", tmp_path, "--resume", str(root), "seed=1")
     assert_one_line_error(other, "was started with", "resume it with the same overrides")
     stray = tool_here("reproduce_specialists", tmp_path, "--resume", str(tmp_path))
-    assert_one_line_error(stray, "is not a reproduction folder", "reproduce-specialists/<timestamp>")
+    assert_one_line_error(stray, "not a reproduction folder", "reproduce-specialists/<timestamp>")

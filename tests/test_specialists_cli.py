@@ -202,6 +202,7 @@ def test_reproduce_specialists_resumes_from_the_pipeline_and_reports(pipeline: P
     for name, stage in (("generalist", "train-teachers"), ("specialists", "specialists")):
         (root / name).symlink_to(runs(pipeline, stage)[0])
     (root / "evaluate").symlink_to(runs(pipeline, "evaluate")[0])
+    # The state as reproduce-specialists wrote it before its arguments were grouped: resumable.
     state = {"overrides": AS_DATA, "command": "python -m distillrun.tools.reproduce_specialists"}
     artifacts.write_json(root / "reproduce.json", {**state, "seconds": {}})
     result = tool_here("reproduce_specialists", pipeline, "--resume", str(root), *AS_DATA)

@@ -540,7 +540,9 @@ def open_folder(
     root = Path(args.resume).expanduser().resolve()
     try:
         state = json.loads((root / STATE).read_text())
-        started = {**(started_without or {}), **state["arguments"]}
+        # (reproduce-specialists kept its overrides beside the seconds until 2026-12)
+        given = state["arguments"] if "arguments" in state else {"overrides": state["overrides"]}
+        started = {**(started_without or {}), **given}
         state["seconds"], state["command"]  # noqa: B018 - both must be there
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(
@@ -550,7 +552,7 @@ def open_folder(
     if started != wanted:
         names = [k if k == "overrides" else "--" + k.replace("_", "-") for k in wanted]
         raise UserError(
-            f"--resume {root} was started with {state['arguments']}: resume it with the same "
+            f"--resume {root} was started with {given}: resume it with the same "
             f"{', '.join(names)}, or start a new {what}"
         )
     return root, state
