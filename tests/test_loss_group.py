@@ -18,6 +18,7 @@ from conftest import (
     TINY_TEACHERS,
     assert_one_line_error,
     distillrun,
+    distillrun_here,
     manifest,
     metric_lines,
     runs,
@@ -319,14 +320,14 @@ STUDENT = ["train.epochs=4", "model.hidden=[16]", "progress=false", "baseline=fa
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cwd = tmp_path_factory.mktemp("loss-teachers")
-    distillrun(cwd, "train-teachers", *TINY_TEACHERS, env=ONE_THREAD)
+    distillrun_here(cwd, "train-teachers", *TINY_TEACHERS, env=ONE_THREAD)
     (folder,) = runs(cwd, "train-teachers")
     return folder
 
 
 @pytest.mark.slow
 def test_cached_and_online_students_agree_for_every_loss(teachers: Path, tmp_path: Path) -> None:
-    distillrun(
+    distillrun_here(
         tmp_path,
         "distill",
         "-m",
@@ -358,7 +359,7 @@ def test_a_run_from_before_the_group_resumes_exactly_and_reports(
     """Runs recorded `loss: kd` before loss= was a group; killed, such a run resumes to the
     numbers of an uninterrupted one (the epoch-dependent DKD: the in-process test above)."""
     args = [f"teachers={teachers}", *STUDENT, "train.checkpoint_every=0"]
-    distillrun(tmp_path, "distill", *args, "hydra.run.dir=whole", env=ONE_THREAD)
+    distillrun_here(tmp_path, "distill", *args, "hydra.run.dir=whole", env=ONE_THREAD)
     old = tmp_path / "old"
     kill = {**ONE_THREAD, TEST_KILL_ENV: "student:2"}
     distillrun(tmp_path, "distill", *args, f"hydra.run.dir={old}", env=kill, check=-9)
@@ -371,11 +372,11 @@ def test_a_run_from_before_the_group_resumes_exactly_and_reports(
     assert "loss:\n  name: kd\n  standardize: false\n" in text
     hydra_config.write_text(text.replace("loss:\n  name: kd\n  standardize: false\n", "loss: kd\n"))
 
-    distillrun(tmp_path, "distill", f"resume={old}", env=ONE_THREAD)
+    distillrun_here(tmp_path, "distill", f"resume={old}", env=ONE_THREAD)
     assert manifest(old)["status"] == "complete"
     assert metric_lines(old) == metric_lines(tmp_path / "whole")
     assert (old / "student.pt").read_bytes() == (tmp_path / "whole" / "student.pt").read_bytes()
-    distillrun(tmp_path, "report", str(old), env=ONE_THREAD)
+    distillrun_here(tmp_path, "report", str(old), env=ONE_THREAD)
     (written,) = (tmp_path / "outputs" / "report").glob("*/report.md")
     errors = manifest(old)["metrics"]["test_errors"]
     assert (
