@@ -42,7 +42,7 @@ bench: venv
 	$(BIN)/python -m distillrun.tools.bench --out outputs/bench.json
 
 # The paper's MNIST results (docs/method.md#mnist), and students on consistent views
-# (docs/method.md#consistent-teaching), with one command, about 55 minutes on 2 CPU cores:
+# (docs/method.md#consistent-teaching), with one command, about 46 minutes on 2 CPU cores:
 # outputs/reproduce/<timestamp>/report.md, report.json and errors_vs_T.png. MNIST=<root>
 # (torchvision's layout; default ../shared/data/mnist), DOWNLOAD=1 to fetch it there, SEEDS=n
 # to train every student with n seeds (mean and standard deviation; the teachers once),

@@ -3,6 +3,9 @@ its code is exercised here on the CPU with small nets, few views and few images.
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 
 from distillrun.method.augment import Views
@@ -11,8 +14,17 @@ from distillrun.tools import bench
 RESNET8 = {"name": "cifar_resnet", "depth": 8, "widths": [16, 16, 32, 64]}
 
 
-def test_cifar_kd_throughput_runs_both_loops_and_reports_them() -> None:
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread for these tests, then the count as it was: later tests in this process
+    compare machine records, which hold it."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_cifar_kd_throughput_runs_both_loops_and_reports_them() -> None:
     views = Views(1, True, "zeros")  # 18 views
     figures = bench.cifar_kd_throughput(
         torch.device("cpu"), "bf16", 48, 1, 1, RESNET8, RESNET8, views, "resnet8 -> resnet8"
@@ -53,3 +65,21 @@ def test_loss_throughput_times_each_loss_through_distills_loss_function(monkeypa
     assert {f"loss_throughput_ratio_{n}" for n in others} <= set(bench.GOALS)
     assert all(figures[f"loss_throughput_ratio_{n}"] > 0 for n in others)
     assert "270 examples x 1 epochs, 9 cached views" in figures["loss_throughput_setup"]
+
+
+def test_only_commands_times_the_commands_and_nothing_else(monkeypatch, tmp_path) -> None:
+    def no_data(*args, **kwargs):
+        raise AssertionError("--only commands loaded data")
+
+    monkeypatch.setattr(bench, "mnist_like", no_data)
+    monkeypatch.setattr(bench, "command_seconds", lambda args, env=None, repeats=5: 0.25)
+    out = tmp_path / "bench.json"
+    bench.main(["--only", "commands", "--out", str(out)])
+    figures = json.loads(out.read_text())
+    assert set(figures.pop("goals_met").values()) == {True, False}  # every goal, met or not
+    assert figures == {
+        "help_seconds": 0.25,
+        "stage_help_seconds": 0.25,
+        "cfg_job_seconds": 0.25,
+        "tab_seconds": 0.25,
+    }

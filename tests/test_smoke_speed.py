@@ -20,6 +20,7 @@ from conftest import (
     ONE_THREAD,
     assert_one_line_error,
     distillrun,
+    distillrun_here,
     manifest,
     runs,
     write_idx,
@@ -268,8 +269,9 @@ def test_the_manifest_command_pins_the_runs_read(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_tiny_distill_reuses_its_tiny_teachers_figure_end_to_end(tmp_path: Path) -> None:
+    # The teachers in this process, the distill in its own: the figure is found across processes.
     tiny = ["debug=tiny", "threads=1"]
-    distillrun(tmp_path, "train-teachers", *tiny, env=ONE_THREAD)
+    distillrun_here(tmp_path, "train-teachers", *tiny, env=ONE_THREAD)
     (teachers,) = runs(tmp_path, "train-teachers")
     assert manifest(teachers)["inference"]["machine"]["torch_threads"] == 1
     result = distillrun(tmp_path, "distill", *tiny, "loss=logit_mse", env=ONE_THREAD)
@@ -282,5 +284,5 @@ def test_a_tiny_distill_reuses_its_tiny_teachers_figure_end_to_end(tmp_path: Pat
     assert m["command"].endswith(f"teachers={teachers.resolve()}")
     assert "distilled (T=4, alpha=0.9, logit_mse)" in result.stdout  # whole, on one line
     assert "…" not in result.stdout
-    bad = distillrun(tmp_path, "distill", "train.max_batches_per_epoch=0", check=None)
+    bad = distillrun_here(tmp_path, "distill", "train.max_batches_per_epoch=0", check=None)
     assert_one_line_error(bad, "train.max_batches_per_epoch=0", "integer >= 1")

@@ -4,8 +4,8 @@ Every figure is a ratio measured in one process against a reference written here
 noisy machine slows both sides alike; each side is run in alternation and the best of its
 repeats is kept. Writes the figures to outputs/bench.json and prints a table.
 
-    python -m distillrun.tools.bench [--quick] [--out outputs/bench.json]
-        [--mnist ../shared/data/mnist]
+    python -m distillrun.tools.bench [--quick] [--only losses|commands]
+        [--out outputs/bench.json] [--mnist ../shared/data/mnist]
 """
 
 from __future__ import annotations
@@ -610,7 +610,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke test)")
     parser.add_argument(
-        "--only", choices=["losses"], help="measure these figures alone (losses: loss_throughput)"
+        "--only",
+        choices=["losses", "commands"],
+        help="measure these figures alone (losses: loss_throughput; commands: the seconds of "
+        "--help, --cfg job and a Tab)",
     )
     parser.add_argument("--out", default="outputs/bench.json")
     parser.add_argument(
@@ -619,6 +622,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     quick = args.quick
+    if args.only == "commands":
+        report(command_figures(), Path(args.out))
+        return
     x, y = mnist_like(args.mnist, 6000 if quick else 60000)
     figures: dict[str, Any] = {"threads": torch.get_num_threads(), "torch": torch.__version__}
     n_losses = 6000 if quick else 20000
