@@ -114,6 +114,19 @@ def distillrun_here(
     return result
 
 
+def tool(tool: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python -m distillrun.tools.<tool> *args` in its own process, one thread per step: for
+    what a process is needed for (the tools' own one-line errors and exit codes)."""
+    return subprocess.run(
+        [sys.executable, "-m", f"distillrun.tools.{tool}", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
+
+
 def tool_here(tool: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     """`python -m distillrun.tools.<tool> *args` in this process, each of its steps through
     `distillrun_here` (the tools start `python -m distillrun` per step, reproduce._stage): the

@@ -6,13 +6,11 @@ resuming, and its errors."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import manifest, tool_here
+from conftest import manifest, tool, tool_here
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
@@ -76,14 +74,7 @@ def test_named_teachers_replace_the_mnist_teachers_step_and_one_seed_is_no_sweep
 
 
 def compare(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "distillrun.tools.compare", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"},
-        timeout=600,
-    )
+    return tool("compare", cwd, *args)
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,13 @@ manifests, resuming, and its errors."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import manifest, tool_here, write_idx
+from conftest import manifest, tool, tool_here, write_idx
 
 from distillrun.runs import artifacts
 from distillrun.tools.reproduce import GOALS, PAPER, markdown, plan, results
@@ -45,14 +43,7 @@ REQUIRED = [  # the keys the issue asks report.json for
 
 
 def reproduce(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "distillrun.tools.reproduce", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
-        timeout=600,
-    )
+    return tool("reproduce", cwd, *args)
 
 
 def fake_mnist(root: Path) -> Path:
