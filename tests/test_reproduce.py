@@ -264,3 +264,16 @@ def test_an_unwritable_output_folder_is_one_line(tmp_path: Path) -> None:
     result = reproduce(tmp_path, "--out", str(blocker / "reproduce"))
     assert result.returncode == 2
     assert "choose a writable --out" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("tool_name", ["reproduce", "compare"])
+@pytest.mark.parametrize("seeds", ["0", "-1", "two"])
+def test_a_seed_count_below_one_is_refused(
+    tool_name: str, seeds: str, capsys: pytest.CaptureFixture
+) -> None:
+    import importlib
+
+    with pytest.raises(SystemExit) as exit:
+        importlib.import_module(f"distillrun.tools.{tool_name}").main(["--seeds", seeds])
+    assert exit.value.code == 2
+    assert f"--seeds: {seeds}: give a number of seeds >= 1" in capsys.readouterr().err

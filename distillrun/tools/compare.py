@@ -337,8 +337,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     add_folder_arguments(parser, "outputs/compare", "comparison")
     args = parser.parse_args(argv)
-    if args.seeds < 1:
-        parser.error(f"--seeds {args.seeds}: give a number of seeds >= 1")
     run_tool("compare", lambda: compare(args))
 
 

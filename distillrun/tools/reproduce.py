@@ -482,7 +482,7 @@ def add_mnist_arguments(parser: argparse.ArgumentParser, seeds: int) -> None:
     parser.add_argument("--download", action="store_true", help="fetch MNIST into --data-root")
     parser.add_argument(
         "--seeds",
-        type=int,
+        type=seed_count,
         default=seeds,
         help=f"train every student with seeds 0..N-1 (default {seeds})",
     )
@@ -495,13 +495,18 @@ def add_folder_arguments(parser: argparse.ArgumentParser, out: str, what: str) -
     parser.add_argument("overrides", nargs="*", help="passed to every stage, e.g. device=cuda")
 
 
+def seed_count(text: str) -> int:
+    """--seeds N: an integer >= 1."""
+    if not text.isdigit() or int(text) < 0:
+        raise argparse.ArgumentTypeError(f"{text}: give a number of seeds >= 1")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_mnist_arguments(parser, seeds=1)
     add_folder_arguments(parser, "outputs/reproduce", "reproduction")
     args = parser.parse_args(argv)
-    if args.seeds < 1:
-        parser.error(f"--seeds {args.seeds}: give a number of seeds >= 1")
     run_tool("reproduce", lambda: reproduce(args))
 
 
