@@ -497,7 +497,7 @@ def add_folder_arguments(parser: argparse.ArgumentParser, out: str, what: str) -
 
 def seed_count(text: str) -> int:
     """--seeds N: an integer >= 1."""
-    if not text.isdigit() or int(text) < 0:
+    if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text}: give a number of seeds >= 1")
     return int(text)
 
