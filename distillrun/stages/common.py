@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from distillrun.config import RESUME_ENV, validate
 from distillrun.console import error_line, say, training_bars, warning_line
-from distillrun.core import distributed
+from distillrun.core import distributed, memory
 from distillrun.core.data import Data
 from distillrun.core.train import (
     Fit,
@@ -222,6 +222,7 @@ def _run_locked(
         if threads is not None:
             torch.set_num_threads(threads)
         record["environment"]["torch_threads"] = torch.get_num_threads()
+        record["environment"]["heap_keeps_freed_memory"] = memory.keep_freed_memory()
         record["determinism"] = make_deterministic(bool(cfg.train.get("compile", False)))
         run.device = distributed.local_device(pick_device(cfg.device))
         check_speed_settings(run.device, cfg.train.precision, cfg.train.compile)
