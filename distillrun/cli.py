@@ -96,6 +96,14 @@ def complete(args: list[str]) -> None:
     call_stage(stage, args)
 
 
+def preset_as_choice(args: list[str]) -> list[str]:
+    """`+experiment=x` -> `experiment=x`. Every stage declares `experiment: null` in its
+    defaults, before `debug`, so that debug=tiny shrinks a preset's run too; Hydra's `+` (add
+    a group) would clash with that declared default. Both spellings work, as Hydra's docs use
+    `+experiment=`."""
+    return [a[1:] if a.startswith("+experiment=") else a for a in args]
+
+
 def parse_hydra_args(args: list[str]) -> argparse.Namespace:
     """Hydra's own reading of a command line (its flags and the overrides), as `@hydra.main`
     will read it. The one use of Hydra internals; tests/test_cli.py pins what we rely on."""
@@ -428,7 +436,7 @@ def resume_args(stage: str, args: list[str]) -> list[str]:
     from omegaconf import OmegaConf
 
     given = [a for a in args if a.startswith("resume=")]
-    others = [a for a in args if not a.startswith("resume=")]
+    others = preset_as_choice([a for a in args if not a.startswith("resume=")])
     if len(given) > 1:
         raise UserError("resume= given twice: name one run folder")
     value = given[0].split("=", 1)[1]
@@ -447,7 +455,7 @@ def resume_args(stage: str, args: list[str]) -> list[str]:
         what = "does not exist" if not folder.is_dir() else "is not a run folder (no .hydra/)"
         raise UserError(f"resume={folder} {what}: pass the folder of an interrupted {stage} run")
     try:
-        saved = [str(o) for o in OmegaConf.load(saved_path)]
+        saved = preset_as_choice([str(o) for o in OmegaConf.load(saved_path)])
         job = OmegaConf.load(folder / ".hydra" / "hydra.yaml").hydra.job.name
         manifest = _read_json(folder / "manifest.json")
     except Exception as e:
@@ -568,7 +576,7 @@ def main() -> None:
         return
     if argv[0] == TORCHRUN_COMMAND:
         sys.exit(launch_torchrun(argv[1:]))
-    stage, args = argv[0], argv[1:]
+    stage, args = argv[0], preset_as_choice(argv[1:])
     if stage not in STAGES:
         close = difflib.get_close_matches(stage, [*STAGES, RUNS_COMMAND, TORCHRUN_COMMAND], n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
@@ -610,6 +618,7 @@ def launch_torchrun(argv: list[str]) -> int:
     from distillrun.integrations import torchrun
 
     options, stage, args = _user_errors(TORCHRUN_COMMAND, torchrun.split, argv, list(STAGES))
+    args = preset_as_choice(args)
     _user_errors(stage, check_torchrun, stage, args)
     checked = args
     if any(a.startswith("resume=") for a in args):  # the processes resume it themselves

@@ -306,6 +306,11 @@ def check_dataset(cfg: DictConfig, p: Problems) -> None:
             is_seed(d.split_seed),
             f"dataset.split_seed={d.split_seed} must be an integer in [0, 2^31)",
         )
+    limit = d.get("max_per_split")
+    p.need(
+        limit is None or (is_int(limit) and limit >= 1),
+        f"dataset.max_per_split={limit} must be an integer >= 1, or null for every example",
+    )
     if OmegaConf.is_missing(d, "path"):
         p.append(f"dataset={d.name} needs a file: add dataset.path=/path/to/data.npz")
     if "normalize" in d:

@@ -258,7 +258,7 @@ def compose(stage: str, preset: str) -> object:
     from distillrun.stages import config_name
 
     with initialize_config_module(config_module="distillrun.conf", version_base="1.3"):
-        cfg = hydra_compose(config_name=config_name(stage), overrides=[f"+experiment={preset}"])
+        cfg = hydra_compose(config_name=config_name(stage), overrides=[f"experiment={preset}"])
     validate(stage, cfg)
     return cfg
 
@@ -362,19 +362,21 @@ def run(cwd: Path, cifar100: tuple[Path, str], *args: str) -> subprocess.Complet
 def test_each_preset_pair_runs_one_tiny_epoch(
     tmp_path: Path, cifar100: tuple[Path, str], teacher: str, student: str
 ) -> None:
-    # The presets set 240 epochs after debug=tiny's one: the command line has the last word.
+    # debug=tiny applies after the presets (their 240 epochs become one; +experiment= as users
+    # type it).
     # Two cached views per image instead of 162: the whole cache of a resnet32x4 takes minutes
     # on a CPU (the views' exactness is tests/test_augment.py's business).
     # The teacher takes 9 small steps on batches of 4: its BatchNorm statistics need a few
     # batches before its outputs in eval mode are sane (a ResNet-110 after one batch has logits
     # near 1e6, beyond fp16 and the view cache), and small steps, on random pixels and labels.
-    tiny = ["debug=tiny", "train.epochs=1"]
+    tiny = ["debug=tiny"]
     preset = f"+experiment=cifar100_{teacher}"
     steps = ["train.batch_size=4", "optim.lr=0.001"]
-    run(tmp_path, cifar100, "train-teachers", preset, *tiny, *steps)
+    run(tmp_path, cifar100, "train-teachers", preset, *tiny, "teachers.n=1", *steps)
     (teachers,) = runs(tmp_path, "train-teachers")
     m = manifest(teachers)
     assert m["status"] == "complete" and m["config"]["teachers"]["n"] == 1
+    assert m["config"]["train"]["epochs"] == 1  # debug=tiny's, not the preset's 240
     assert m["metrics"]["teacher_params"] == params(named(teacher))
     assert (teachers / "member_0.pt").is_file()
 

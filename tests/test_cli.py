@@ -411,14 +411,15 @@ def test_a_key_that_only_the_swept_presets_add_can_be_set(tmp_path: Path) -> Non
 
     # Hydra composes a sweep's base config without the swept presets, where the default
     # dataset (digits) has no `root`: the key is forced there, as it is valid in every job.
-    sweep = ["-m", "+experiment=mnist_cnn_teachers,hinton_mnist_teachers"]
+    sweep = ["-m", "experiment=mnist_cnn_teachers,hinton_mnist_teachers"]
     missing = tmp_path / "no-mnist-here"
     assert precheck("train-teachers", [*sweep, f"dataset.root={missing}", "seed=3"]) == [
         *sweep,
         f"++dataset.root={missing}",
         "seed=3",
     ]
-    result = distillrun_here(tmp_path, "train-teachers", *sweep, f"dataset.root={missing}", check=2)
+    typed = ["-m", "+experiment=mnist_cnn_teachers,hinton_mnist_teachers"]  # as users type it
+    result = distillrun_here(tmp_path, "train-teachers", *typed, f"dataset.root={missing}", check=2)
     errors = result.stderr.strip().splitlines()
     assert len(errors) == 3, result.stderr  # each job reached its data, and the sweep's line
     assert all(f"MNIST not found under {missing}" in line for line in errors[:2])

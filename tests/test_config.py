@@ -190,29 +190,29 @@ def test_infinite_temperature_is_refused() -> None:
 
 
 def test_the_paper_presets() -> None:
-    teachers = composed("train-teachers", "+experiment=hinton_mnist_teachers")
+    teachers = composed("train-teachers", "experiment=hinton_mnist_teachers")
     assert teachers.dataset.name == "mnist" and list(teachers.model.hidden) == [1200, 1200]
     assert teachers.augment.name == "shift" and teachers.augment.pixels == 2
     assert teachers.model.max_norm == 3.5
-    student = composed("distill", "+experiment=hinton_mnist")
+    student = composed("distill", "experiment=hinton_mnist")
     assert list(student.model.hidden) == [800, 800] and student.T == 20
     assert student.model.dropout == 0 and student.dataset.name == "mnist"
-    assert list(composed("distill", "+experiment=small_student").model.hidden) == [30, 30]
-    omit3 = composed("distill", "+experiment=omit3")
+    assert list(composed("distill", "experiment=small_student").model.hidden) == [30, 30]
+    omit3 = composed("distill", "experiment=omit3")
     assert list(omit3.transfer.omit_classes) == [3] and omit3.transfer.fit_omit_bias
-    assert composed("distill", "+experiment=soft_targets_3pct").transfer.fraction == 0.03
-    assert composed("distill", "+experiment=hinton_mnist", "T=8").T == 8  # still overridable
+    assert composed("distill", "experiment=soft_targets_3pct").transfer.fraction == 0.03
+    assert composed("distill", "experiment=hinton_mnist", "T=8").T == 8  # still overridable
     for name in group_choices("experiment"):  # each preset is valid for the stage it names
         stage = OmegaConf.load(f"conf/experiment/{name}.yaml").experiment.stage
-        cfg = composed(stage, f"+experiment={name}")
+        cfg = composed(stage, f"experiment={name}")
         assert cfg.experiment.stage == stage
         validate(stage, cfg)
 
 
 def test_the_specialists_presets_share_the_jft_like_data() -> None:
-    generalist = composed("train-teachers", "+experiment=jft_like_generalist")
-    specialists = composed("specialists", "+experiment=jft_like_specialists")
-    back = composed("distill", "+experiment=jft_like_distill")
+    generalist = composed("train-teachers", "experiment=jft_like_generalist")
+    specialists = composed("specialists", "experiment=jft_like_specialists")
+    back = composed("distill", "experiment=jft_like_distill")
     assert generalist.dataset == specialists.dataset == back.dataset
     assert generalist.dataset.name == "hierarchical" and generalist.dataset.cross_modes > 0
     assert generalist.teachers.n == 1 and list(back.model.hidden) == list(generalist.model.hidden)

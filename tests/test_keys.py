@@ -45,7 +45,7 @@ def test_an_added_key_no_stage_reads_is_refused(
 
 
 def test_added_groups_and_keys_some_config_sets_pass() -> None:
-    for args in (["+experiment=omit3"], ["+hydra.job.env_set.X=1"], ["++train.epochs=3"]):
+    for args in (["experiment=omit3"], ["+hydra.job.env_set.X=1"], ["++train.epochs=3"]):
         assert precheck("distill", [*args, "--cfg", "job"]) == [*args, "--cfg", "job"]
 
 

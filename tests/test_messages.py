@@ -50,7 +50,7 @@ def test_a_preset_for_another_stage_is_the_only_problem_said() -> None:
     from distillrun.errors import UserError
 
     with pytest.raises(UserError) as e:
-        validate("distill", composed("distill", "+experiment=mnist_cnn_teachers"))
+        validate("distill", composed("distill", "experiment=mnist_cnn_teachers"))
     assert str(e.value) == (
         "experiment=mnist_cnn_teachers is a preset for `distillrun train-teachers`: "
         "use +experiment=hinton_mnist"

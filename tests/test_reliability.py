@@ -30,14 +30,16 @@ from conftest import (
     start,
     without_timings,
 )
+from omegaconf import OmegaConf
 
+from distillrun.cli import _compose
 from distillrun.core.models import build_model
 from distillrun.core.train import TrainSettings, divergence, fit
 from distillrun.errors import Terminated, UserError, raise_terminated
 from distillrun.method.augment import Views
 from distillrun.runs import artifacts
 from distillrun.stages import common
-from distillrun.stages.common import TEST_KILL_ENV
+from distillrun.stages.common import TEST_KILL_ENV, as_today
 
 # Small enough for seconds, long enough to be killed in the middle of the second teacher; a
 # resumable checkpoint after every epoch, so that a kill lands between two of them.
@@ -295,6 +297,16 @@ def test_resume_refuses_what_it_cannot_continue(reference: Path, tmp_path: Path)
     result = here(tmp_path, "train-teachers", f"resume={interrupted}", check=None)
     assert_one_line_error(result, "another config (train.eval_batch_size differ")
     assert (interrupted / "manifest.json").read_text() == before
+
+
+def test_a_config_recorded_before_keys_were_added_reads_as_today() -> None:
+    today = OmegaConf.to_container(_compose("distill", ["dataset=mnist"]))
+    older = json.loads(json.dumps(today))
+    del older["train"]["max_batches_per_epoch"], older["dataset"]["max_per_split"]
+    older["loss"] = "kd"  # before loss= was a group
+    assert older != today and as_today(older) == today
+    older["dataset"]["val_fraction"] = 0.2  # a real change still shows
+    assert as_today(older) != today
 
 
 # --- safe loading -------------------------------------------------------------------------------

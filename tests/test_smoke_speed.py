@@ -1,7 +1,8 @@
 """Smoke runs in seconds on big data, and what a stage spends outside training (issue 26).
 
 debug=tiny's cap on the batches of an epoch (train.max_batches_per_epoch), which leaves every
-run without it as it was; the teachers' inference speed, timed once by the run that makes them
+run without it as it was, its subset of each split (dataset.max_per_split) and its place after
+an experiment preset; the teachers' inference speed, timed once by the run that makes them
 and reused by distill on the same machine; the MNIST loader's values; distill's table and the
 manifest's command line; freed memory kept for reuse (core/memory.py).
 """
@@ -32,10 +33,10 @@ from omegaconf import OmegaConf
 from rich.console import Console
 
 from distillrun import console
-from distillrun.cli import _compose
+from distillrun.cli import _compose, preset_as_choice, resume_args
 from distillrun.config import validate
 from distillrun.core import inference_speed
-from distillrun.core.data import _finish, load_dataset
+from distillrun.core.data import Data, _finish, load_dataset
 from distillrun.core.inference_speed import machine, recorded_speed
 from distillrun.core.models import build_model, checkpoint
 from distillrun.core.train import TrainSettings, fit, make_deterministic
@@ -94,6 +95,53 @@ def test_a_bad_cap_is_refused_naming_the_key_and_the_fix(value: object) -> None:
     cfg = _compose("distill", [f"train.max_batches_per_epoch={value}"])
     with pytest.raises(UserError, match=r"train\.max_batches_per_epoch=.* must be an integer >= 1"):
         validate("distill", cfg)
+
+
+def test_debug_tiny_applies_after_an_experiment_preset_in_either_spelling() -> None:
+    preset = _compose("train-teachers", preset_as_choice(["+experiment=mnist_cnn_teachers"]))
+    assert (preset.teachers.n, preset.train.epochs, preset.dataset.max_per_split) == (5, 10, None)
+    for spelling in ("+experiment=mnist_cnn_teachers", "experiment=mnist_cnn_teachers"):
+        tiny = _compose("train-teachers", preset_as_choice([spelling, "debug=tiny"]))
+        assert (tiny.teachers.n, tiny.train.epochs, tiny.train.max_batches_per_epoch) == (2, 1, 20)
+        assert tiny.dataset.name == "mnist" and tiny.dataset.max_per_split == 5000
+        assert tiny.model.name == "cnn"  # the preset's choices stay
+
+
+def test_a_folder_recorded_with_plus_experiment_resumes(tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text("- +experiment=omit3\n- T=3\n")
+    (folder / ".hydra" / "hydra.yaml").write_text("hydra:\n  job:\n    name: distill\n")
+    (folder / "manifest.json").write_text('{"stage": "distill", "status": "running"}')
+    args = resume_args("distill", [f"resume={folder}", "+experiment=omit3"])
+    assert args[:2] == ["experiment=omit3", "T=3"] and args[2].startswith("hydra.run.dir=")
+
+
+def subset_digits(**settings: object) -> Data:
+    cfg = {"name": "digits", "test_fraction": 0.25, "val_fraction": 0.1, "split_seed": 0}
+    return load_dataset({**cfg, **settings})
+
+
+def test_max_per_split_keeps_the_same_random_rows_of_each_split() -> None:
+    whole, small = subset_digits(), subset_digits(max_per_split=100)
+    assert [len(small.y_train), len(small.y_val), len(small.y_test)] == [100, 100, 100]
+    assert set(small.train_rows.tolist()) <= set(whole.train_rows.tolist())
+    assert small.train_rows.tolist() == sorted(small.train_rows.tolist())
+    assert small.train_rows.max() > 1000  # drawn from all of it, not the first rows
+    assert small.fingerprint != whole.fingerprint  # never mistaken for the whole dataset
+    again = subset_digits(max_per_split=100)
+    assert again.fingerprint == small.fingerprint and torch.equal(again.x_test, small.x_test)
+    other = subset_digits(max_per_split=100, split_seed=1)
+    assert not torch.equal(other.train_rows, small.train_rows)
+    loose = subset_digits(max_per_split=10_000)  # above every split: the whole dataset
+    assert loose.fingerprint == whole.fingerprint
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, "'all'"])
+def test_a_bad_max_per_split_is_refused(value: object) -> None:
+    cfg = _compose("train-teachers", [f"dataset.max_per_split={value}"])
+    with pytest.raises(UserError, match=r"dataset\.max_per_split=.* must be an integer >= 1"):
+        validate("train-teachers", cfg)
 
 
 # --- the MNIST loader -----------------------------------------------------------------------------

@@ -150,6 +150,13 @@ def _split(y: np.ndarray, fraction: float, seed: int, what: str) -> tuple[np.nda
     return np.sort(kept), np.sort(held)
 
 
+def _at_most(rows: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """`limit` of `rows`, drawn at random with `seed` and sorted; all of them if no more."""
+    if len(rows) <= limit:
+        return rows
+    return np.sort(np.random.default_rng(seed).choice(rows, limit, replace=False))
+
+
 def _float32(x: np.ndarray, scale: float) -> torch.Tensor:
     out = x.astype(np.float32)  # a new array, whatever the dtype
     if scale != 1.0:
@@ -209,6 +216,11 @@ def _finish(
     kept, held = _split(y_train, val_fraction, seed, f"dataset.val_fraction={val_fraction}")
     if len(kept) == 0:
         raise UserError(f"{name}: the training split is empty: lower dataset.val_fraction")
+    limit = cfg.get("max_per_split") if isinstance(cfg, Mapping) else None
+    if limit is not None:  # debug=tiny: a smoke run scores a few thousand examples, not 70,000
+        kept, held = _at_most(kept, limit, seed), _at_most(held, limit, seed)
+        test_rows = _at_most(np.arange(len(y_test)), limit, seed)
+        x_test, y_test = np.asarray(x_test)[test_rows], y_test[test_rows]
     y_all = torch.from_numpy(y_train)
     kept_t, held_t = torch.from_numpy(kept), torch.from_numpy(held)
     x_train = np.asarray(x_train)

@@ -292,7 +292,7 @@ def _continue_record(run: Run, record: dict[str, Any], config: dict[str, Any]) -
         previous = artifacts.read_manifest(run.dir) or {}
     except UserError:
         previous = {}
-    before = _loss_as_group(previous.get("config"))
+    before = as_today(previous.get("config"))
     if before not in (None, config):
         changed = _changed_keys(before, config)
         raise UserError(
@@ -307,11 +307,22 @@ def _continue_record(run: Run, record: dict[str, Any], config: dict[str, Any]) -
         run.info["input_runs"] = previous["input_runs"]
 
 
-def _loss_as_group(config: Any) -> Any:
-    """A config recorded before `loss=` was a config group (`loss: kd`) as it reads today:
-    `{name: kd, standardize: false}` trains the same, so such a run resumes."""
-    if isinstance(config, dict) and isinstance(config.get("loss"), str):
-        return {**config, "loss": {"name": config["loss"], "standardize": False}}
+# Keys added since runs were first recorded, with the value that trains as before them.
+ADDED_KEYS = {"train": {"max_batches_per_epoch": None}, "dataset": {"max_per_split": None}}
+
+
+def as_today(config: Any) -> Any:
+    """A config recorded by an older distillrun as it reads today, so such a run resumes:
+    `loss: kd` (before `loss=` was a group) is `{name: kd, standardize: false}`, and a key
+    added since takes the value that trains as before (ADDED_KEYS)."""
+    if not isinstance(config, dict):
+        return config
+    config = dict(config)
+    if isinstance(config.get("loss"), str):
+        config["loss"] = {"name": config["loss"], "standardize": False}
+    for node, added in ADDED_KEYS.items():
+        if isinstance(config.get(node), dict):
+            config[node] = {**added, **config[node]}
     return config
 
 
