@@ -544,8 +544,57 @@ def config_app(stage: str) -> Any:
     )(task)
 
 
+def quick_help(stage: str, args: list[str]) -> str | None:
+    """`distillrun <stage> --help` as Hydra prints it, without Hydra's rendering, which builds a
+    config repository for each of its hundred group listings (half of a 1 s help). None where
+    Hydra must answer: the user's own configs, --resolve, or a template naming Hydra's flags or
+    groups. tests/test_config_app.py checks that both print the same."""
+    import string
+
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf, open_dict
+
+    parsed = parse_hydra_args(args)
+    if parsed.config_path or parsed.config_name or parsed.config_dir or parsed.resolve:
+        return None
+    try:
+        with initialize_config_module(config_module="distillrun.conf", version_base="1.3"):
+            cfg = compose(config_name(stage), parsed.overrides, return_hydra_config=True)
+    except Exception:  # a bad override: Hydra says what is wrong, as before
+        return None
+    template = cfg.hydra.help.template
+    if "$FLAGS_HELP" in template or "$HYDRA_CONFIG_GROUPS" in template:
+        return None
+    with open_dict(cfg):
+        del cfg["hydra"]
+    groups = "".join(f"{g}: {', '.join(options)}\n" for g, options in config_groups())
+    return string.Template(template).substitute(
+        APP_CONFIG_GROUPS=groups, CONFIG=OmegaConf.to_yaml(cfg)
+    )
+
+
+def config_groups() -> list[tuple[str, list[str]]]:
+    """Every group under conf/ (debug/specialists included) with its choices, sorted."""
+    from importlib import resources
+
+    found, folders = [], [(resources.files("distillrun.conf"), "")]
+    while folders:
+        folder, name = folders.pop()
+        options = sorted(f.name[:-5] for f in folder.iterdir() if f.name.endswith(".yaml"))
+        if name and options:
+            found.append((name, options))
+        subfolders = [f for f in folder.iterdir() if f.is_dir() and f.name != "__pycache__"]
+        folders += [(f, f"{name}/{f.name}".lstrip("/")) for f in subfolders]
+    return sorted(found)
+
+
 def call_stage(stage: str, args: list[str]) -> None:
     sys.argv = [sys.argv[0], *args]
+    if parse_hydra_args(args).help:
+        text = quick_help(stage, args)
+        if text is not None:
+            print(text)
+            return
     if shows_config_only(args):
         config_app(stage)()
         return

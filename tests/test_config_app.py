@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from distillrun.cli import config_app
+from distillrun.cli import config_app, quick_help
 from distillrun.stages import STAGES, module_name
 
 
@@ -40,6 +40,22 @@ def test_the_config_app_prints_what_the_stage_app_prints(
     assert (
         f"  name: {stage}\n" in hydra_cfg and f"config_name: {STAGES[stage].module}\n" in hydra_cfg
     )
+
+
+@pytest.mark.parametrize(
+    ("stage", "args"), [("distill", []), ("train-teachers", ["dataset=mnist", "teachers.n=2"])]
+)
+def test_the_quick_help_is_hydras_help(
+    stage: str, args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "argv", sys.argv)  # restored after
+    hydras = printed(config_app(stage), [*args, "--help"], capsys)
+    assert "debug/train_teachers: tiny" in hydras and "teacher_outputs: auto, cached" in hydras
+    assert quick_help(stage, [*args, "--help"]) + "\n" == hydras
+
+
+def test_the_quick_help_leaves_a_bad_override_to_hydra() -> None:
+    assert quick_help("distill", ["alpah=2", "--help"]) is None
 
 
 def test_help_cfg_and_a_tab_import_no_torch() -> None:
