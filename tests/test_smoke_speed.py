@@ -42,6 +42,7 @@ from distillrun.core.models import build_model, checkpoint
 from distillrun.core.train import TrainSettings, fit, make_deterministic
 from distillrun.errors import UserError
 from distillrun.runs.artifacts import save_tensors
+from distillrun.runs.teacher_runs import check_data
 from distillrun.stages.common import Run
 from distillrun.stages.distill import inference_cost
 from distillrun.stages.train_teachers import hard_label_loss, member_models, record_inference_speed
@@ -135,6 +136,16 @@ def test_max_per_split_keeps_the_same_random_rows_of_each_split() -> None:
     assert not torch.equal(other.train_rows, small.train_rows)
     loose = subset_digits(max_per_split=10_000)  # above every split: the whole dataset
     assert loose.fingerprint == whole.fingerprint
+
+
+def test_teachers_on_a_subset_are_refused_saying_so() -> None:
+    whole, small = subset_digits(), subset_digits(max_per_split=100)
+    tiny = {"run_dir": "T", "dataset": {"name": "digits", "fingerprint": small.fingerprint}}
+    tiny["dataset"]["config"] = {"name": "digits", "max_per_split": 100}
+    assert check_data(tiny, small) is None
+    assert "it kept 100 of each split: dataset.max_per_split=100, as debug=tiny sets" in check_data(
+        tiny, whole
+    )
 
 
 @pytest.mark.parametrize("value", [0, -3, 2.5, "'all'"])

@@ -185,9 +185,12 @@ def check_data(manifest: dict[str, Any], data: Data) -> str | None:
     theirs = manifest.get("dataset", {})
     if theirs.get("fingerprint") == data.fingerprint:
         return None
+    kept = (theirs.get("config") or {}).get("max_per_split")
+    subset = f"; it kept {kept} of each split: dataset.max_per_split={kept}, as debug=tiny sets"
     return (
         f"{manifest.get('run_dir')} was trained on dataset={theirs.get('name')} with other "
-        f"data or splits than this run's dataset={data.name} (the dataset fingerprint differs)"
+        f"data or splits than this run's dataset={data.name} (the dataset fingerprint differs"
+        f"{subset if kept else ''})"
     )
 
 
