@@ -42,7 +42,7 @@ bench: venv
 	$(BIN)/python -m distillrun.tools.bench --out outputs/bench.json
 
 # The paper's MNIST results (docs/method.md#mnist), and students on consistent views
-# (docs/method.md#consistent-teaching), with one command, about 46 minutes on 2 CPU cores:
+# (docs/method.md#consistent-teaching), with one command, about 33 minutes on 2 CPU cores:
 # outputs/reproduce/<timestamp>/report.md, report.json and errors_vs_T.png. MNIST=<root>
 # (torchvision's layout; default ../shared/data/mnist), DOWNLOAD=1 to fetch it there, SEEDS=n
 # to train every student with n seeds (mean and standard deviation; the teachers once),
@@ -57,7 +57,7 @@ reproduce: venv
 # The logit losses side by side (docs/compare.md): every loss= (and KD, DKD with logit
 # standardisation) and the hard-label baseline, seeds 0-2, on digits and on MNIST's 3% with
 # consistent views: outputs/compare/<timestamp>/report.md and report.json. TEACHERS=<a `make
-# reproduce` folder>/teachers reuses its MNIST teachers (else trained here, 16 minutes);
+# reproduce` folder>/teachers reuses its MNIST teachers (else trained here, 11 minutes);
 # SETTINGS=digits for the digits part alone; SEEDS=n (default 3 here), MNIST, DOWNLOAD, RESUME
 # and ARGS as for reproduce.
 .PHONY: compare
