@@ -14,6 +14,7 @@ from conftest import manifest, tool, tool_here
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
+from distillrun.cli import preset_as_choice
 from distillrun.config import validate
 from distillrun.runs import artifacts
 from distillrun.stages import config_name
@@ -24,8 +25,9 @@ ROOT = Path("/comparison")
 
 
 def composed(stage: str, overrides: list[str]):
+    """As the command composes them (`+experiment=` is read as `experiment=` at the door)."""
     with initialize_config_module(config_module="distillrun.conf", version_base="1.3"):
-        return compose(config_name=config_name(stage), overrides=overrides)
+        return compose(config_name=config_name(stage), overrides=preset_as_choice(overrides))
 
 
 def test_every_step_composes_and_validates_with_its_method_settings() -> None:
