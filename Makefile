@@ -10,11 +10,11 @@ STAMP := $(VENV)/.installed
 venv: $(STAMP)
 
 # Reinstalled whenever pyproject.toml changes. torch resolves to the newest release
-# pyproject allows (<= 2.14.1). --no-compile: Python compiles what it imports on first use,
-# not all of torch's files at install (a third of the install's CPU time).
+# pyproject allows (<= 2.14.1). Bytecode is compiled at install: with PYTHONDONTWRITEBYTECODE
+# set (as on this machine) nothing else would, and every test process would recompile torch.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --no-compile -e ".[dev,launchers,tracking,search,onnx]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,launchers,tracking,search,onnx]"
 	touch $(STAMP)
 
 # The demo's settings were tuned on digits (1,213 training images of 8x8 pixels): five small
