@@ -266,9 +266,10 @@ def _keys_from_swept_groups(stage: str, args: list[str], overrides: list) -> lis
     return [f"++{a}" if a in forced else a for a in args]
 
 
-def _compose(stage: str, overrides: list[str]) -> Any:
-    """The stage's config with these overrides; `key=value` for a key it does not have is a
-    UserError with the closest key (Hydra's own advice, `+key=`, would add a key no one reads)."""
+def _compose(stage: str, overrides: list[str], with_hydra: bool = False) -> Any:
+    """The stage's config with these overrides (and Hydra's own settings, `hydra.*`, if
+    `with_hydra`); `key=value` for a key it does not have is a UserError with the closest key
+    (Hydra's own advice, `+key=`, would add a key no one reads)."""
     from hydra import compose, initialize_config_module
     from hydra.errors import ConfigCompositionException
 
@@ -276,7 +277,7 @@ def _compose(stage: str, overrides: list[str]) -> Any:
 
     try:
         with initialize_config_module(config_module="distillrun.conf", version_base="1.3"):
-            return compose(config_name=config_name(stage), overrides=overrides)
+            return compose(config_name(stage), overrides, return_hydra_config=with_hydra)
     except ConfigCompositionException as e:
         missing = re.match(r"Could not (?:override|delete from config)\b.*?'([^']+)'", str(e))
         if missing is None:
@@ -551,15 +552,13 @@ def quick_help(stage: str, args: list[str]) -> str | None:
     groups. tests/test_config_app.py checks that both print the same."""
     import string
 
-    from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf, open_dict
 
     parsed = parse_hydra_args(args)
     if parsed.config_path or parsed.config_name or parsed.config_dir or parsed.resolve:
         return None
     try:
-        with initialize_config_module(config_module="distillrun.conf", version_base="1.3"):
-            cfg = compose(config_name(stage), parsed.overrides, return_hydra_config=True)
+        cfg = _compose(stage, parsed.overrides, with_hydra=True)
     except Exception:  # a bad override: Hydra says what is wrong, as before
         return None
     template = cfg.hydra.help.template
@@ -577,11 +576,13 @@ def config_groups() -> list[tuple[str, list[str]]]:
     """Every group under conf/ (debug/specialists included) with its choices, sorted."""
     from importlib import resources
 
+    from distillrun.config import group_choices
+
     found, folders = [], [(resources.files("distillrun.conf"), "")]
     while folders:
         folder, name = folders.pop()
-        options = sorted(f.name[:-5] for f in folder.iterdir() if f.name.endswith(".yaml"))
-        if name and options:
+        options = group_choices(name) if name else []
+        if options:
             found.append((name, options))
         subfolders = [f for f in folder.iterdir() if f.is_dir() and f.name != "__pycache__"]
         folders += [(f, f"{name}/{f.name}".lstrip("/")) for f in subfolders]

@@ -83,7 +83,7 @@ def load_dataset(cfg: Any) -> Data:
     data = loader(cfg)
     # A preset of a generator (jft_like) is named as the user chose it; its fingerprint, and so
     # its caches and the runs that consume it, stay the generator's.
-    shown = cfg.get("display_name") if isinstance(cfg, Mapping) else None
+    shown = _optional(cfg, "display_name")
     return replace(data, name=str(shown)) if shown else data
 
 
@@ -94,14 +94,17 @@ def _has(cfg: Any, key: str) -> bool:
     return key in cfg if isinstance(cfg, Mapping) else hasattr(cfg, key)
 
 
+def _optional(cfg: Any, key: str) -> Any:
+    """cfg.key, or None where the dataset's config has no such key."""
+    return cfg.get(key) if isinstance(cfg, Mapping) else getattr(cfg, key, None)
+
+
 def _get(cfg: Any, key: str) -> Any:
     """cfg.key, or a UserError naming the missing key."""
     if isinstance(cfg, DictConfig) and key in cfg.keys() and OmegaConf.is_missing(cfg, key):
         value = None
-    elif isinstance(cfg, Mapping):
-        value = cfg.get(key)
     else:
-        value = getattr(cfg, key, None)
+        value = _optional(cfg, key)
     if value is None:
         hint = "/path/to/data.npz" if key == "path" else "<value>"
         raise UserError(f"dataset.{key} is not set: add dataset.{key}={hint}")
@@ -216,7 +219,7 @@ def _finish(
     kept, held = _split(y_train, val_fraction, seed, f"dataset.val_fraction={val_fraction}")
     if len(kept) == 0:
         raise UserError(f"{name}: the training split is empty: lower dataset.val_fraction")
-    limit = cfg.get("max_per_split") if isinstance(cfg, Mapping) else None
+    limit = _optional(cfg, "max_per_split")
     if limit is not None:  # debug=tiny: a smoke run scores a few thousand examples, not 70,000
         kept, held = _at_most(kept, limit, seed), _at_most(held, limit, seed)
         test_rows = _at_most(np.arange(len(y_test)), limit, seed)
@@ -226,7 +229,7 @@ def _finish(
     x_train = np.asarray(x_train)
     # Our own float32 copies (standardised in place below): `astype(float32) / scale`, exactly.
     xs = [_float32(x, scale) for x in (x_train[kept], x_train[held], np.asarray(x_test))]
-    found = cfg.get("normalize") if isinstance(cfg, Mapping) else getattr(cfg, "normalize", None)
+    found = _optional(cfg, "normalize")
     normalize = str(found or "standardize")  # datasets configured before the key existed
     normalization: dict[str, Any] = {"normalize": "none"}
     if standardize and normalize == "standardize":
